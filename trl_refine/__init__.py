@@ -1,0 +1,9 @@
+"""trl-refine: ReFINE (next-sequence-prediction RL, arXiv 2602.16704) for fast-weight language models, on TRL."""
+
+__version__ = "0.1.0"
+
+from trl_refine.config import NSPGRPOConfig
+from trl_refine.rewards import cosine_reward, exact_match_reward, hybrid_reward
+from trl_refine.trainer import NSPGRPOTrainer
+
+__all__ = ["NSPGRPOConfig", "NSPGRPOTrainer", "cosine_reward", "exact_match_reward", "hybrid_reward", "__version__"]

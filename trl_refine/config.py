@@ -1,0 +1,247 @@
+"""`NSPGRPOConfig`: every ReFINE knob, with defaults that reproduce the official release.
+
+TRL counts GRPO batches in completions and groups them by ``num_generations``. We keep all ``n·G`` rollouts of a
+document on one process by setting ``num_generations = n·G`` (one dataloader row per rollout, every document
+repeated ``n·G`` times contiguously), so ``per_device_train_batch_size`` is ``documents_per_device · n · G``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+SELECTION_STRATEGIES = ("entropy", "uniform", "argmax", "argmin")
+REWARDS = ("cosine", "exact", "hybrid")
+GROUPINGS = ("document", "prefix")
+ENGINES = ("auto", "generic", "snapshot")
+SHORT_DOCUMENT_POLICIES = ("error", "drop")
+
+
+def default_smoothing_width(rollout_length: int) -> int:
+    """The official moving-average width: k if k is odd, else k + 1 (so the window is centred)."""
+    return rollout_length if rollout_length % 2 == 1 else rollout_length + 1
+
+
+def min_document_length(num_chunks: int, rollout_length: int, margin: int) -> int:
+    """Fewest valid tokens a document needs: ``margin`` before the first continuation, n disjoint windows of k
+    tokens, and ``max(k, margin)`` tokens after the last position (the official clamp keeps ``margin`` at both
+    ends)."""
+    return margin + num_chunks * rollout_length + max(rollout_length, margin)
+
+
+@dataclass
+class NSPGRPOConfig(GRPOConfig):
+    r"""Configuration for [`NSPGRPOTrainer`] (ReFINE, arXiv 2602.16704).
+
+    Defaults reproduce the official release (mid-training: n=8 positions, k=5 tokens, G=1 rollout per position,
+    entropy selection, cosine reward, group = document, loss = 1.0·NTP + 0.2·PPO-clip, lr 1e-6, constant schedule).
+    """
+
+    # ---- ReFINE ---------------------------------------------------------------------------------------------------
+    nsp_num_chunks: int = field(
+        default=8, metadata={"help": "n: positions per document (one per equal chunk of the valid tokens)."}
+    )
+    nsp_rollout_length: int = field(default=5, metadata={"help": "k: tokens per rollout (EOS does not stop it)."})
+    nsp_num_rollouts: int = field(default=1, metadata={"help": "G: rollouts sampled from each prefix."})
+    nsp_selection: str = field(
+        default="entropy",
+        metadata={
+            "help": "Position selection: entropy (sample ∝ softmax(smoothed entropy/τ)), uniform, argmax, argmin."
+        },
+    )
+    nsp_smoothing_width: int | None = field(
+        default=None,
+        metadata={"help": "Moving-average width for the entropy; None = k if k is odd else k+1 (official). 1 = off."},
+    )
+    nsp_selection_temperature: float = field(
+        default=1.0, metadata={"help": "τ in softmax(smoothed entropy / τ) for the entropy strategy."}
+    )
+    nsp_margin: int = field(
+        default=20,
+        metadata={
+            "help": "Continuations start at least this many tokens after the document start and before its end."
+        },
+    )
+    nsp_reward: str = field(
+        default="cosine",
+        metadata={
+            "help": "Built-in reward when reward_funcs is not given: cosine, exact (token match fraction), hybrid."
+        },
+    )
+    nsp_group_by: str = field(
+        default="document",
+        metadata={
+            "help": "GRPO group: 'document' (all n·G rollouts of a document, official) or 'prefix' (G rollouts)."
+        },
+    )
+    ntp_coef: float = field(default=1.0, metadata={"help": "Weight of the next-token CE on the whole document."})
+    nsp_coef: float = field(default=0.2, metadata={"help": "Weight of the PPO-clip next-sequence term."})
+    document_column: str = field(default="text", metadata={"help": "Dataset column holding the raw documents."})
+    nsp_max_length: int | None = field(
+        default=16384, metadata={"help": "Documents are truncated (right) to this many tokens; None = no limit."}
+    )
+    nsp_short_documents: str = field(
+        default="error",
+        metadata={"help": "Documents shorter than margin + n·k + max(k, margin) tokens: 'error' (default) or 'drop'."},
+    )
+    documents_per_device: int | None = field(
+        default=None,
+        metadata={"help": "Documents per device per micro-step; sets per_device_train_batch_size = this · n · G."},
+    )
+    nsp_engine: str = field(
+        default="auto",
+        metadata={"help": "Rollout engine: auto (snapshot when the model supports it), generic, snapshot."},
+    )
+    nsp_generic_rows_per_call: int | None = field(
+        default=None, metadata={"help": "Generic engine: rollout rows per no-grad model call (None = all at once)."}
+    )
+    nsp_prompt_tail_tokens: int = field(
+        default=64,
+        metadata={
+            "help": "Prefix tokens decoded into the `prompts` text given to rewards and logs (full ids: prefix_ids)."
+        },
+    )
+
+    # ---- TRL fields whose defaults differ for ReFINE -----------------------------------------------------------------
+    num_generations: int | None = field(
+        default=None, metadata={"help": "Derived: n·G. Leave unset; set nsp_num_chunks / nsp_num_rollouts instead."}
+    )
+    num_generations_eval: int | None = field(default=None, metadata={"help": "Derived: n·G."})
+    per_device_train_batch_size: int | None = field(
+        default=None, metadata={"help": "Rollout rows per device; derived from documents_per_device (default 1)."}
+    )
+    per_device_eval_batch_size: int | None = field(
+        default=None, metadata={"help": "Rollout rows per device in eval; default = per_device_train_batch_size."}
+    )
+    learning_rate: float = field(default=1e-6, metadata={"help": "Official: 1e-6 (verl default)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "Official: 0.01."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Official: constant, no warmup."})
+    loss_type: str = field(
+        default="bnpo", metadata={"help": "Official: token-mean over the micro-batch's rollout tokens = TRL 'bnpo'."}
+    )
+    delta: float | None = field(
+        default=3.0, metadata={"help": "Upper bound on the ratio for negative advantages (official dual-clip c = 3)."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "HF gradient checkpointing drops recurrent caches in training; off by default (see docs)."},
+    )
+    max_completion_length: int | None = field(default=None, metadata={"help": "Derived: nsp_rollout_length."})
+    remove_unused_columns: bool | None = field(default=False, metadata={"help": "Must stay False."})
+
+    def __post_init__(self):
+        self._validate_nsp()
+        rows = self.nsp_num_chunks * self.nsp_num_rollouts
+        for name in ("num_generations", "num_generations_eval"):
+            value = getattr(self, name)
+            if value is not None and value != rows:
+                raise ValueError(
+                    f"{name}={value} conflicts with ReFINE's rows per document n·G = {self.nsp_num_chunks}·"
+                    f"{self.nsp_num_rollouts} = {rows}. Leave {name} unset and choose nsp_num_chunks / "
+                    "nsp_num_rollouts instead."
+                )
+            setattr(self, name, rows)
+        if self.per_device_train_batch_size is None:
+            self.per_device_train_batch_size = (self.documents_per_device or 1) * rows
+        elif (
+            self.documents_per_device is not None
+            and self.per_device_train_batch_size != self.documents_per_device * rows
+        ):
+            raise ValueError(
+                f"per_device_train_batch_size={self.per_device_train_batch_size} contradicts documents_per_device="
+                f"{self.documents_per_device} (× n·G = {rows}). Set only documents_per_device."
+            )
+        if self.per_device_train_batch_size % rows != 0:
+            raise ValueError(
+                f"per_device_train_batch_size={self.per_device_train_batch_size} must hold whole documents: a multiple "
+                f"of n·G = {rows} rollout rows. Set documents_per_device instead (e.g. documents_per_device=1)."
+            )
+        self.documents_per_device = self.per_device_train_batch_size // rows
+        if self.per_device_eval_batch_size is None:
+            self.per_device_eval_batch_size = self.per_device_train_batch_size
+        if self.per_device_eval_batch_size % rows != 0:
+            raise ValueError(
+                f"per_device_eval_batch_size={self.per_device_eval_batch_size} must be a multiple of n·G = {rows}."
+            )
+        if self.max_completion_length is not None and self.max_completion_length != self.nsp_rollout_length:
+            raise ValueError(
+                f"max_completion_length={self.max_completion_length} conflicts with nsp_rollout_length="
+                f"{self.nsp_rollout_length}; set nsp_rollout_length only."
+            )
+        self.max_completion_length = self.nsp_rollout_length
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns=True would drop the document column; leave it False.")
+        self.remove_unused_columns = False
+        self.mask_truncated_completions = False  # rollouts never end with EOS; masking would zero them all
+        super().__post_init__()
+
+    # -----------------------------------------------------------------------------------------------------------------
+    @property
+    def smoothing_width(self) -> int:
+        return self.nsp_smoothing_width or default_smoothing_width(self.nsp_rollout_length)
+
+    @property
+    def min_document_length(self) -> int:
+        return min_document_length(self.nsp_num_chunks, self.nsp_rollout_length, self.nsp_margin)
+
+    @property
+    def group_size(self) -> int:
+        """Rollouts per GRPO group."""
+        if self.nsp_group_by == "prefix":
+            return self.nsp_num_rollouts
+        return self.nsp_num_chunks * self.nsp_num_rollouts
+
+    def _validate_nsp(self) -> None:
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}.")
+
+        choice("nsp_selection", SELECTION_STRATEGIES)
+        choice("nsp_reward", REWARDS)
+        choice("nsp_group_by", GROUPINGS)
+        choice("nsp_engine", ENGINES)
+        choice("nsp_short_documents", SHORT_DOCUMENT_POLICIES)
+        for name in ("nsp_num_chunks", "nsp_rollout_length", "nsp_num_rollouts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.nsp_margin < 1:
+            raise ValueError(f"nsp_margin must be >= 1 (a prefix needs at least one token), got {self.nsp_margin}.")
+        if self.nsp_smoothing_width is not None and self.nsp_smoothing_width < 1:
+            raise ValueError("nsp_smoothing_width must be >= 1 (1 disables smoothing) or None for the official rule.")
+        if self.nsp_selection_temperature <= 0:
+            raise ValueError("nsp_selection_temperature must be > 0.")
+        if self.ntp_coef < 0 or self.nsp_coef < 0:
+            raise ValueError("ntp_coef and nsp_coef must be >= 0.")
+        if self.ntp_coef == 0 and self.nsp_coef == 0:
+            raise ValueError("ntp_coef and nsp_coef are both 0: nothing to train. Set at least one > 0.")
+        if self.nsp_group_by == "prefix" and self.nsp_num_rollouts < 2:
+            raise ValueError(
+                "nsp_group_by='prefix' compares the G rollouts of one prefix, so it needs nsp_num_rollouts >= 2 "
+                f"(got {self.nsp_num_rollouts}). Set nsp_num_rollouts=8, or nsp_group_by='document' (official)."
+            )
+        if self.nsp_group_by == "document" and self.nsp_num_chunks * self.nsp_num_rollouts < 2:
+            raise ValueError(
+                "nsp_group_by='document' needs at least 2 rollouts per document: raise nsp_num_chunks or "
+                "nsp_num_rollouts."
+            )
+        if self.temperature != 1.0:
+            raise ValueError(
+                f"temperature={self.temperature}: ReFINE samples at temperature 1, and TRL's fused LM head would also "
+                "temper the NTP loss and the selection entropy. Leave temperature=1.0."
+            )
+        if self.use_vllm:
+            raise ValueError(
+                "use_vllm=True is not supported: ReFINE rolls out with its own engines. Set use_vllm=False."
+            )
+        if self.nsp_max_length is not None and self.nsp_max_length < min_document_length(
+            self.nsp_num_chunks, self.nsp_rollout_length, self.nsp_margin
+        ):
+            raise ValueError(
+                f"nsp_max_length={self.nsp_max_length} is shorter than the minimum document length "
+                f"{min_document_length(self.nsp_num_chunks, self.nsp_rollout_length, self.nsp_margin)} "
+                "(margin + n·k + max(k, margin)). Raise nsp_max_length or lower nsp_num_chunks / nsp_margin."
+            )
+        if self.nsp_prompt_tail_tokens < 0:
+            raise ValueError("nsp_prompt_tail_tokens must be >= 0.")

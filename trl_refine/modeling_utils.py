@@ -1,0 +1,93 @@
+"""Helpers to score token sequences with any causal LM: log-probs, entropies and last-layer hidden states.
+
+Scoring goes through TRL's fused LM head (``model(..., labels=..., fused_lm_head=True)``), which never
+materialises the ``[batch, length, vocab]`` logits and gathers sharded LM-head weights under FSDP / ZeRO-3.
+Hidden states are captured with a forward hook on the backbone, so no submodule is called directly.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from trl_refine._compat import add_fused_lm_head
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / DeepSpeed (``.module``) and PEFT wrappers down to the transformers model."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output carries ``last_hidden_state`` (what the fused head calls as ``base_model``)."""
+    base = unwrap(model)
+    return getattr(base, "base_model", base)
+
+
+def has_fused_lm_head(model: torch.nn.Module) -> bool:
+    return "forward" in vars(unwrap(model))
+
+
+def ensure_fused_lm_head(model: torch.nn.Module) -> None:
+    """Patch TRL's fused LM head onto ``model`` unless already done (the trainer does it at init)."""
+    base = unwrap(model)
+    if not has_fused_lm_head(base):
+        add_fused_lm_head(base, outputs=("log_probs", "entropy"))
+
+
+@contextmanager
+def capture_last_hidden_state(model: torch.nn.Module):
+    """Yield a dict whose ``"hidden"`` entry holds the backbone's ``last_hidden_state`` after each forward."""
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _args, output):
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None:
+            hidden = output[0] if isinstance(output, tuple) else output
+        store["hidden"] = hidden
+
+    handle = backbone_of(model).register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def next_token_labels(input_ids: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
+    """Labels for the fused head so that position t is scored on ``input_ids[t + 1]`` iff ``score_mask[t]``."""
+    labels = torch.full_like(input_ids, -100)
+    labels[:, 1:] = input_ids[:, 1:].masked_fill(~score_mask[:, :-1].bool(), -100)
+    return labels
+
+
+def score_tokens(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    score_mask: torch.Tensor,
+    *,
+    want_hidden: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One forward of ``model`` over ``input_ids``.
+
+    Returns ``(logps, entropy, hidden)``, each aligned so that index t refers to predicting ``input_ids[t + 1]``:
+    logps/entropy are [B, L] (0 where ``score_mask`` is False and in the last column) and hidden is the [B, L, H]
+    backbone output (``None`` unless ``want_hidden``). Gradients flow if enabled by the caller.
+    """
+    labels = next_token_labels(input_ids, score_mask)
+    if want_hidden:
+        with capture_last_hidden_state(model) as store:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        hidden = store["hidden"]
+    else:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        hidden = None
+    pad = input_ids.new_zeros((input_ids.size(0), 1), dtype=out.log_probs.dtype)
+    logps = torch.cat([out.log_probs, pad], dim=1)
+    entropy = None if out.entropy is None else torch.cat([out.entropy, pad.to(out.entropy.dtype)], dim=1)
+    return logps, entropy, hidden

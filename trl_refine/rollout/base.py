@@ -1,0 +1,157 @@
+"""The rollout-engine interface.
+
+An engine turns a batch of documents and the chosen prefix positions into rollouts (sampling, no gradients) and,
+for the loss, into differentiable log-probabilities of the document tokens (NTP term) and of the rollout tokens
+(NSP term). Everything else in ReFINE (selection, rewards, advantages, loss assembly) is engine-agnostic.
+
+Conventions shared by every engine:
+
+* Documents are left-padded: ``input_ids[b, first[b]:]`` are the valid tokens, ``attention_mask`` marks them.
+* ``positions[b, j]`` is the index (in padded coordinates) of the **last prefix token** of chunk ``j``; the
+  ground-truth continuation is ``input_ids[b, t + 1 : t + 1 + k]``.
+* Rollout rows are ordered document → chunk → rollout: row ``(b * n + j) * G + g``.
+* ``logps[b, t]`` is ``log p(x[t + 1] | x[: t + 1])`` (0 where ``t + 1`` is padding or past the end).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DocumentBatch:
+    """Left-padded token ids of B documents."""
+
+    input_ids: torch.LongTensor  # [B, L]
+    attention_mask: torch.LongTensor  # [B, L]
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.size(0)
+
+    @property
+    def lengths(self) -> torch.LongTensor:
+        return self.attention_mask.sum(-1)
+
+    @property
+    def first_valid(self) -> torch.LongTensor:
+        """Index of the first valid (non-pad) token of each row."""
+        return self.input_ids.size(1) - self.lengths
+
+    def label_mask(self) -> torch.BoolTensor:
+        """[B, L]: position t has a next-token label (t and t+1 both valid)."""
+        m = self.attention_mask.bool()
+        out = torch.zeros_like(m)
+        out[:, :-1] = m[:, :-1] & m[:, 1:]
+        return out
+
+    def to(self, device: torch.device | str) -> DocumentBatch:
+        return DocumentBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+@dataclass
+class ScanOutput:
+    """Teacher-forced pass over the documents (no gradients)."""
+
+    entropy: torch.Tensor  # [B, L] entropy of the next-token distribution at t (0 where there is no label)
+    hidden_states: torch.Tensor  # [B, L, H] last-layer hidden states (after the final norm)
+    logps: torch.Tensor  # [B, L] log-prob of the next document token
+
+
+@dataclass
+class RolloutPlan:
+    """Where to branch and how much to sample."""
+
+    positions: torch.LongTensor  # [B, n] last prefix token per chunk
+    num_rollouts: int  # G
+    rollout_length: int  # k
+
+    @property
+    def num_chunks(self) -> int:
+        return self.positions.size(1)
+
+    @property
+    def num_rows(self) -> int:
+        return self.positions.numel() * self.num_rollouts
+
+    def row_positions(self) -> torch.LongTensor:
+        """[B*n*G] prefix end of every rollout row."""
+        return self.positions.reshape(-1).repeat_interleave(self.num_rollouts)
+
+    def row_documents(self) -> torch.LongTensor:
+        """[B*n*G] document index of every rollout row."""
+        b, n = self.positions.shape
+        return torch.arange(b, device=self.positions.device).repeat_interleave(n * self.num_rollouts)
+
+    def ground_truth(self, docs: DocumentBatch) -> torch.LongTensor:
+        """[B*n*G, k] ground-truth continuation of every rollout row."""
+        offsets = torch.arange(1, self.rollout_length + 1, device=self.positions.device)
+        idx = self.row_positions()[:, None] + offsets
+        return docs.input_ids[self.row_documents()[:, None], idx]
+
+    def ground_truth_hidden(self, scan: ScanOutput) -> torch.Tensor:
+        """[B*n*G, k, H] scan hidden states where the ground-truth tokens are the input."""
+        offsets = torch.arange(1, self.rollout_length + 1, device=self.positions.device)
+        idx = self.row_positions()[:, None] + offsets
+        return scan.hidden_states[self.row_documents()[:, None], idx]
+
+
+@dataclass
+class RolloutOutput:
+    """Sampled continuations with what the reward and the importance ratio need (no gradients)."""
+
+    completion_ids: torch.LongTensor  # [R, k]
+    old_logps: torch.Tensor  # [R, k] log-prob of each sampled token under the sampling policy
+    hidden_states: torch.Tensor  # [R, k, H] last-layer hidden state where rollout token i is the input
+
+
+@dataclass
+class TrainForward:
+    """Differentiable outputs for the combined loss."""
+
+    doc_logps: torch.Tensor  # [B, L] log-prob of the next document token (grad), 0 where masked
+    rollout_logps: torch.Tensor  # [R, k] log-prob of the rollout tokens (grad)
+    rollout_entropy: torch.Tensor | None = None  # [R, k] entropy at the rollout tokens (for metrics)
+
+
+class RolloutEngine(ABC):
+    """Computes rollouts and the loss forward for a causal LM.
+
+    Engines must make the same number of model calls on every process for the same batch geometry (documents,
+    n, G, k), whatever the document lengths, so that FSDP / ZeRO-3 collectives stay in step.
+    """
+
+    #: short name used in configs and logs
+    name: str = "base"
+
+    @abstractmethod
+    def scan(self, model: torch.nn.Module, docs: DocumentBatch) -> ScanOutput:
+        """Teacher-forced no-grad pass: entropy, last hidden states and next-token log-probs."""
+
+    @abstractmethod
+    def generate(
+        self,
+        model: torch.nn.Module,
+        docs: DocumentBatch,
+        plan: RolloutPlan,
+        generator: torch.Generator | None = None,
+    ) -> RolloutOutput:
+        """Sample G continuations of k tokens from every prefix (temperature 1, EOS does not stop)."""
+
+    @abstractmethod
+    def forward_train(
+        self,
+        model: torch.nn.Module,
+        docs: DocumentBatch,
+        plan: RolloutPlan,
+        completion_ids: torch.LongTensor,
+    ) -> TrainForward:
+        """Forward with gradients for the NTP term and the NSP term (gradient reaches the prefix)."""
+
+    @classmethod
+    def supports(cls, model: torch.nn.Module) -> tuple[bool, str]:
+        """Whether this engine can run ``model``, and why not."""
+        return True, ""

@@ -1,0 +1,397 @@
+"""`NSPGRPOTrainer`: ReFINE as a TRL `GRPOTrainer` subclass.
+
+Glue only. A generation batch is a list of dataloader rows where every document appears ``n·G`` times in a row
+(``num_generations = n·G``, see `NSPGRPOConfig`). For each document we scan it, select n positions, let the rollout
+engine sample G continuations per position, score them with TRL's reward machinery, and compute GRPO advantages
+per group. The loss is ``ntp_coef · CE(document) + nsp_coef · PPO-clip`` where the PPO-clip part is TRL's own
+``_compute_loss`` (all loss types, clipping and metrics), fed with the engine's differentiable rollout log-probs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from accelerate.utils import gather, gather_object
+from datasets import Dataset, IterableDataset
+
+import trl_refine.models  # noqa: F401  (registers the reference models with the Auto classes)
+from trl_refine._compat import GRPOTrainer, check_trainer_attributes, unwrap_model_for_generation
+from trl_refine.advantages import group_advantages
+from trl_refine.config import NSPGRPOConfig
+from trl_refine.data import check_tokenizer, tokenize_documents
+from trl_refine.modeling_utils import backbone_of, capture_last_hidden_state, unwrap
+from trl_refine.rewards import builtin_reward_funcs, needs_hidden_states
+from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutPlan
+from trl_refine.rollout.registry import build_engine
+from trl_refine.selection import select_positions
+
+logger = logging.getLogger("trl_refine")
+
+DOC_KEYS = ("doc_input_ids", "doc_attention_mask", "positions")
+ROLLOUT_KEYS = ("completion_ids", "completion_mask", "old_per_token_logps", "advantages")
+
+
+class NSPGRPOTrainer(GRPOTrainer):
+    """GRPO on next-sequence prediction (ReFINE) for fast-weight and other causal LMs.
+
+    Takes GRPOTrainer's arguments. ``reward_funcs`` is optional: by default the config's built-in reward
+    (``nsp_reward``) is used. ``engine`` overrides ``args.nsp_engine`` with an engine name or instance.
+    """
+
+    _tag_names = ["trl", "grpo", "nsp-grpo", "refine"]
+    _name = "NSP-GRPO"
+    _paper = {
+        "title": "Reinforced Fast Weights with Next-Sequence Prediction",
+        "id": "2602.16704",
+    }
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: NSPGRPOConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+        engine: RolloutEngine | str | None = None,
+        **kwargs,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else type(model).__name__
+            args = NSPGRPOConfig(output_dir=f"{str(name).split('/')[-1]}-NSP-GRPO")
+        if not isinstance(args, NSPGRPOConfig):
+            raise TypeError(f"args must be an NSPGRPOConfig, got {type(args).__name__}.")
+        for unsupported in ("rollout_func", "tools", "environment_factory"):
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(
+                    f"{unsupported} is not supported by NSPGRPOTrainer: ReFINE generates its own rollouts."
+                )
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        if train_dataset is None:
+            raise ValueError(
+                f"train_dataset is required: a dataset of long documents in column {args.document_column!r}."
+            )
+        if processing_class is not None:
+            check_tokenizer(getattr(processing_class, "tokenizer", processing_class))
+        if reward_funcs is None:
+            reward_funcs, weights = builtin_reward_funcs(args.nsp_reward)
+            if args.reward_weights is None:
+                args.reward_weights = weights
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+        check_trainer_attributes(self)
+        self.tokenizer_ = getattr(self.processing_class, "tokenizer", self.processing_class)
+        check_tokenizer(self.tokenizer_)
+        prep = {
+            "tokenizer": self.tokenizer_,
+            "column": args.document_column,
+            "max_length": args.nsp_max_length,
+            "min_length": args.min_document_length,
+            "short_documents": args.nsp_short_documents,
+        }
+        self.train_dataset = tokenize_documents(self.train_dataset, name="train_dataset", **prep)
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {
+                key: tokenize_documents(ds, name=f"eval_dataset[{key!r}]", **prep)
+                for key, ds in self.eval_dataset.items()
+            }
+        elif self.eval_dataset is not None:
+            self.eval_dataset = tokenize_documents(self.eval_dataset, name="eval_dataset", **prep)
+
+        self._needs_hidden = needs_hidden_states(self.reward_funcs)
+        if self._needs_hidden:
+            check_model_hidden_states(self.model)
+        if isinstance(engine, RolloutEngine):
+            self.engine = engine
+        else:
+            self.engine = build_engine(
+                engine or args.nsp_engine,
+                unwrap(self.model),
+                pad_token_id=self.tokenizer_.pad_token_id,
+                rows_per_call=args.nsp_generic_rows_per_call,
+            )
+        if args.gradient_checkpointing and self.engine.name != "generic":
+            raise ValueError(
+                "gradient_checkpointing=True makes HF models drop their recurrent cache in training, which breaks the "
+                f"{self.engine.name} engine. Set gradient_checkpointing=False or nsp_engine='generic'."
+            )
+        self._nsp_precomputed: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # batching
+    def _prepare_inputs(self, generation_batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """Generate once per generation batch and hand out whole-document micro-batches (TRL's cadence)."""
+        if not self.model.training:
+            return self._generate_and_score_completions(generation_batch)
+        spg = self.args.steps_per_generation
+        generate_every = spg * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            self._buffered_inputs = split_by_documents(batch, spg)
+        return self._buffered_inputs[self._step % spg]
+
+    def _collate_documents(self, rows: list[dict[str, Any]]) -> DocumentBatch:
+        pad = self.tokenizer_.pad_token_id
+        seqs = [torch.as_tensor(row["input_ids"], dtype=torch.long) for row in rows]
+        too_short = [len(s) for s in seqs if len(s) < self.args.min_document_length]
+        if too_short:
+            raise ValueError(
+                f"a document with {too_short[0]} tokens reached the trainer; ReFINE needs at least "
+                f"{self.args.min_document_length}. Filter the (streaming) dataset or lower n / k / margin."
+            )
+        length = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, length - len(s) :] = s
+            mask[i, length - len(s) :] = 1
+        return DocumentBatch(ids, mask).to(self.accelerator.device)
+
+    def _rollout_generator(self, mode: str) -> torch.Generator:
+        device = self.accelerator.device
+        gen = torch.Generator(device=device)
+        seed = (self.args.seed * 1_000_003 + self.state.global_step * 10_007 + self._step) * 64
+        gen.manual_seed(seed + self.accelerator.process_index * 2 + (mode == "eval"))
+        return gen
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # steps 1-5
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        n, g, k = args.nsp_num_chunks, args.nsp_num_rollouts, args.nsp_rollout_length
+        per_doc = n * g
+        if len(inputs) % per_doc != 0:
+            raise RuntimeError(f"got {len(inputs)} rows, not a multiple of n·G = {per_doc}")
+        doc_rows = inputs[::per_doc]
+        docs = self._collate_documents(doc_rows)
+
+        with (
+            torch.no_grad(),
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
+            ) as unwrapped,
+            self.accelerator.autocast(),
+        ):
+            scan = self.engine.scan(unwrapped, docs)
+            positions = select_positions(
+                scan.entropy,
+                docs.attention_mask,
+                num_chunks=n,
+                rollout_length=k,
+                margin=args.nsp_margin,
+                strategy=args.nsp_selection,
+                smoothing_width=args.smoothing_width,
+                temperature=args.nsp_selection_temperature,
+                generator=self._rollout_generator(mode),
+            )
+            plan = RolloutPlan(positions, g, k)
+            rollout = self.engine.generate(unwrapped, docs, plan, self._rollout_generator(mode))
+
+        truth_ids = plan.ground_truth(docs)
+        completion_ids = rollout.completion_ids
+        row_pos = plan.row_positions()
+        row_doc = plan.row_documents()
+        first = docs.first_valid
+        tail = args.nsp_prompt_tail_tokens
+        tok = self.tokenizer_
+        prefix_ids = [docs.input_ids[b, first[b] : t + 1] for b, t in zip(row_doc.tolist(), row_pos.tolist())]
+        prompts = tok.batch_decode([p[-tail:] if tail else p[:0] for p in prefix_ids], skip_special_tokens=True)
+        completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
+        truth_text = tok.batch_decode(truth_ids, skip_special_tokens=True)
+        truth_hidden = plan.ground_truth_hidden(scan) if self._needs_hidden else None
+
+        reward_rows = []
+        for r in range(plan.num_rows):
+            d = r // per_doc
+            row = {key: value for key, value in doc_rows[d].items() if key != "input_ids"}
+            row.update(
+                prefix_ids=prefix_ids[r],
+                ground_truth_ids=truth_ids[r],
+                ground_truth_text=truth_text[r],
+                rollout_hidden_states=rollout.hidden_states[r] if truth_hidden is not None else None,
+                ground_truth_hidden_states=truth_hidden[r] if truth_hidden is not None else None,
+                prefix_position=int(row_pos[r] - first[d]),
+                chunk_index=(r // g) % n,
+                document_index=d,
+            )
+            reward_rows.append(row)
+        rewards_per_func = self._calculate_rewards(reward_rows, prompts, completions, completion_ids.tolist())
+
+        # step 5: advantages over groups (document or prefix) of the gathered rewards
+        weights = self.reward_weights.to(rewards_per_func.device)
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[unscorable] = torch.nan
+        advantages, group_std = group_advantages(rewards, args.group_size, scale=self.scale_rewards)
+        local = slice(
+            self.accelerator.process_index * plan.num_rows, (self.accelerator.process_index + 1) * plan.num_rows
+        )
+
+        # metrics
+        metrics = self._metrics[mode]
+        for i, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
+            metrics[f"rewards/{name}/std"].append(_nanstd(rewards_per_func[:, i]))
+        metrics["reward"].append(torch.nanmean(rewards).item())
+        metrics["reward_std"].append(_nanstd(rewards))
+        metrics["frac_reward_zero_std"].append(
+            torch.isclose(group_std, torch.zeros_like(group_std)).float().mean().item()
+        )
+        exact = (completion_ids == truth_ids).float()
+        valid = docs.label_mask()
+        sel_entropy = scan.entropy.gather(1, positions)
+        local_stats = torch.stack(
+            [
+                exact.sum(),
+                torch.tensor(float(exact.numel()), device=exact.device),
+                sel_entropy.sum().float(),
+                torch.tensor(float(sel_entropy.numel()), device=exact.device),
+                (scan.entropy * valid).sum().float(),
+                valid.sum().float(),
+                docs.attention_mask.sum().float(),
+            ]
+        )
+        totals = self.accelerator.reduce(local_stats, reduction="sum")
+        metrics["nsp/exact_match"].append((totals[0] / totals[1]).item())
+        metrics["nsp/entropy_selected"].append((totals[2] / totals[3]).item())
+        metrics["nsp/entropy_document"].append((totals[4] / totals[5].clamp(min=1)).item())
+        if mode == "train":
+            self.state.num_input_tokens_seen += int(totals[6].item()) + int(totals[1].item())
+        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+
+        self._logs["prompt"].extend(gather_object(prompts))
+        self._logs["completion"].extend(gather_object(completions))
+        for i, name in enumerate(self.reward_func_names):
+            self._logs["rewards"][name].extend(rewards_per_func[:, i].tolist())
+        self._logs["advantages"].extend(advantages.tolist())
+        self._logs["extra"]["ground_truth"].extend(gather_object(truth_text))
+
+        completion_mask = torch.ones_like(completion_ids)
+        num_items = gather(completion_mask.sum()).sum()
+        return {
+            "doc_input_ids": docs.input_ids,
+            "doc_attention_mask": docs.attention_mask,
+            "positions": positions,
+            "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+            "old_per_token_logps": rollout.old_logps,
+            "advantages": advantages[local].to(completion_ids.device),
+            "num_items_in_batch": num_items,
+        }
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # step 6
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("NSPGRPOTrainer does not return outputs")
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        docs = DocumentBatch(inputs["doc_input_ids"], inputs["doc_attention_mask"])
+        plan = RolloutPlan(inputs["positions"], args.nsp_num_rollouts, args.nsp_rollout_length)
+        with self.accelerator.autocast():
+            fwd = self.engine.forward_train(model, docs, plan, inputs["completion_ids"])
+        label_mask = docs.label_mask()
+        ntp_loss = -(fwd.doc_logps.float() * label_mask).sum() / label_mask.sum().clamp(min=1)
+        scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+
+        entropy = fwd.rollout_entropy
+        if entropy is None:
+            entropy = torch.zeros_like(fwd.rollout_logps)
+        self._nsp_precomputed = (fwd.rollout_logps, entropy)
+        rollout_inputs = {
+            "prompt_ids": inputs["completion_ids"][:, :0],
+            "prompt_mask": inputs["completion_mask"][:, :0],
+            "completion_ids": inputs["completion_ids"],
+            "completion_mask": inputs["completion_mask"],
+            "advantages": inputs["advantages"],
+            "old_per_token_logps": inputs["old_per_token_logps"],
+            "num_items_in_batch": inputs["num_items_in_batch"],
+        }
+        try:
+            policy_loss = self._compute_loss(model, rollout_inputs)
+        finally:
+            self._nsp_precomputed = None
+        loss = args.ntp_coef * ntp_loss / scale + args.nsp_coef * policy_loss
+
+        metrics = self._metrics[mode]
+        metrics["ntp_loss"].append(self.accelerator.gather(ntp_loss.detach()).mean().item())
+        metrics["nsp/policy_loss"].append(self.accelerator.gather(policy_loss.detach() * scale).mean().item())
+        return loss
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
+        """Inside `compute_loss`, hand TRL's loss the engine's log-probs instead of recomputing them."""
+        if self._nsp_precomputed is None:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *a, **kw
+            )
+        logps, entropy = self._nsp_precomputed
+        if logps.size(1) != logits_to_keep:
+            raise RuntimeError(
+                f"engine returned {logps.size(1)} rollout log-probs per row, TRL expects {logits_to_keep}"
+            )
+        return logps, entropy, None
+
+
+def _nanstd(x: torch.Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return x.std().item() if x.numel() > 1 else 0.0
+
+
+def split_by_documents(batch: dict[str, Any], num_splits: int) -> list[dict[str, Any]]:
+    """Split a generation batch into ``num_splits`` micro-batches of whole documents and their rollouts."""
+    if num_splits == 1:
+        return [batch]
+    docs = batch["doc_input_ids"].size(0)
+    rows = batch["completion_ids"].size(0)
+    if docs % num_splits != 0:
+        raise RuntimeError(f"{docs} documents do not split into {num_splits} micro-batches")
+    d, r = docs // num_splits, rows // num_splits
+    out = []
+    for i in range(num_splits):
+        part = {key: batch[key][i * d : (i + 1) * d] for key in DOC_KEYS}
+        part.update({key: batch[key][i * r : (i + 1) * r] for key in ROLLOUT_KEYS})
+        part["num_items_in_batch"] = batch["num_items_in_batch"]
+        out.append(part)
+    return out
+
+
+def check_model_hidden_states(model: torch.nn.Module) -> None:
+    """Fail early if the model cannot expose last-layer hidden states (needed by the cosine / hybrid rewards)."""
+    base = unwrap(model)
+    backbone = backbone_of(base)
+    fix = "Use nsp_reward='exact' or pass reward_funcs that do not read hidden states."
+    if backbone is base:
+        raise ValueError(
+            f"{type(base).__name__} has no separate backbone (`base_model`), so its last-layer hidden states cannot be "
+            f"captured for the cosine reward. {fix}"
+        )
+    param = next(base.parameters(), None)
+    if param is None or param.device.type == "meta":
+        return
+    probe = torch.zeros((1, 2), dtype=torch.long, device=param.device)
+    with torch.no_grad(), capture_last_hidden_state(base) as store:
+        base(input_ids=probe)
+    hidden = store.get("hidden")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[:2] != probe.shape:
+        raise ValueError(
+            f"{type(base).__name__}'s backbone does not return last-layer hidden states of shape [batch, length, "
+            f"hidden] (got {type(hidden).__name__}). {fix}"
+        )
