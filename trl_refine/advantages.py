@@ -23,7 +23,7 @@ def group_advantages(
     """
     if rewards.numel() % group_size != 0:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    grouped = rewards.float().view(-1, group_size)
+    grouped = rewards.double().view(-1, group_size)  # float64 statistics: equal rewards give exactly 0
     valid = ~torch.isnan(grouped)
     count = valid.sum(-1, keepdim=True).clamp(min=1)
     filled = torch.where(valid, grouped, torch.zeros_like(grouped))
@@ -35,16 +35,16 @@ def group_advantages(
     single = count <= 1
     mean = torch.where(single, torch.zeros_like(mean), mean)
     std = torch.where(single, torch.ones_like(std), std)
-    centred = grouped - mean
+    centred = torch.where(std == 0, torch.zeros_like(grouped), grouped - mean)
     if scale == "group":
         adv = centred / (std + eps)
     elif scale == "batch":
-        flat = rewards.float()[~torch.isnan(rewards)]
-        batch_std = flat.std() if flat.numel() > 1 else torch.tensor(1.0, device=rewards.device)
+        flat = rewards.double()[~torch.isnan(rewards)]
+        batch_std = flat.std() if flat.numel() > 1 else torch.tensor(1.0, dtype=flat.dtype, device=rewards.device)
         adv = centred / (batch_std + eps)
     elif scale == "none":
         adv = centred
     else:
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
-    adv = torch.nan_to_num(adv, nan=0.0).reshape(-1)
-    return adv, std.expand_as(grouped).reshape(-1)
+    adv = torch.nan_to_num(adv, nan=0.0).reshape(-1).to(rewards.dtype)
+    return adv, std.expand_as(grouped).reshape(-1).to(rewards.dtype)

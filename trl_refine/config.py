@@ -123,9 +123,12 @@ class NSPGRPOConfig(GRPOConfig):
     delta: float | None = field(
         default=3.0, metadata={"help": "Upper bound on the ratio for negative advantages (official dual-clip c = 3)."}
     )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "HF gradient checkpointing drops recurrent caches in training; off by default (see docs)."},
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of activation_checkpointing (off by default: HF checkpointing drops recurrent "
+            "caches in training, see docs/engines.md)."
+        },
     )
     max_completion_length: int | None = field(default=None, metadata={"help": "Derived: nsp_rollout_length."})
     remove_unused_columns: bool | None = field(default=False, metadata={"help": "Must stay False."})

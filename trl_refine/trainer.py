@@ -127,10 +127,10 @@ class NSPGRPOTrainer(GRPOTrainer):
                 pad_token_id=self.tokenizer_.pad_token_id,
                 rows_per_call=args.nsp_generic_rows_per_call,
             )
-        if args.gradient_checkpointing and self.engine.name != "generic":
+        if (args.gradient_checkpointing or args.activation_checkpointing) and self.engine.name != "generic":
             raise ValueError(
-                "gradient_checkpointing=True makes HF models drop their recurrent cache in training, which breaks the "
-                f"{self.engine.name} engine. Set gradient_checkpointing=False or nsp_engine='generic'."
+                "activation (gradient) checkpointing makes HF models drop their recurrent cache in training, which breaks the "
+                f"{self.engine.name} engine. Set activation_checkpointing=False or nsp_engine='generic'."
             )
         self._nsp_precomputed: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -164,11 +164,12 @@ class NSPGRPOTrainer(GRPOTrainer):
             mask[i, length - len(s) :] = 1
         return DocumentBatch(ids, mask).to(self.accelerator.device)
 
-    def _rollout_generator(self, mode: str) -> torch.Generator:
+    def _rollout_generator(self, mode: str, stream: int) -> torch.Generator:
         device = self.accelerator.device
         gen = torch.Generator(device=device)
-        seed = (self.args.seed * 1_000_003 + self.state.global_step * 10_007 + self._step) * 64
-        gen.manual_seed(seed + self.accelerator.process_index * 2 + (mode == "eval"))
+        # a function of (seed, optimizer step, rank) only, so a resumed run samples what an uninterrupted one would
+        seed = (self.args.seed * 1_000_003 + self.state.global_step) * 4096
+        gen.manual_seed(seed + self.accelerator.process_index * 4 + (mode == "eval") * 2 + stream)
         return gen
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -200,10 +201,10 @@ class NSPGRPOTrainer(GRPOTrainer):
                 strategy=args.nsp_selection,
                 smoothing_width=args.smoothing_width,
                 temperature=args.nsp_selection_temperature,
-                generator=self._rollout_generator(mode),
+                generator=self._rollout_generator(mode, stream=0),
             )
             plan = RolloutPlan(positions, g, k)
-            rollout = self.engine.generate(unwrapped, docs, plan, self._rollout_generator(mode))
+            rollout = self.engine.generate(unwrapped, docs, plan, self._rollout_generator(mode, stream=1))
 
         truth_ids = plan.ground_truth(docs)
         completion_ids = rollout.completion_ids

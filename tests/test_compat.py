@@ -1,0 +1,58 @@
+"""TRL drift: our compatibility layer must fail loudly, and TRL's loss must still ask us for log-probs."""
+
+import pytest
+
+from trl_refine import _compat
+
+
+def test_current_trl_passes():
+    _compat.check_trl_api()
+
+
+def test_signature_drift_fails_loudly(monkeypatch):
+    def changed(self, model, batch, extra):  # renamed parameter
+        return None
+
+    monkeypatch.setattr(_compat.GRPOTrainer, "_compute_loss", changed)
+    with pytest.raises(_compat.TRLCompatibilityError, match="supports trl .*_compute_loss"):
+        _compat.check_trl_api()
+
+
+def test_missing_method_fails_loudly(monkeypatch):
+    monkeypatch.delattr(_compat.GRPOTrainer, "_calculate_rewards")
+    with pytest.raises(_compat.TRLCompatibilityError, match="_calculate_rewards is missing"):
+        _compat.check_trl_api()
+
+
+def test_compute_loss_reads_our_log_probs(tmp_path, byte_tokenizer):
+    """Contract: GRPOTrainer._compute_loss obtains log-probs via _get_per_token_logps_and_entropies."""
+    import torch
+    from conftest import documents, small_config, tiny_llama
+    from datasets import Dataset
+
+    from trl_refine import NSPGRPOTrainer
+
+    tr = NSPGRPOTrainer(
+        tiny_llama(),
+        args=small_config(tmp_path),
+        train_dataset=Dataset.from_dict({"text": documents(2)}),
+        processing_class=byte_tokenizer,
+    )
+    tr.current_gradient_accumulation_steps = 1
+    r, k = 4, 5
+    logps = torch.zeros(r, k, requires_grad=True)
+    tr._nsp_precomputed = (logps, torch.zeros(r, k))
+    inputs = {
+        "prompt_ids": torch.zeros(r, 0, dtype=torch.long),
+        "prompt_mask": torch.zeros(r, 0, dtype=torch.long),
+        "completion_ids": torch.zeros(r, k, dtype=torch.long),
+        "completion_mask": torch.ones(r, k, dtype=torch.long),
+        "advantages": torch.tensor([1.0, -1.0, 2.0, 0.0]),
+        "old_per_token_logps": torch.zeros(r, k),
+        "num_items_in_batch": torch.tensor(float(r * k)),
+    }
+    tr.model.train()
+    loss = tr._compute_loss(tr.model, inputs)
+    loss.backward()
+    assert logps.grad is not None and logps.grad.abs().sum() > 0
+    assert tr._nsp_precomputed is not None  # consumed only by our compute_loss wrapper
