@@ -10,6 +10,7 @@ MidtrainArguments below can be set in the YAML or on the command line.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ class MidtrainArguments:
     eval_split: str | None = field(default=None, metadata={"help": "Optional split to evaluate on."})
     max_documents: int | None = field(default=None, metadata={"help": "Use at most this many documents."})
     synthetic_documents: int = field(default=64, metadata={"help": "Synthetic documents (embedded default)."})
-    synthetic_chars: int = field(default=800, metadata={"help": "Characters (= byte tokens) per synthetic document."})
+    synthetic_chars: int = field(default=1500, metadata={"help": "Characters (= byte tokens) per synthetic document."})
     tiny_hidden_size: int = field(default=64, metadata={"help": "Tiny reference DeltaNet: hidden size."})
     tiny_layers: int = field(default=2, metadata={"help": "Tiny reference DeltaNet: layers."})
     tiny_heads: int = field(default=2, metadata={"help": "Tiny reference DeltaNet: heads."})
@@ -79,6 +80,8 @@ def build_model_and_tokenizer(script: MidtrainArguments, trust_remote_code: bool
 
 
 def main(argv: list[str] | None = None) -> str:
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("trl_refine").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["--config", DEFAULT_CONFIG]

@@ -91,3 +91,43 @@ def score_tokens(
     logps = torch.cat([out.log_probs, pad], dim=1)
     entropy = None if out.entropy is None else torch.cat([out.entropy, pad.to(out.entropy.dtype)], dim=1)
     return logps, entropy, hidden
+
+
+def _chunk_logps(hidden, weight, bias, labels, want_entropy: bool):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logps = logp_all.gather(-1, labels[:, None]).squeeze(-1)
+    if not want_entropy:
+        return logps, torch.zeros_like(logps)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logps, entropy
+
+
+def lm_head_logps(
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    want_entropy: bool = False,
+    chunk: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of ``labels`` [N] under ``lm_head(hidden)`` [N, H], in checkpointed chunks of tokens
+    so the [N, vocab] logits never live at once (neither in the forward nor for the backward)."""
+    head = unwrap(model).get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    hidden = hidden.to(weight.dtype)
+    outs, ents = [], []
+    for start in range(0, hidden.size(0), chunk):
+        h, y = hidden[start : start + chunk], labels[start : start + chunk]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            lp, ent = torch.utils.checkpoint.checkpoint(
+                _chunk_logps, h, weight, bias, y, want_entropy, use_reentrant=False
+            )
+        else:
+            lp, ent = _chunk_logps(h, weight, bias, y, want_entropy)
+        outs.append(lp)
+        ents.append(ent)
+    if not outs:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if want_entropy else None)
+    return torch.cat(outs), (torch.cat(ents).detach() if want_entropy else None)

@@ -9,6 +9,10 @@ from trl_refine.rollout.base import (
     TrainForward,
 )
 from trl_refine.rollout.generic import GenericEngine
+from trl_refine.rollout.registry import build_engine, register_engine
+from trl_refine.rollout.snapshot import SnapshotEngine
+
+register_engine("snapshot", SnapshotEngine)
 
 __all__ = [
     "DocumentBatch",
@@ -17,5 +21,8 @@ __all__ = [
     "RolloutOutput",
     "RolloutPlan",
     "ScanOutput",
+    "SnapshotEngine",
+    "build_engine",
+    "register_engine",
     "TrainForward",
 ]

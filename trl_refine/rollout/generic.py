@@ -26,6 +26,14 @@ def prefix_rows(docs: DocumentBatch, plan: RolloutPlan, pad_token_id: int = 0) -
     return ids, valid.to(docs.attention_mask.dtype)
 
 
+def teacher_forced_scan(model, docs: DocumentBatch) -> ScanOutput:
+    """Step 1: one no-grad pass over the documents (entropy, next-token log-probs, last hidden states)."""
+    logps, entropy, hidden = score_tokens(
+        model, docs.input_ids, docs.attention_mask, docs.label_mask(), want_hidden=True
+    )
+    return ScanOutput(entropy=entropy.float(), hidden_states=hidden, logps=logps)
+
+
 def _chunks(total: int, size: int | None):
     size = size or total
     for start in range(0, total, size):
@@ -42,10 +50,7 @@ class GenericEngine(RolloutEngine):
         self.pad_token_id = pad_token_id
 
     def scan(self, model, docs: DocumentBatch) -> ScanOutput:
-        logps, entropy, hidden = score_tokens(
-            model, docs.input_ids, docs.attention_mask, docs.label_mask(), want_hidden=True
-        )
-        return ScanOutput(entropy=entropy.float(), hidden_states=hidden, logps=logps)
+        return teacher_forced_scan(model, docs)
 
     def generate(self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None) -> RolloutOutput:
         k = plan.rollout_length

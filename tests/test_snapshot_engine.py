@@ -1,0 +1,160 @@
+"""The state-snapshot engine is the generic engine, faster: same seed → same rollouts, log-probs, hidden states,
+rewards and parameter gradients (reference DeltaNet, fp32), with left-padded, variable-length batches."""
+
+import pytest
+import torch
+from conftest import documents, small_config, tiny_delta_net, tiny_llama
+from datasets import Dataset
+
+from trl_refine import NSPGRPOTrainer
+from trl_refine.rewards import cosine_scores
+from trl_refine.rollout import DocumentBatch, GenericEngine, RolloutPlan, SnapshotEngine
+from trl_refine.rollout.registry import build_engine
+from trl_refine.selection import select_positions
+
+
+def batch(lengths, vocab=384, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    total = max(lengths)
+    ids = torch.zeros(len(lengths), total, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, total - n :] = torch.randint(3, vocab, (n,), generator=g)
+        mask[i, total - n :] = 1
+    return DocumentBatch(ids, mask)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
+@pytest.fixture(scope="module")
+def model():
+    from trl_refine.modeling_utils import ensure_fused_lm_head
+
+    m = tiny_delta_net(seed=3)
+    ensure_fused_lm_head(m)
+    return m
+
+
+@pytest.mark.parametrize("lengths, n, g", [((150, 97, 150), 4, 2), ((120,), 3, 1), ((90, 140), 6, 3)])
+def test_snapshot_equals_generic(model, lengths, n, g):
+    docs = batch(lengths)
+    k = 5
+    generic, snap = GenericEngine(), SnapshotEngine()
+    with torch.no_grad():
+        scan_g = generic.scan(model, docs)
+        scan_s = snap.scan(model, docs)
+        assert torch.allclose(scan_g.entropy, scan_s.entropy)
+        pos = select_positions(
+            scan_g.entropy,
+            docs.attention_mask,
+            num_chunks=n,
+            rollout_length=k,
+            margin=8,
+            generator=torch.Generator().manual_seed(1),
+        )
+        pos[:, 1] = pos[:, 0]  # two chunks on the same prefix: an empty middle segment
+        plan = RolloutPlan(pos, g, k)
+        out_g = generic.generate(model, docs, plan, torch.Generator().manual_seed(5))
+        out_s = snap.generate(model, docs, plan, torch.Generator().manual_seed(5))
+    assert torch.equal(out_g.completion_ids, out_s.completion_ids)
+    assert rel(out_s.old_logps, out_g.old_logps) < 1e-5
+    assert rel(out_s.hidden_states, out_g.hidden_states) < 1e-5
+    truth = plan.ground_truth_hidden(scan_g)
+    assert torch.allclose(
+        cosine_scores(out_s.hidden_states, truth), cosine_scores(out_g.hidden_states, truth), atol=1e-5
+    )
+
+    # the loss forward: document and rollout log-probs, then parameter gradients of a combined loss
+    adv = torch.linspace(-1, 1, plan.num_rows)
+    grads = []
+    for engine in (generic, snap):
+        model.zero_grad()
+        fwd = engine.forward_train(model, docs, plan, out_g.completion_ids)
+        mask = docs.label_mask()
+        loss = -(fwd.doc_logps * mask).sum() / mask.sum() - (adv[:, None] * fwd.rollout_logps).mean()
+        loss.backward()
+        grads.append((fwd, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (fg, gg), (fs, gs) = grads
+    assert rel(fs.doc_logps, fg.doc_logps) < 1e-5
+    assert rel(fs.rollout_logps, fg.rollout_logps) < 1e-5
+    assert rel(fs.rollout_logps, out_g.old_logps) < 1e-5  # on-policy: ratio 1
+    assert rel(fs.rollout_entropy, fg.rollout_entropy) < 1e-5
+    assert rel(gs, gg) < 1e-5
+
+
+def test_gradient_flows_through_snapshots(model):
+    """Detaching the snapshot states changes the rollout gradient a lot: the signal goes through the prefix."""
+    docs = batch((160, 130), seed=2)
+    snap = SnapshotEngine()
+    with torch.no_grad():
+        scan = snap.scan(model, docs)
+        pos = select_positions(scan.entropy, docs.attention_mask, num_chunks=4, rollout_length=5, margin=8)
+        plan = RolloutPlan(pos, 1, 5)
+        comp = snap.generate(model, docs, plan, torch.Generator().manual_seed(0)).completion_ids
+    adv = torch.linspace(-1, 1, plan.num_rows)
+
+    def grad(detach):
+        model.zero_grad()
+        original = snap._branch_rows
+        if detach:
+            snap._branch_rows = lambda s, p: [
+                {
+                    k: (
+                        v.detach()
+                        if torch.is_tensor(v)
+                        else tuple(t.detach() for t in v)
+                        if isinstance(v, tuple)
+                        else v
+                    )
+                    for k, v in layer.items()
+                }
+                for layer in original(s, p)
+            ]
+        try:
+            fwd = snap.forward_train(model, docs, plan, comp)
+        finally:
+            snap._branch_rows = original
+        (-(adv[:, None] * fwd.rollout_logps[:, 1:]).mean()).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    full, detached = grad(False), grad(True)
+    assert rel(detached, full) > 0.1
+
+
+def test_auto_picks_snapshot_for_delta_net_and_generic_otherwise(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="trl_refine"):
+        assert build_engine("auto", tiny_delta_net()).name == "snapshot"
+        assert build_engine("auto", tiny_llama()).name == "generic"
+    assert "model_type 'llama' has no state adapter" in caplog.text
+    assert build_engine("generic", tiny_delta_net()).name == "generic"
+    with pytest.raises(ValueError, match="cannot run"):
+        build_engine("snapshot", tiny_llama())
+
+
+def test_trainer_steps_agree_between_engines(tmp_path, byte_tokenizer):
+    ds = Dataset.from_dict({"text": documents(4)})
+    losses = {}
+    for name in ("generic", "snapshot"):
+        args = small_config(tmp_path / name, max_steps=2, nsp_engine=name, documents_per_device=2, seed=3)
+        tr = NSPGRPOTrainer(tiny_delta_net(seed=1), args=args, train_dataset=ds, processing_class=byte_tokenizer)
+        assert tr.engine.name == name
+        tr.train()
+        losses[name] = [
+            v for h in tr.state.log_history if "loss" in h for v in (h["loss"], h["reward"], h["nsp/exact_match"])
+        ]
+    assert losses["generic"] == pytest.approx(losses["snapshot"], rel=1e-4, abs=1e-6)
+
+
+def test_refuses_hf_gradient_checkpointing(tmp_path, byte_tokenizer):
+    ds = Dataset.from_dict({"text": documents(2)})
+    with pytest.raises(ValueError, match="checkpointing"):
+        NSPGRPOTrainer(
+            tiny_delta_net(),
+            args=small_config(tmp_path, gradient_checkpointing=True),
+            train_dataset=ds,
+            processing_class=byte_tokenizer,
+        )

@@ -1,0 +1,163 @@
+"""The state-snapshot engine: one pass per document, branches from saved fast-weight states.
+
+A fast-weight model's whole past is a fixed-size state. Instead of recomputing each of the n prefixes, the engine
+runs the documents once in n+1 segments cut at the chosen positions, passing the cache along, and keeps the state
+after each segment as that prefix's snapshot. Segment i of every document goes into one packed (``cu_seqlens``)
+call, so the number of model calls per step is n+1 whatever the batch size. Rollouts branch from the snapshots,
+expanded G times: the first token comes from the document's logits at the prefix end, then k-1 decode steps run
+for all B·n·G branches together (plus one step that only reads the last token's hidden state).
+
+For the loss the same segments run with gradients, followed by one branch call over ``[B·n·G, k-1]`` from the
+differentiable snapshots, so the policy gradient reaches the prefix through the states; NTP log-probs come from the
+same segmented pass. Log-probs are computed from captured hidden states in checkpointed chunks
+(`lm_head_logps`), never as full ``[tokens, vocab]`` logits.
+
+Traps handled: HF gradient checkpointing would drop the cache (the trainer refuses it with this engine);
+``use_cache=True`` is always passed with a cache; caches are always built from copies of snapshots (fla's
+single-token no-grad conv step writes in place); snapshot tensors carrying gradients are autograd outputs, so
+fla's fused_recurrent backward sees an ``initial_state`` that requires grad.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trl_refine.modeling_utils import capture_last_hidden_state, lm_head_logps, unwrap
+from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutOutput, RolloutPlan, ScanOutput, TrainForward
+from trl_refine.rollout.generic import teacher_forced_scan
+from trl_refine.rollout.sampling import draw_noise, sample_from_logits
+from trl_refine.rollout.state import State, state_adapter_for
+
+
+class SnapshotEngine(RolloutEngine):
+    """Segmented single pass + batched branch decoding from recurrent-state snapshots."""
+
+    name = "snapshot"
+
+    def __init__(self, pad_token_id: int = 0, adapter=None):
+        self.pad_token_id = pad_token_id
+        self.adapter = adapter
+
+    @classmethod
+    def supports(cls, model) -> tuple[bool, str]:
+        adapter, why = state_adapter_for(unwrap(model))
+        return adapter is not None, why
+
+    def _adapter(self, model):
+        if self.adapter is None:
+            adapter, why = state_adapter_for(unwrap(model))
+            if adapter is None:
+                raise ValueError(f"the snapshot engine cannot run {type(unwrap(model)).__name__}: {why}")
+            self.adapter = adapter
+        return self.adapter
+
+    # ------------------------------------------------------------------------------------------------------------------
+    def scan(self, model, docs: DocumentBatch) -> ScanOutput:
+        return teacher_forced_scan(model, docs)
+
+    def segmented_pass(self, model, docs: DocumentBatch, plan: RolloutPlan) -> tuple[list[State], torch.Tensor]:
+        """Run the n+1 segments of every document (packed per segment). Returns the n snapshots (each a state with
+        B rows: the state after the prefix ending at chunk j's position) and the [B, L, H] last hidden states."""
+        adapter = self._adapter(model)
+        bsz, length = docs.input_ids.shape
+        n = plan.num_chunks
+        device = docs.input_ids.device
+        first = docs.first_valid
+        starts = torch.cat([first[:, None], plan.positions + 1], dim=1).tolist()
+        ends = torch.cat([plan.positions + 1, torch.full_like(first[:, None], length)], dim=1).tolist()
+        copy_states = not torch.is_grad_enabled()
+
+        state: State | None = None
+        snapshots: list[State] = []
+        pieces, flat_index = [], []
+        with capture_last_hidden_state(model) as store:
+            for i in range(n + 1):
+                active = [b for b in range(bsz) if ends[b][i] > starts[b][i]]
+                if active:
+                    ids = torch.cat([docs.input_ids[b, starts[b][i] : ends[b][i]] for b in active])
+                    lens = torch.tensor([ends[b][i] - starts[b][i] for b in active], device=device)
+                    cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(torch.int32)
+                    active_t = torch.tensor(active, device=device)
+                    cache = None
+                    if state is not None:
+                        rows = state
+                        if len(active) < bsz or copy_states:
+                            rows = adapter.select_rows(state, active_t)
+                        cache = adapter.build_cache(rows)
+                    out = model(
+                        input_ids=ids[None], cu_seqlens=cu, past_key_values=cache, use_cache=True, logits_to_keep=1
+                    )
+                    new_rows = adapter.snapshot(out.past_key_values)
+                    state = new_rows if len(active) == bsz else adapter.scatter_rows(state, active_t, new_rows)
+                    pieces.append(store["hidden"][0])
+                    flat_index.append(
+                        torch.cat([b * length + torch.arange(starts[b][i], ends[b][i], device=device) for b in active])
+                    )
+                if i < n:
+                    snapshots.append(state)
+        hidden = torch.cat(pieces)
+        doc_hidden = hidden.new_zeros(bsz * length, hidden.size(-1)).index_put((torch.cat(flat_index),), hidden)
+        return snapshots, doc_hidden.view(bsz, length, -1)
+
+    def _branch_rows(self, snapshots: list[State], plan: RolloutPlan) -> State:
+        """States of all B·n·G rollout rows (doc → chunk → rollout), copied from the snapshots."""
+        adapter = self.adapter
+        bsz, n = plan.positions.shape
+        stacked = adapter.concat(snapshots)  # row j * B + b
+        b = torch.arange(bsz).repeat_interleave(n)
+        j = torch.arange(n).repeat(bsz)
+        index = (j * bsz + b).repeat_interleave(plan.num_rollouts)
+        return adapter.select_rows(stacked, index)
+
+    @staticmethod
+    def _prefix_end_hidden(doc_hidden: torch.Tensor, plan: RolloutPlan) -> torch.Tensor:
+        """[B·n·G, H] hidden state at each row's last prefix token (predicts the first rollout token)."""
+        return doc_hidden[plan.row_documents(), plan.row_positions()]
+
+    # ------------------------------------------------------------------------------------------------------------------
+    def generate(self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None) -> RolloutOutput:
+        k = plan.rollout_length
+        snapshots, doc_hidden = self.segmented_pass(model, docs, plan)
+        head = unwrap(model).get_output_embeddings()
+        logits = head(self._prefix_end_hidden(doc_hidden, plan)).float()
+        noise = draw_noise(plan.num_rows, k, generator, logits.device)
+        cache = self.adapter.build_cache(self._branch_rows(snapshots, plan))
+        del snapshots
+        tokens, logps, hiddens = [], [], []
+        with capture_last_hidden_state(model) as store:
+            for i in range(k):
+                tok = sample_from_logits(logits, noise[:, i])
+                tokens.append(tok)
+                logps.append(torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1))
+                out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True)
+                hiddens.append(store["hidden"][:, -1])
+                cache = out.past_key_values
+                logits = out.logits[:, -1].float()
+        return RolloutOutput(torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(hiddens, 1))
+
+    def forward_train(self, model, docs: DocumentBatch, plan: RolloutPlan, completion_ids) -> TrainForward:
+        k = plan.rollout_length
+        snapshots, doc_hidden = self.segmented_pass(model, docs, plan)
+        bsz, length = docs.input_ids.shape
+        b, p = docs.label_mask().nonzero(as_tuple=True)
+        lp, _ = lm_head_logps(model, doc_hidden[b, p], docs.input_ids[b, p + 1])
+        doc_logps = lp.new_zeros(bsz, length).index_put((b, p), lp)
+
+        first_lp, first_ent = lm_head_logps(
+            model, self._prefix_end_hidden(doc_hidden, plan), completion_ids[:, 0], want_entropy=True
+        )
+        logps, entropy = [first_lp[:, None]], [first_ent[:, None]]
+        if k > 1:
+            cache = self.adapter.build_cache(self._branch_rows(snapshots, plan))
+            with capture_last_hidden_state(model) as store:
+                model(input_ids=completion_ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            hidden = store["hidden"]
+            rows = completion_ids.size(0)
+            rest_lp, rest_ent = lm_head_logps(
+                model, hidden.reshape(-1, hidden.size(-1)), completion_ids[:, 1:].reshape(-1), want_entropy=True
+            )
+            logps.append(rest_lp.view(rows, k - 1))
+            entropy.append(rest_ent.view(rows, k - 1))
+        return TrainForward(
+            doc_logps=doc_logps, rollout_logps=torch.cat(logps, 1), rollout_entropy=torch.cat(entropy, 1)
+        )

@@ -1,0 +1,83 @@
+"""State adapters: snapshot, stack, expand and rebuild the recurrent caches of fast-weight models.
+
+A *snapshot* is a list (one entry per layer) of the layer's state dict, holding tensors with the batch on dim 0
+(nested in tuples for conv states). Snapshots are references, not copies: caches of the supported models rebind
+new tensors instead of writing into old ones, except fla's single-token no-grad conv step, so every cache built from
+a snapshot goes through `select_rows`, which copies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+State = list[dict[str, Any]]
+
+
+def map_tensors(value: Any, fn) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def zip_tensors(values: list[Any], fn) -> Any:
+    """Combine structurally identical nests leaf by leaf with ``fn(list_of_tensors)``."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return fn(values)
+    if isinstance(first, (tuple, list)):
+        return type(first)(zip_tensors([v[i] for v in values], fn) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: zip_tensors([v[k] for v in values], fn) for k in first}
+    return first
+
+
+class FlaStateAdapter:
+    """fla's per-layer dict layout: ``recurrent_state`` [N, ...], ``conv_state`` tuple of [N, D, W] (or None),
+    ``attn_state`` / ``ffn_state`` None. Used by fla DeltaNet / GatedDeltaNet and by our reference DeltaNet."""
+
+    def snapshot(self, cache) -> State:
+        return [dict(layer) for layer in cache]
+
+    def build_cache(self, state: State):
+        from fla.models.utils import Cache
+
+        return Cache.from_legacy_cache(tuple(dict(layer) for layer in state), seen_tokens=1)
+
+    @staticmethod
+    def select_rows(state: State, index: torch.Tensor) -> State:
+        """Rows ``index`` of every tensor (a copy; also expands when ``index`` repeats rows)."""
+        return map_tensors(state, lambda t: t.index_select(0, index.to(t.device)))
+
+    @staticmethod
+    def concat(states: list[State]) -> State:
+        return zip_tensors(states, lambda ts: torch.cat(ts, dim=0))
+
+    @staticmethod
+    def scatter_rows(state: State, index: torch.Tensor, rows: State) -> State:
+        """``state`` with rows ``index`` replaced by ``rows`` (out of place, differentiable)."""
+        return zip_tensors(
+            [state, rows], lambda ts: ts[0].index_copy(0, index.to(ts[0].device), ts[1].to(ts[0].dtype))
+        )
+
+
+#: model types whose cache is fla's per-layer recurrent dict and have no attention layers
+FLA_LAYOUT_MODEL_TYPES = ("refine_delta_net", "delta_net", "gated_deltanet")
+
+
+def state_adapter_for(model: torch.nn.Module) -> tuple[FlaStateAdapter | None, str]:
+    """The adapter for ``model`` (already unwrapped), or None and the reason."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FLA_LAYOUT_MODEL_TYPES:
+        return None, f"model_type {model_type!r} has no state adapter (supported: {', '.join(FLA_LAYOUT_MODEL_TYPES)})"
+    if getattr(config, "attn", None):
+        return None, "hybrid models with attention layers keep a growing KV cache per branch (not supported)"
+    return FlaStateAdapter(), ""
