@@ -93,6 +93,10 @@ class NSPGRPOConfig(GRPOConfig):
         default="auto",
         metadata={"help": "Rollout engine: auto (snapshot when the model supports it), generic, snapshot."},
     )
+    nsp_segment_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Snapshot engine: recompute each segment in the backward to save activation memory."},
+    )
     nsp_generic_rows_per_call: int | None = field(
         default=None, metadata={"help": "Generic engine: rollout rows per no-grad model call (None = all at once)."}
     )

@@ -126,6 +126,7 @@ class NSPGRPOTrainer(GRPOTrainer):
                 unwrap(self.model),
                 pad_token_id=self.tokenizer_.pad_token_id,
                 rows_per_call=args.nsp_generic_rows_per_call,
+                checkpoint_segments=args.nsp_segment_checkpointing,
             )
         if (args.gradient_checkpointing or args.activation_checkpointing) and self.engine.name != "generic":
             raise ValueError(

@@ -20,7 +20,12 @@ def register_engine(name: str, cls: type[RolloutEngine]) -> None:
 
 
 def build_engine(
-    name: str, model: torch.nn.Module, *, pad_token_id: int = 0, rows_per_call: int | None = None
+    name: str,
+    model: torch.nn.Module,
+    *,
+    pad_token_id: int = 0,
+    rows_per_call: int | None = None,
+    checkpoint_segments: bool = False,
 ) -> RolloutEngine:
     """Build the engine ``name`` (auto | generic | snapshot | any registered name) for ``model``."""
     if name == "generic":
@@ -38,13 +43,13 @@ def build_engine(
                 f"nsp_engine={name!r} cannot run {type(model).__name__}: {why}. Use nsp_engine='generic'."
             )
         logger.info("trl_refine: rollout engine = %s (forced by nsp_engine)", name)
-        return FAST_ENGINES[name](pad_token_id=pad_token_id)
+        return FAST_ENGINES[name](pad_token_id=pad_token_id, checkpoint_segments=checkpoint_segments)
     reasons = []
     for engine_name, cls in FAST_ENGINES.items():
         ok, why = cls.supports(model)
         if ok:
             logger.info("trl_refine: rollout engine = %s (auto: %s supports it)", engine_name, type(model).__name__)
-            return cls(pad_token_id=pad_token_id)
+            return cls(pad_token_id=pad_token_id, checkpoint_segments=checkpoint_segments)
         reasons.append(f"{engine_name}: {why}")
     logger.info(
         "trl_refine: rollout engine = generic (auto: %s)", "; ".join(reasons) or "no faster engine is installed"

@@ -34,9 +34,12 @@ class SnapshotEngine(RolloutEngine):
 
     name = "snapshot"
 
-    def __init__(self, pad_token_id: int = 0, adapter=None):
+    def __init__(self, pad_token_id: int = 0, adapter=None, checkpoint_segments: bool = False):
         self.pad_token_id = pad_token_id
         self.adapter = adapter
+        #: recompute each segment in the backward (activation memory of one segment instead of the document); the
+        #: states enter and leave every checkpoint as explicit tensors, so they stay exact (unlike HF checkpointing)
+        self.checkpoint_segments = checkpoint_segments
 
     @classmethod
     def supports(cls, model) -> tuple[bool, str]:
@@ -78,18 +81,17 @@ class SnapshotEngine(RolloutEngine):
                     lens = torch.tensor([ends[b][i] - starts[b][i] for b in active], device=device)
                     cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(torch.int32)
                     active_t = torch.tensor(active, device=device)
-                    cache = None
+                    rows = None
                     if state is not None:
                         rows = state
                         if len(active) < bsz or copy_states:
                             rows = adapter.select_rows(state, active_t)
-                        cache = adapter.build_cache(rows)
-                    out = model(
-                        input_ids=ids[None], cu_seqlens=cu, past_key_values=cache, use_cache=True, logits_to_keep=1
-                    )
-                    new_rows = adapter.snapshot(out.past_key_values)
+                    if self.checkpoint_segments and torch.is_grad_enabled():
+                        seg_hidden, new_rows = self._checkpointed_segment(model, ids, cu, rows)
+                    else:
+                        seg_hidden, new_rows = self._segment(model, ids, cu, rows, store)
                     state = new_rows if len(active) == bsz else adapter.scatter_rows(state, active_t, new_rows)
-                    pieces.append(store["hidden"][0])
+                    pieces.append(seg_hidden)
                     flat_index.append(
                         torch.cat([b * length + torch.arange(starts[b][i], ends[b][i], device=device) for b in active])
                     )
@@ -98,6 +100,28 @@ class SnapshotEngine(RolloutEngine):
         hidden = torch.cat(pieces)
         doc_hidden = hidden.new_zeros(bsz * length, hidden.size(-1)).index_put((torch.cat(flat_index),), hidden)
         return snapshots, doc_hidden.view(bsz, length, -1)
+
+    def _segment(self, model, ids, cu, rows: State | None, store) -> tuple[torch.Tensor, State]:
+        cache = None if rows is None else self.adapter.build_cache(rows)
+        out = model(input_ids=ids[None], cu_seqlens=cu, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return store["hidden"][0], self.adapter.snapshot(out.past_key_values)
+
+    def _checkpointed_segment(self, model, ids, cu, rows: State | None) -> tuple[torch.Tensor, State]:
+        from torch.utils._pytree import tree_flatten, tree_unflatten
+
+        flat, spec = tree_flatten(rows) if rows is not None else ([], None)
+        out_spec = []
+
+        def run(*flat_rows):
+            inner = tree_unflatten(list(flat_rows), spec) if spec is not None else None
+            with capture_last_hidden_state(model) as store:
+                hidden, new_rows = self._segment(model, ids, cu, inner, store)
+            leaves, new_spec = tree_flatten(new_rows)
+            out_spec[:] = [new_spec]
+            return (hidden, *leaves)
+
+        outs = torch.utils.checkpoint.checkpoint(run, *flat, use_reentrant=False)
+        return outs[0], tree_unflatten(list(outs[1:]), out_spec[0])
 
     def _branch_rows(self, snapshots: list[State], plan: RolloutPlan) -> State:
         """States of all B·n·G rollout rows (doc → chunk → rollout), copied from the snapshots."""

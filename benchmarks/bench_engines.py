@@ -1,0 +1,179 @@
+"""Wall time, tokens/s and peak memory of one optimizer step: NTP only vs the generic engine vs the snapshot engine.
+
+DeltaNet with the 1.3B configuration (fla, random init, bf16 weights and AdamW), n = 8, k = 5. For every
+(L, G, documents) the three variants run on the same documents; each is warmed up once and timed over
+`--repeats` steps. Out-of-memory is recorded as such.
+
+    python benchmarks/bench_engines.py --out results.json                 # on a GPU, with fla installed
+    python benchmarks/bench_engines.py --layers 2 --hidden 256 --lengths 1024 --quick   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from trl_refine.modeling_utils import ensure_fused_lm_head, score_tokens
+from trl_refine.rollout import DocumentBatch, GenericEngine, RolloutPlan, SnapshotEngine
+from trl_refine.selection import select_positions
+
+
+def build_model(args):
+    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+
+    cfg = DeltaNetConfig(
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_heads=args.heads,
+        vocab_size=32000,
+        fuse_cross_entropy=False,
+    )
+    torch.manual_seed(0)
+    model = DeltaNetForCausalLM(cfg).to("cuda", torch.bfloat16).train()
+    ensure_fused_lm_head(model)
+    return model
+
+
+def documents(batch: int, length: int) -> DocumentBatch:
+    g = torch.Generator().manual_seed(length * 31 + batch)
+    ids = torch.randint(3, 32000, (batch, length), generator=g)
+    return DocumentBatch(ids, torch.ones_like(ids)).to("cuda")
+
+
+def ntp_step(model, opt, docs, n, g, k):
+    logps, _, _ = score_tokens(model, docs.input_ids, docs.attention_mask, docs.label_mask())
+    m = docs.label_mask()
+    loss = -(logps.float() * m).sum() / m.sum()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def refine_step(engine):
+    def step(model, opt, docs, n, g, k):
+        with torch.no_grad():
+            scan = engine.scan(model, docs)
+            pos = select_positions(
+                scan.entropy,
+                docs.attention_mask,
+                num_chunks=n,
+                rollout_length=k,
+                margin=20,
+                generator=torch.Generator(device="cuda").manual_seed(0),
+            )
+            plan = RolloutPlan(pos, g, k)
+            out = engine.generate(model, docs, plan, torch.Generator(device="cuda").manual_seed(1))
+            truth = plan.ground_truth_hidden(scan)
+            reward = torch.nn.functional.cosine_similarity(out.hidden_states.float(), truth.float(), dim=-1).mean(-1)
+            adv = (reward.view(-1, n * g) - reward.view(-1, n * g).mean(-1, keepdim=True)).flatten()
+        fwd = engine.forward_train(model, docs, plan, out.completion_ids)
+        m = docs.label_mask()
+        ntp = -(fwd.doc_logps.float() * m).sum() / m.sum()
+        ratio = torch.exp(fwd.rollout_logps - out.old_logps)
+        pg = -torch.min(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None]).mean()
+        (ntp + 0.2 * pg).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed(step, model, opt, docs, n, g, k, repeats):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    step(model, opt, docs, n, g, k)  # warm-up (Triton autotuning)
+    torch.cuda.synchronize()
+    print(f"    warm-up {time.perf_counter() - t0:.1f}s", flush=True)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step(model, opt, docs, n, g, k)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / repeats
+    return seconds, torch.cuda.max_memory_allocated() / 2**30
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
+    p.add_argument("--rollouts", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--docs", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--variants", nargs="+", default=["ntp", "generic", "snapshot", "snapshot_ckpt"])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--generic-rows-per-call", type=int, default=8)
+    p.add_argument("--skip-generic-above", type=int, default=10**9, help="skip generic when B·n·G·L exceeds this")
+    p.add_argument("--out", default="bench_engines.json")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    n, k = 8, 5
+    model = build_model(args)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
+    steps = {
+        "ntp": ntp_step,
+        "generic": refine_step(GenericEngine(rows_per_call=args.generic_rows_per_call)),
+        "snapshot": refine_step(SnapshotEngine()),
+        "snapshot_ckpt": refine_step(SnapshotEngine(checkpoint_segments=True)),
+    }
+    results = []
+    for length in args.lengths:
+        for g in args.rollouts:
+            for b in args.docs:
+                docs = documents(b, length)
+                row = {"L": length, "G": g, "docs": b, "n": n, "k": k}
+                for name in args.variants:
+                    if name == "generic" and b * n * g * length > args.skip_generic_above:
+                        row[name] = {"skipped": f"B·n·G·L = {b * n * g * length} above --skip-generic-above"}
+                        continue
+                    print(f"L={length} G={g} docs={b} {name} ...", flush=True)
+                    try:
+                        sec, mem = timed(steps[name], model, opt, docs, n, g, k, 1 if args.quick else args.repeats)
+                        row[name] = {"s_per_step": sec, "tokens_per_s": b * length / sec, "peak_gib": mem}
+                    except torch.cuda.OutOfMemoryError:
+                        opt.zero_grad(set_to_none=True)
+                        row[name] = {"oom": True}
+                    torch.cuda.empty_cache()
+                base = row.get("ntp", {}).get("s_per_step")
+                for name in ("generic", "snapshot", "snapshot_ckpt"):
+                    if base and "s_per_step" in row.get(name, {}):
+                        row[name]["x_ntp_time"] = row[name]["s_per_step"] / base
+                        row[name]["x_ntp_mem"] = row[name]["peak_gib"] / row["ntp"]["peak_gib"]
+                if "s_per_step" in row.get("generic", {}) and "s_per_step" in row.get("snapshot", {}):
+                    row["snapshot_speedup_vs_generic"] = row["generic"]["s_per_step"] / row["snapshot"]["s_per_step"]
+                results.append(row)
+                print(json.dumps(row), flush=True)
+                with open(args.out, "w") as f:
+                    json.dump(
+                        {"device": torch.cuda.get_device_name(0), "args": vars(args), "results": results}, f, indent=2
+                    )
+
+    print(
+        "\n| L | G | docs | NTP s | generic s (×NTP) | snapshot s (×NTP) | snapshot mem ×NTP | snapshot vs generic |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+
+        def cell(name, r=r):
+            v = r.get(name, {})
+            if "s_per_step" not in v:
+                return "OOM" if v.get("oom") else "skipped"
+            return f"{v['s_per_step']:.3f}" + (f" ({v['x_ntp_time']:.2f}×)" if "x_ntp_time" in v else "")
+
+        mem = r.get("snapshot", {}).get("x_ntp_mem")
+        ckpt_mem = r.get("snapshot_ckpt", {}).get("x_ntp_mem")
+        speed = r.get("snapshot_speedup_vs_generic")
+        print(
+            f"| {r['L']} | {r['G']} | {r['docs']} | {cell('ntp')} | {cell('generic')} | {cell('snapshot')} | "
+            f"{'' if mem is None else f'{mem:.2f}'} | {cell('snapshot_ckpt')} | "
+            f"{'' if ckpt_mem is None else f'{ckpt_mem:.2f}'} | {'' if speed is None else f'{speed:.1f}×'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

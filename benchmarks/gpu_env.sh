@@ -1,0 +1,10 @@
+# Source on a device machine: install the carried wheels (trl, fla, datasets, ...) into /tmp/site.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
+python3 -c "import pandas, dateutil" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl_opt/*.whl || return 1
+export PYTHONPATH=/tmp/site:$PWD
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+python3 - <<'PY'
+import torch, triton, transformers, trl, fla
+print(f"torch {torch.__version__} triton {triton.__version__} transformers {transformers.__version__} trl {trl.__version__} fla {fla.__version__}")
+print(torch.cuda.get_device_name(0), torch.cuda.device_count(), "GPU(s)")
+PY
