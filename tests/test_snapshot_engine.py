@@ -135,12 +135,14 @@ def test_auto_picks_snapshot_for_delta_net_and_generic_otherwise(caplog):
         build_engine("snapshot", tiny_llama())
 
 
-def test_trainer_steps_agree_between_engines(tmp_path, byte_tokenizer):
+@pytest.mark.parametrize("factory", ["delta_net", "lact"])
+def test_trainer_steps_agree_between_engines(tmp_path, byte_tokenizer, factory):
+    make = {"delta_net": tiny_delta_net, "lact": lambda seed: tiny_lact(seed=seed)}[factory]
     ds = Dataset.from_dict({"text": documents(4)})
     losses = {}
     for name in ("generic", "snapshot"):
         args = small_config(tmp_path / name, max_steps=2, nsp_engine=name, documents_per_device=2, seed=3)
-        tr = NSPGRPOTrainer(tiny_delta_net(seed=1), args=args, train_dataset=ds, processing_class=byte_tokenizer)
+        tr = NSPGRPOTrainer(make(seed=1), args=args, train_dataset=ds, processing_class=byte_tokenizer)
         assert tr.engine.name == name
         tr.train()
         losses[name] = [
@@ -177,3 +179,47 @@ def test_segment_checkpointing_keeps_states_and_gradients_exact(model):
         (-(fwd.doc_logps * m).sum() / m.sum() - (adv[:, None] * fwd.rollout_logps).mean()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert rel(grads[1], grads[0]) < 1e-6
+
+
+def tiny_lact(seed=0, vocab=384):
+    from trl_refine.models.lact import LaCTConfig, LaCTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LaCTConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attn_heads=2,
+        num_lact_heads=2,
+        lact_chunk_size=16,
+        window_size=16,
+    )
+    return LaCTForCausalLM(cfg).float()
+
+
+def test_snapshot_equals_generic_on_lact():
+    from trl_refine.modeling_utils import ensure_fused_lm_head
+
+    model = tiny_lact(seed=2)
+    ensure_fused_lm_head(model)
+    assert SnapshotEngine.supports(model)[0]
+    docs = batch((120, 90), seed=6)
+    generic, snap = GenericEngine(), SnapshotEngine()
+    with torch.no_grad():
+        scan = generic.scan(model, docs)
+        pos = select_positions(scan.entropy, docs.attention_mask, num_chunks=3, rollout_length=4, margin=8)
+        plan = RolloutPlan(pos, 2, 4)
+        out_g = generic.generate(model, docs, plan, torch.Generator().manual_seed(5))
+        out_s = snap.generate(model, docs, plan, torch.Generator().manual_seed(5))
+    assert torch.equal(out_g.completion_ids, out_s.completion_ids)
+    assert rel(out_s.old_logps, out_g.old_logps) < 1e-4
+    assert rel(out_s.hidden_states, out_g.hidden_states) < 1e-4
+    adv = torch.linspace(-1, 1, plan.num_rows)
+    grads = []
+    for engine in (generic, snap):
+        model.zero_grad()
+        fwd = engine.forward_train(model, docs, plan, out_g.completion_ids)
+        m = docs.label_mask()
+        (-(fwd.doc_logps * m).sum() / m.sum() - (adv[:, None] * fwd.rollout_logps).mean()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert rel(grads[1], grads[0]) < 1e-4

@@ -102,9 +102,21 @@ class SnapshotEngine(RolloutEngine):
         return snapshots, doc_hidden.view(bsz, length, -1)
 
     def _segment(self, model, ids, cu, rows: State | None, store) -> tuple[torch.Tensor, State]:
+        """One call over the packed segment ``ids`` [Σ] (boundaries ``cu``); returns [Σ, H] hidden and new states."""
         cache = None if rows is None else self.adapter.build_cache(rows)
-        out = model(input_ids=ids[None], cu_seqlens=cu, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return store["hidden"][0], self.adapter.snapshot(out.past_key_values)
+        if self.adapter.packing == "varlen":
+            out = model(input_ids=ids[None], cu_seqlens=cu, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return store["hidden"][0], self.adapter.snapshot(out.past_key_values)
+        lens = (cu[1:] - cu[:-1]).long()
+        width = int(lens.max())
+        col = torch.arange(width, device=ids.device)
+        valid = col[None, :] >= (width - lens)[:, None]  # left padding
+        src = (cu[:-1].long()[:, None] + col[None, :] - (width - lens)[:, None]).clamp(min=0)
+        padded = torch.where(valid, ids[src.clamp(max=ids.numel() - 1)], torch.full_like(src, self.pad_token_id))
+        out = model(
+            input_ids=padded, attention_mask=valid.long(), past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
+        return store["hidden"][valid], self.adapter.snapshot(out.past_key_values)
 
     def _checkpointed_segment(self, model, ids, cu, rows: State | None) -> tuple[torch.Tensor, State]:
         from torch.utils._pytree import tree_flatten, tree_unflatten

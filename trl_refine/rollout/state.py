@@ -43,6 +43,10 @@ class FlaStateAdapter:
     """fla's per-layer dict layout: ``recurrent_state`` [N, ...], ``conv_state`` tuple of [N, D, W] (or None),
     ``attn_state`` / ``ffn_state`` None. Used by fla DeltaNet / GatedDeltaNet and by our reference DeltaNet."""
 
+    #: how one segment call packs several documents: "varlen" ([1, Σ] + cu_seqlens) or "padded" (left padding +
+    #: attention_mask, each row continuing its own state)
+    packing = "varlen"
+
     def snapshot(self, cache) -> State:
         return [dict(layer) for layer in cache]
 
@@ -68,6 +72,21 @@ class FlaStateAdapter:
         )
 
 
+class LaCTStateAdapter(FlaStateAdapter):
+    """Our LaCT's decode state: one dict of batch-first tensors per layer (fast weights, momentum, partial-chunk
+    sums, sliding K/V window, position). LaCT takes no ``cu_seqlens``; rows are left-padded instead."""
+
+    packing = "padded"
+
+    def snapshot(self, cache) -> State:
+        return [dict(layer) for layer in cache.states]
+
+    def build_cache(self, state: State):
+        from trl_refine.models.lact import LaCTCache
+
+        return LaCTCache([dict(layer) for layer in state])
+
+
 #: model types whose cache is fla's per-layer recurrent dict and have no attention layers
 FLA_LAYOUT_MODEL_TYPES = ("refine_delta_net", "delta_net", "gated_deltanet")
 
@@ -76,6 +95,8 @@ def state_adapter_for(model: torch.nn.Module) -> tuple[FlaStateAdapter | None, s
     """The adapter for ``model`` (already unwrapped), or None and the reason."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if model_type == "lact_swiglu":
+        return LaCTStateAdapter(), ""
     if model_type not in FLA_LAYOUT_MODEL_TYPES:
         return None, f"model_type {model_type!r} has no state adapter (supported: {', '.join(FLA_LAYOUT_MODEL_TYPES)})"
     if getattr(config, "attn", None):
