@@ -22,25 +22,37 @@ from trl_refine.selection import select_positions
 
 
 def build_model(args):
-    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+    if args.model == "reference":
+        from trl_refine.models.delta_net import RefDeltaNetConfig as DeltaNetConfig
+        from trl_refine.models.delta_net import RefDeltaNetForCausalLM as DeltaNetForCausalLM
+    else:
+        from fla.models import DeltaNetConfig, DeltaNetForCausalLM
 
     cfg = DeltaNetConfig(
         hidden_size=args.hidden,
         num_hidden_layers=args.layers,
         num_heads=args.heads,
-        vocab_size=32000,
+        vocab_size=args.vocab,
         fuse_cross_entropy=False,
     )
     torch.manual_seed(0)
-    model = DeltaNetForCausalLM(cfg).to("cuda", torch.bfloat16).train()
+    model = DeltaNetForCausalLM(cfg).to(DEVICE, DTYPE).train()
     ensure_fused_lm_head(model)
     return model
 
 
-def documents(batch: int, length: int) -> DocumentBatch:
+DEVICE, DTYPE = "cuda", torch.bfloat16
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def documents(batch: int, length: int, vocab: int) -> DocumentBatch:
     g = torch.Generator().manual_seed(length * 31 + batch)
-    ids = torch.randint(3, 32000, (batch, length), generator=g)
-    return DocumentBatch(ids, torch.ones_like(ids)).to("cuda")
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    return DocumentBatch(ids, torch.ones_like(ids)).to(DEVICE)
 
 
 def ntp_step(model, opt, docs, n, g, k):
@@ -62,10 +74,10 @@ def refine_step(engine):
                 num_chunks=n,
                 rollout_length=k,
                 margin=20,
-                generator=torch.Generator(device="cuda").manual_seed(0),
+                generator=torch.Generator(device=DEVICE).manual_seed(0),
             )
             plan = RolloutPlan(pos, g, k)
-            out = engine.generate(model, docs, plan, torch.Generator(device="cuda").manual_seed(1))
+            out = engine.generate(model, docs, plan, torch.Generator(device=DEVICE).manual_seed(1))
             truth = plan.ground_truth_hidden(scan)
             reward = torch.nn.functional.cosine_similarity(out.hidden_states.float(), truth.float(), dim=-1).mean(-1)
             adv = (reward.view(-1, n * g) - reward.view(-1, n * g).mean(-1, keepdim=True)).flatten()
@@ -82,19 +94,23 @@ def refine_step(engine):
 
 
 def timed(step, model, opt, docs, n, g, k, repeats):
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    sync()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     t0 = time.perf_counter()
     step(model, opt, docs, n, g, k)  # warm-up (Triton autotuning)
-    torch.cuda.synchronize()
+    sync()
     print(f"    warm-up {time.perf_counter() - t0:.1f}s", flush=True)
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         step(model, opt, docs, n, g, k)
-    torch.cuda.synchronize()
+    sync()
     seconds = (time.perf_counter() - t0) / repeats
-    return seconds, torch.cuda.max_memory_allocated() / 2**30
+    print(f"    {seconds:.3f} s/step wall, {(time.process_time() - c0) / repeats:.3f} s/step process CPU", flush=True)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
+    return seconds, peak
 
 
 def main():
@@ -111,7 +127,13 @@ def main():
     p.add_argument("--skip-generic-above", type=int, default=10**9, help="skip generic when B·n·G·L exceeds this")
     p.add_argument("--out", default="bench_engines.json")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--model", choices=["fla", "reference"], default="fla", help="fla DeltaNet (GPU) or ours (CPU)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--vocab", type=int, default=32000)
     args = p.parse_args()
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = args.device, getattr(torch, args.dtype)
     n, k = 8, 5
     model = build_model(args)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
@@ -125,7 +147,7 @@ def main():
     for length in args.lengths:
         for g in args.rollouts:
             for b in args.docs:
-                docs = documents(b, length)
+                docs = documents(b, length, args.vocab)
                 row = {"L": length, "G": g, "docs": b, "n": n, "k": k}
                 for name in args.variants:
                     if name == "generic" and b * n * g * length > args.skip_generic_above:
@@ -135,22 +157,31 @@ def main():
                     try:
                         sec, mem = timed(steps[name], model, opt, docs, n, g, k, 1 if args.quick else args.repeats)
                         row[name] = {"s_per_step": sec, "tokens_per_s": b * length / sec, "peak_gib": mem}
-                    except torch.cuda.OutOfMemoryError:
+                    except (torch.cuda.OutOfMemoryError, MemoryError):
                         opt.zero_grad(set_to_none=True)
                         row[name] = {"oom": True}
-                    torch.cuda.empty_cache()
+                    if DEVICE == "cuda":
+                        torch.cuda.empty_cache()
                 base = row.get("ntp", {}).get("s_per_step")
                 for name in ("generic", "snapshot", "snapshot_ckpt"):
                     if base and "s_per_step" in row.get(name, {}):
                         row[name]["x_ntp_time"] = row[name]["s_per_step"] / base
-                        row[name]["x_ntp_mem"] = row[name]["peak_gib"] / row["ntp"]["peak_gib"]
+                        row[name]["x_ntp_mem"] = (
+                            row[name]["peak_gib"] / row["ntp"]["peak_gib"] if DEVICE == "cuda" else None
+                        )
                 if "s_per_step" in row.get("generic", {}) and "s_per_step" in row.get("snapshot", {}):
                     row["snapshot_speedup_vs_generic"] = row["generic"]["s_per_step"] / row["snapshot"]["s_per_step"]
                 results.append(row)
                 print(json.dumps(row), flush=True)
                 with open(args.out, "w") as f:
                     json.dump(
-                        {"device": torch.cuda.get_device_name(0), "args": vars(args), "results": results}, f, indent=2
+                        {
+                            "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
+                            "args": vars(args),
+                            "results": results,
+                        },
+                        f,
+                        indent=2,
                     )
 
     print(

@@ -185,3 +185,21 @@ def test_ntp_term_matches_cross_entropy(tmp_path, byte_tokenizer):
     ids = inputs["doc_input_ids"]
     ce = F.cross_entropy(hand_logits(tr.model, ids, inputs["doc_attention_mask"])[0, :-1], ids[0, 1:])
     assert tr._metrics["train"]["ntp_loss"][-1] == pytest.approx(ce.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["generic", "snapshot"])
+def test_peft_lora_trains_adapters_only(tmp_path, byte_tokenizer, engine):
+    from conftest import tiny_delta_net
+    from peft import LoraConfig
+
+    model = tiny_delta_net(seed=2)
+    base_q = model.model.layers[0].attn.q_proj.weight.detach().clone()
+    ds = Dataset.from_dict({"text": documents(2)})
+    args = small_config(tmp_path, max_steps=1, nsp_engine=engine, learning_rate=1e-2)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    tr = NSPGRPOTrainer(model, args=args, train_dataset=ds, processing_class=byte_tokenizer, peft_config=peft_config)
+    lora_before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if "lora_B" in n}
+    tr.train()
+    lora_after = dict(tr.model.named_parameters())
+    assert any(not torch.equal(v, lora_after[n]) for n, v in lora_before.items())
+    assert torch.equal(tr.model.get_base_model().model.layers[0].attn.q_proj.base_layer.weight, base_q)
