@@ -43,7 +43,8 @@ def cosine_reward(prompts, completions, completion_ids, rollout_hidden_states, g
 
 def exact_match_reward(prompts, completions, completion_ids, ground_truth_ids, **kwargs):
     """Fraction of rollout tokens that equal the ground-truth tokens."""
-    scores = exact_scores(_stack([torch.as_tensor(c) for c in completion_ids]), _stack(ground_truth_ids))
+    truth = _stack(ground_truth_ids)
+    scores = exact_scores(_stack([torch.as_tensor(c) for c in completion_ids]).to(truth.device), truth)
     return scores.tolist()
 
 

@@ -1,0 +1,292 @@
+"""Post-training with ReFINE on prompt/answer data: evaluate, post-train, evaluate again, save.
+
+    accelerate launch recipes/posttrain.py                       # embedded default: CPU, a few minutes
+    accelerate launch recipes/posttrain.py --quick               # the same, shortened for CI (seconds)
+    accelerate launch recipes/posttrain.py --dataset_name ../shared/data/ruler/ruler_squadqa_delta_net_4096_200_test.parquet
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/posttrain.py \\
+        --config recipes/configs/posttrain_delta_net_1.3B.yaml                # the paper's setting (8 GPUs)
+
+With no arguments it uses recipes/configs/posttrain_default.yaml: a tiny reference DeltaNet built from a config,
+``ByT5Tokenizer()`` and a synthetic needle-in-a-haystack QA set generated offline (train and held-out eval sets
+with different needles). ``--posttrain_mode`` picks the row of the paper's post-training table: ``nested``
+(Nested ReFINE), ``nested_sft`` (Nested SFT), ``sft`` (SFT), plus ``joint``. Any option of PostTrainConfig or of
+PosttrainArguments below can be set in the YAML or on the command line. The before/after table is printed and
+written to ``<output_dir>/posttrain_report.md`` (and ``.json`` with every prediction).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import datasets
+from trl import TrlParser
+
+from trl_refine import NSPPostTrainer, PostTrainConfig
+from trl_refine.eval import generate_niah, get_scorer
+from trl_refine.recipe_utils import (
+    answer_nll_sharded,
+    before_after_table,
+    build_model_and_tokenizer,
+    dataset_label,
+    evaluate_sharded,
+    load_one,
+    split_names,
+    write_json,
+)
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "posttrain_default.yaml")
+
+
+@dataclass
+class PosttrainArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local path. None: a tiny reference DeltaNet built from a config."}
+    )
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to the model's."})
+    torch_dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training data: parquet/jsonl/json/csv file(s) (comma-separated) or a Hub id. None: synthetic."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a Hub dataset to train on."})
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluation sets (comma-separated; each is reported as its own task). None: hold out "
+            "num_eval_examples from the training data (they are not trained on)."
+        },
+    )
+    eval_split: str | None = field(default=None, metadata={"help": "Split of Hub evaluation datasets."})
+    num_eval_examples: int = field(
+        default=32, metadata={"help": "Held-out examples when there is no eval_dataset_name."}
+    )
+    eval_max_examples: int | None = field(default=None, metadata={"help": "Evaluate at most this many per set."})
+    eval_task: str | None = field(
+        default=None,
+        metadata={
+            "help": "Scorer name (ruler_qa, niah, a LongBench task). None: each example's 'task' column, else ruler_qa."
+        },
+    )
+    eval_max_new_tokens: int = field(default=32, metadata={"help": "Greedy answer budget (paper: 32)."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Prompts per generation batch."})
+    skip_eval: bool = field(default=False, metadata={"help": "Train and save only (no before/after evaluation)."})
+    max_train_examples: int | None = field(default=None, metadata={"help": "Train on at most this many examples."})
+    synthetic_train_examples: int = field(default=64, metadata={"help": "Synthetic default: training examples."})
+    synthetic_eval_examples: int = field(default=32, metadata={"help": "Synthetic default: held-out examples."})
+    synthetic_context_length: int = field(
+        default=700, metadata={"help": "Synthetic default: prompt length in characters (= byte tokens)."}
+    )
+    synthetic_task: str = field(default="single", metadata={"help": "Synthetic default: NIAH task family."})
+    tiny_hidden_size: int = field(default=64, metadata={"help": "Tiny reference DeltaNet: hidden size."})
+    tiny_layers: int = field(default=2, metadata={"help": "Tiny reference DeltaNet: layers."})
+    tiny_heads: int = field(default=2, metadata={"help": "Tiny reference DeltaNet: heads."})
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA targets (comma-separated)."})
+    quick: bool = field(
+        default=False,
+        metadata={"help": "Shorten everything for CI: 2 steps, 4 tiny examples, 4 eval examples, 8 answer tokens."},
+    )
+
+
+def apply_quick(script: PosttrainArguments, args: PostTrainConfig) -> None:
+    script.synthetic_train_examples = min(script.synthetic_train_examples, 4)
+    script.synthetic_eval_examples = min(script.synthetic_eval_examples, 4)
+    script.num_eval_examples = min(script.num_eval_examples, 4)
+    script.eval_max_examples = min(script.eval_max_examples or 4, 4)
+    script.max_train_examples = min(script.max_train_examples or 8, 8)
+    script.eval_max_new_tokens = min(script.eval_max_new_tokens, 8)
+    args.max_steps = 2
+    args.logging_steps = 1
+    args.save_strategy = "no"
+
+
+def load_data(script: PosttrainArguments, args: PostTrainConfig, tokenizer):
+    """(train dataset, {label: eval dataset})."""
+    if script.dataset_name is None:
+        common = dict(context_length=script.synthetic_context_length, tokenizer=None, haystack="essay")
+        train = generate_niah(
+            script.synthetic_task, num_examples=script.synthetic_train_examples, seed=args.seed + 1, **common
+        )
+        evals = {
+            f"niah_{script.synthetic_task}": generate_niah(
+                script.synthetic_task, num_examples=script.synthetic_eval_examples, seed=args.seed + 2, **common
+            )
+        }
+        return train, evals
+    parts = [load_one(name, script.dataset_split, script.dataset_config) for name in split_names(script.dataset_name)]
+    train = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if script.eval_dataset_name:
+        evals = {
+            dataset_label(name): load_one(name, script.eval_split, script.dataset_config)
+            for name in split_names(script.eval_dataset_name)
+        }
+    elif script.skip_eval:
+        evals = {}
+    else:
+        if len(train) <= script.num_eval_examples:
+            raise ValueError(
+                f"the training data has {len(train)} examples: too few to hold out num_eval_examples="
+                f"{script.num_eval_examples}. Pass --eval_dataset_name or lower --num_eval_examples."
+            )
+        split = train.train_test_split(test_size=script.num_eval_examples, seed=args.seed, shuffle=True)
+        train = split["train"]
+        evals = {f"{dataset_label(split_names(script.dataset_name)[0])} (held out)": split["test"]}
+    return train, evals
+
+
+def task_of(script: PosttrainArguments, ds: datasets.Dataset):
+    if script.eval_task is not None:
+        return script.eval_task
+    if "task" in ds.column_names:
+        return None  # each example's own task
+    return "ruler_qa"
+
+
+def max_prompt_tokens(args: PostTrainConfig) -> int | None:
+    """With long_examples='truncate', evaluate on prompts cut the way training cut them."""
+    if args.long_examples == "truncate" and args.max_length is not None:
+        return args.max_length - args.max_answer_length
+    return None
+
+
+def run_eval(model, tokenizer, evals, script, args, stage: str) -> dict:
+    out = {}
+    for label, ds in evals.items():
+        if script.eval_max_examples is not None:
+            ds = ds.select(range(min(script.eval_max_examples, len(ds))))
+        result = evaluate_sharded(
+            model,
+            tokenizer,
+            ds,
+            task_of(script, ds),
+            max_new_tokens=script.eval_max_new_tokens,
+            batch_size=script.eval_batch_size,
+            add_special_tokens=args.prompt_add_special_tokens,
+            max_prompt_tokens=max_prompt_tokens(args),
+            show_progress=False,
+            name=f"{label} ({stage})",
+        )
+        out[label] = {"result": result, "answer_nll": answer_nll_sharded(model, tokenizer, ds, args)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> str:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not any(a.startswith(("--config", "--model_name_or_path")) for a in argv):
+        # the embedded CPU default (tiny model), with any overrides: --quick, --dataset_name, --posttrain_mode, ...
+        argv = ["--config", DEFAULT_CONFIG, *argv]
+    parser = TrlParser((PosttrainArguments, PostTrainConfig))
+    script, args = parser.parse_args_and_config(args=argv)
+    if script.quick:
+        apply_quick(script, args)
+    t0 = time.perf_counter()
+
+    model, tokenizer = build_model_and_tokenizer(
+        script.model_name_or_path,
+        script.tokenizer_name_or_path,
+        torch_dtype=script.torch_dtype,
+        trust_remote_code=args.trust_remote_code,
+        tiny_hidden_size=script.tiny_hidden_size,
+        tiny_layers=script.tiny_layers,
+        tiny_heads=script.tiny_heads,
+        seed=args.seed,
+    )
+    train, evals = load_data(script, args, tokenizer)
+    if script.max_train_examples is not None:
+        train = train.select(range(min(script.max_train_examples, len(train))))
+    for ds in evals.values():  # fail on a bad scorer name or missing columns before any work
+        if task_of(script, ds) is not None:
+            get_scorer(task_of(script, ds))
+    peft_config = None
+    if script.use_peft:
+        from peft import LoraConfig
+
+        targets = script.lora_target_modules
+        peft_config = LoraConfig(
+            r=script.lora_r,
+            lora_alpha=script.lora_alpha,
+            target_modules=targets if targets == "all-linear" else split_names(targets),
+            task_type="CAUSAL_LM",
+        )
+
+    # the trainer validates and tokenizes the data (bad input fails here, before any evaluation)
+    trainer = NSPPostTrainer(
+        model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config
+    )
+    main_process = trainer.accelerator.is_main_process
+    eval_model = trainer.accelerator.unwrap_model(trainer.model)
+    eval_model.to(trainer.accelerator.device)
+
+    # evaluation under the training precision (fla's chunk kernels reject fp32 activations)
+    with trainer.accelerator.autocast():
+        before = {} if script.skip_eval else run_eval(eval_model, tokenizer, evals, script, args, "before")
+    t1 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    t2 = time.perf_counter()
+    eval_model = trainer.accelerator.unwrap_model(trainer.model)
+    with trainer.accelerator.autocast():
+        after = {} if script.skip_eval else run_eval(eval_model, tokenizer, evals, script, args, "after")
+    t3 = time.perf_counter()
+
+    trainer.save_model(args.output_dir)
+    if main_process:
+        tokenizer.save_pretrained(args.output_dir)
+        out = os.path.abspath(args.output_dir)
+        if before:
+            rows = []
+            for label in evals:
+                metric = before[label]["result"]["metric"]
+                rows.append(
+                    {
+                        "metric": f"{label}: {metric} (×100)",
+                        "before": before[label]["result"]["score"],
+                        "after": after[label]["result"]["score"],
+                    }
+                )
+                rows.append(
+                    {
+                        "metric": f"{label}: answer NLL (nats/token)",
+                        "before": before[label]["answer_nll"],
+                        "after": after[label]["answer_nll"],
+                        "scale": 1.0,
+                        "digits": 3,
+                    }
+                )
+            n_eval = {label: after[label]["result"]["num_examples"] for label in evals}
+            title = (
+                f"# Post-training ({args.posttrain_mode}), {trainer.state.global_step} steps\n\n"
+                f"Model: {script.model_name_or_path or 'tiny reference DeltaNet (random init)'}; "
+                f"eval examples: {n_eval}; greedy, ≤ {script.eval_max_new_tokens} new tokens.\n\n"
+            )
+            table = before_after_table(rows)
+            with open(os.path.join(out, "posttrain_report.md"), "w") as f:
+                f.write(title + table)
+            write_json(
+                os.path.join(out, "posttrain_report.json"),
+                {
+                    "posttrain_mode": args.posttrain_mode,
+                    "global_step": trainer.state.global_step,
+                    "inner_optimizer_steps": trainer.inner_optimizer_steps,
+                    "seconds": {"eval_before": t1 - t0, "train": t2 - t1, "eval_after": t3 - t2},
+                    "before": before,
+                    "after": after,
+                },
+            )
+            print("\n" + title + table)
+            print(f"Report: {os.path.join(out, 'posttrain_report.md')} (predictions in posttrain_report.json)")
+        print(f"\nSaved the post-trained model to {out}")
+        print(f"Load it with: AutoModelForCausalLM.from_pretrained({out!r})  (after `import trl_refine.models`)")
+        print(f"Total time: {time.perf_counter() - t0:.0f} s (training {t2 - t1:.0f} s)")
+    return args.output_dir
+
+
+if __name__ == "__main__":
+    main()

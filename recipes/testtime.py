@@ -1,0 +1,264 @@
+"""Test-time training with ReFINE: answer every test prompt after a few ReFINE steps on the prompt itself.
+
+    accelerate launch recipes/testtime.py                         # embedded default: CPU, about a minute
+    accelerate launch recipes/testtime.py --quick                 # shortened for CI
+    accelerate launch recipes/testtime.py --model_name_or_path outputs/posttrain-default   # chain the CPU demos
+    accelerate launch --num_processes 4 recipes/testtime.py --config recipes/configs/testtime_delta_net_1.3B.yaml
+
+For each batch of ``batch_size`` prompts: ``steps`` ReFINE passes on the prompts (exact-match reward, 1.0·NTP +
+0.4·PPO-clip, n = 8, k = 5, lr 1e-6 by default), greedy answers (≤ ``max_new_tokens``), then the weights are
+restored bit-exactly (``reset: batch``, default) or kept (``reset: never``, the official behaviour, one process
+only). The same prompts are also answered without adaptation (unless ``--skip_baseline``), and a
+without/with table is printed and written to ``<output_dir>/testtime_report.md`` (``.json`` has every prediction).
+Evaluation sets are split over the processes of an ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from trl import TrlParser
+
+from trl_refine.eval import generate_niah, get_scorer
+from trl_refine.posttrain import PostTrainConfig, answer_nll
+from trl_refine.recipe_utils import (
+    before_after_table,
+    build_model_and_tokenizer,
+    combine_across_processes,
+    dataset_label,
+    evaluate_sharded,
+    load_one,
+    split_names,
+    write_json,
+)
+from trl_refine.testtime import TestTimeConfig, TestTimeRefine
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "testtime_default.yaml")
+
+
+@dataclass
+class TesttimeArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local path. None: a tiny reference DeltaNet built from a config."}
+    )
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to the model's."})
+    torch_dtype: str = field(
+        default="float32",
+        metadata={"help": "Weights dtype. float32 (default) + mixed_precision bf16: lr 1e-6 updates vanish in bf16."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Passed to from_pretrained."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Test sets: parquet/jsonl/json/csv file(s) (comma-separated) or Hub ids. None: synthetic."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_split: str | None = field(default=None, metadata={"help": "Split of Hub datasets."})
+    task: str | None = field(
+        default=None,
+        metadata={"help": "Scorer (ruler_qa, niah, a LongBench task). None: the 'task' column, else ruler_qa."},
+    )
+    max_examples: int | None = field(default=None, metadata={"help": "Evaluate at most this many per set."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Greedy answer budget (paper: 32)."})
+    batch_size: int = field(default=1, metadata={"help": "Prompts per adaptation + generation batch (official: 8)."})
+    skip_baseline: bool = field(default=False, metadata={"help": "Do not also answer without adaptation."})
+    answer_nll: bool = field(
+        default=False,
+        metadata={"help": "Also report the gold answer's NLL with/without adaptation (adapts once more per batch)."},
+    )
+    output_dir: str = field(default="outputs/testtime", metadata={"help": "Where the report goes."})
+    synthetic_examples: int = field(default=16, metadata={"help": "Synthetic default: test examples."})
+    synthetic_context_length: int = field(default=700, metadata={"help": "Synthetic default: prompt characters."})
+    synthetic_task: str = field(default="single", metadata={"help": "Synthetic default: NIAH task family."})
+    tiny_hidden_size: int = field(default=64, metadata={"help": "Tiny reference DeltaNet: hidden size."})
+    tiny_layers: int = field(default=2, metadata={"help": "Tiny reference DeltaNet: layers."})
+    tiny_heads: int = field(default=2, metadata={"help": "Tiny reference DeltaNet: heads."})
+    use_peft: bool = field(default=False, metadata={"help": "Adapt LoRA adapters only (restored after each batch)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA targets (comma-separated)."})
+    quick: bool = field(default=False, metadata={"help": "Shorten for CI: 3 examples, 8 answer tokens, 1 step."})
+
+
+def load_sets(script: TesttimeArguments, cfg: TestTimeConfig) -> dict:
+    if script.dataset_name is None:
+        ds = generate_niah(
+            script.synthetic_task,
+            num_examples=script.synthetic_examples,
+            context_length=script.synthetic_context_length,
+            seed=cfg.seed + 2,  # the held-out needles of recipes/posttrain.py's default
+        )
+        sets = {f"niah_{script.synthetic_task}": ds}
+    else:
+        sets = {
+            dataset_label(name): load_one(name, script.dataset_split, script.dataset_config)
+            for name in split_names(script.dataset_name)
+        }
+    if script.max_examples is not None:
+        sets = {k: v.select(range(min(script.max_examples, len(v)))) for k, v in sets.items()}
+    return sets
+
+
+class _WithAnswerNLL:
+    """Wrap an adapt hook so that, inside each adapted batch, the gold answers' NLL is measured too."""
+
+    def __init__(self, adapter, answers: dict[str, object], nll_config: PostTrainConfig):
+        self.adapter, self.answers, self.nll_config = adapter, answers, nll_config
+        self.total, self.tokens = 0.0, 0.0
+
+    @contextlib.contextmanager
+    def __call__(self, model, tokenizer, prompts):
+        ctx = self.adapter(model, tokenizer, prompts) if self.adapter is not None else contextlib.nullcontext()
+        with ctx:
+            from datasets import Dataset
+
+            rows = Dataset.from_dict({"prompt": list(prompts), "answer": [self.answers[p] for p in prompts]})
+            nll = answer_nll(model, tokenizer, rows, self.nll_config)
+            self.total += nll["nll"] * nll["tokens"]
+            self.tokens += nll["tokens"]
+            yield
+
+    @property
+    def nll(self) -> float | None:
+        """Over all processes (each adapted its own share of the examples)."""
+        return combine_across_processes(self.total, self.tokens)
+
+
+def main(argv: list[str] | None = None) -> str:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not any(a.startswith(("--config", "--model_name_or_path")) for a in argv):
+        argv = ["--config", DEFAULT_CONFIG, *argv]
+    parser = TrlParser((TesttimeArguments, TestTimeConfig))
+    script, cfg = parser.parse_args_and_config(args=argv)
+    if script.quick:
+        script.synthetic_examples = min(script.synthetic_examples, 3)
+        script.max_examples = min(script.max_examples or 3, 3)
+        script.max_new_tokens = min(script.max_new_tokens, 8)
+        cfg.steps = 1
+    from accelerate import PartialState
+
+    state = PartialState()
+    if cfg.reset == "never" and state.num_processes > 1:
+        raise ValueError(
+            "reset='never' adapts one model sequentially over the whole test set; run it with one process "
+            "(accelerate launch --num_processes 1), or use reset='batch'."
+        )
+    t0 = time.perf_counter()
+    model, tokenizer = build_model_and_tokenizer(
+        script.model_name_or_path,
+        script.tokenizer_name_or_path,
+        torch_dtype=script.torch_dtype,
+        trust_remote_code=script.trust_remote_code,
+        tiny_hidden_size=script.tiny_hidden_size,
+        tiny_layers=script.tiny_layers,
+        tiny_heads=script.tiny_heads,
+        seed=cfg.seed,
+    )
+    model.to(state.device)
+    if script.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        targets = script.lora_target_modules
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=script.lora_r,
+                lora_alpha=script.lora_alpha,
+                target_modules=targets if targets == "all-linear" else split_names(targets),
+                task_type="CAUSAL_LM",
+            ),
+        )
+    sets = load_sets(script, cfg)
+    for ds in sets.values():
+        if script.task is not None or "task" not in ds.column_names:
+            get_scorer(script.task or "ruler_qa")
+    # the answer NLL uses the post-training tokenization of the gold answer (separator, EOS)
+    nll_cfg = PostTrainConfig(
+        output_dir=script.output_dir,
+        use_cpu=state.device.type == "cpu",
+        bf16=False,
+        report_to="none",
+        max_length=None if cfg.max_prompt_tokens is None else cfg.max_prompt_tokens + 32,
+        long_examples="truncate",
+        prompt_add_special_tokens=cfg.add_special_tokens,
+    )
+
+    results: dict[str, dict] = {"without": {}, "with": {}}
+    nlls: dict[str, dict] = {"without": {}, "with": {}}
+    adapter = TestTimeRefine(cfg)
+    autocast = contextlib.nullcontext()
+    if cfg.mixed_precision is not None:
+        dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
+        autocast = torch.autocast(device_type=state.device.type, dtype=dtype)
+    for label, ds in sets.items():
+        task = script.task if script.task is not None else (None if "task" in ds.column_names else "ruler_qa")
+        answers = {p: a for p, a in zip(ds["prompt"], ds["answer" if "answer" in ds.column_names else "answers"])}
+        common = dict(
+            max_new_tokens=script.max_new_tokens,
+            batch_size=script.batch_size,
+            add_special_tokens=cfg.add_special_tokens,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            show_progress=False,
+        )
+        for run, hook in (("without", None), ("with", adapter)):
+            if run == "without" and script.skip_baseline:
+                continue
+            if script.answer_nll:
+                hook = _WithAnswerNLL(hook, answers, nll_cfg)
+            with autocast:  # generation in the adaptation's precision (fla's chunk kernels reject fp32)
+                results[run][label] = evaluate_sharded(model, tokenizer, ds, task, adapt=hook, name=label, **common)
+            if script.answer_nll:
+                nlls[run][label] = hook.nll
+        if cfg.reset == "never":
+            adapter.reset_state()  # each test set starts from the loaded weights' optimizer state
+    t1 = time.perf_counter()
+
+    if state.is_main_process:
+        out = os.path.abspath(script.output_dir)
+        os.makedirs(out, exist_ok=True)
+        rows = []
+        for label in sets:
+            res = results["with"][label]
+            rows.append(
+                {
+                    "metric": f"{label}: {res['metric']} (×100)",
+                    "without": results["without"].get(label, {}).get("score"),
+                    "with": res["score"],
+                }
+            )
+            if script.answer_nll:
+                rows.append(
+                    {
+                        "metric": f"{label}: answer NLL (nats/token)",
+                        "without": nlls["without"].get(label),
+                        "with": nlls["with"].get(label),
+                        "scale": 1.0,
+                        "digits": 3,
+                    }
+                )
+        title = (
+            f"# Test-time ReFINE: {cfg.steps} step(s) per batch of {script.batch_size}, reset={cfg.reset}\n\n"
+            f"Model: {script.model_name_or_path or 'tiny reference DeltaNet (random init)'}; lr {cfg.learning_rate}, "
+            f"reward {cfg.nsp_reward}, {cfg.ntp_coef}·NTP + {cfg.nsp_coef}·PPO-clip; greedy, ≤ "
+            f"{script.max_new_tokens} new tokens.\n\n"
+        )
+        table = before_after_table(rows, labels=("without", "with"))
+        with open(os.path.join(out, "testtime_report.md"), "w") as f:
+            f.write(title + table)
+        write_json(
+            os.path.join(out, "testtime_report.json"),
+            {"config": cfg.__dict__, "results": results, "answer_nll": nlls, "seconds": t1 - t0},
+        )
+        print("\n" + title + table)
+        print(f"Report: {os.path.join(out, 'testtime_report.md')} (predictions in testtime_report.json)")
+        print(f"Total time: {t1 - t0:.0f} s")
+    return script.output_dir
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(True)
+    main()

@@ -1,0 +1,141 @@
+"""recipes/posttrain.py and recipes/testtime.py run end to end on CPU (shortened with --quick) and write their
+before/after tables; bad data fails before any work; the paper-setting YAMLs parse."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from trl import TrlParser
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "recipes" / "configs"
+
+
+def load_recipe(name):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"recipe_{name}"] = module  # dataclasses resolve their module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_qa_jsonl(path, num=12, answers=True):
+    rows = []
+    for i in range(num):
+        context = " ".join(f"Item {j} is stored in box {(i * 7 + j) % 10}." for j in range(12))
+        row = {"prompt": f"{context}\nQuestion: where is item {i % 12}? Answer:"}
+        if answers:
+            row["answer"] = [f"box {(i * 7 + i % 12) % 10}", "unknown"]
+        rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_posttrain_default_quick_runs_and_writes_the_table(tmp_path, capsys):
+    recipe = load_recipe("posttrain")
+    out = tmp_path / "post"
+    recipe.main(["--quick", "--output_dir", str(out), "--disable_tqdm", "true"])
+    printed = capsys.readouterr().out
+    assert "Saved the post-trained model to" in printed and "| metric | before | after | Δ |" in printed
+    table = (out / "posttrain_report.md").read_text()
+    assert "niah_single: string_match_all" in table and "answer NLL" in table
+    report = json.loads((out / "posttrain_report.json").read_text())
+    assert report["posttrain_mode"] == "nested" and report["global_step"] == 2 and report["inner_optimizer_steps"] == 2
+    before = report["before"]["niah_single"]
+    assert before["result"]["num_examples"] == 4 and len(before["result"]["examples"]) == 4
+    assert report["after"]["niah_single"]["answer_nll"] < before["answer_nll"]  # two steps on the answers help
+    from transformers import AutoModelForCausalLM
+
+    import trl_refine.models  # noqa: F401
+
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "refine_delta_net"
+
+
+@pytest.mark.slow
+def test_posttrain_on_a_jsonl_file_with_held_out_eval(tmp_path, capsys):
+    recipe = load_recipe("posttrain")
+    data = write_qa_jsonl(tmp_path / "qa.jsonl")
+    out = tmp_path / "sft"
+    argv = ["--quick", "--dataset_name", str(data), "--posttrain_mode", "sft", "--output_dir", str(out)]
+    recipe.main([*argv, "--num_eval_examples", "3", "--disable_tqdm", "true"])
+    report = json.loads((out / "posttrain_report.json").read_text())
+    (label,) = report["before"]
+    assert label == "qa (held out)" and report["before"][label]["result"]["num_examples"] == 3
+    assert report["before"][label]["result"]["metric"] == "ruler_qa_substring"
+    assert report["inner_optimizer_steps"] == 0
+
+
+def test_posttrain_bad_data_fails_before_any_work(tmp_path):
+    recipe = load_recipe("posttrain")
+    data = write_qa_jsonl(tmp_path / "noanswer.jsonl", answers=False)
+    with pytest.raises(ValueError, match="missing column"):
+        recipe.main(
+            ["--quick", "--dataset_name", str(data), "--output_dir", str(tmp_path / "x"), "--skip_eval", "true"]
+        )
+    assert not (tmp_path / "x" / "posttrain_report.md").exists()
+
+
+@pytest.mark.slow
+def test_testtime_default_quick_runs_and_writes_the_table(tmp_path, capsys):
+    recipe = load_recipe("testtime")
+    out = tmp_path / "ttt"
+    recipe.main(["--quick", "--output_dir", str(out)])
+    assert "| metric | without | with | Δ |" in capsys.readouterr().out
+    report = json.loads((out / "testtime_report.json").read_text())
+    assert report["results"]["with"]["niah_single"]["adapted"] is True
+    assert report["results"]["without"]["niah_single"]["num_examples"] == 3
+    assert report["answer_nll"]["with"]["niah_single"] != report["answer_nll"]["without"]["niah_single"]
+    assert "answer NLL" in (out / "testtime_report.md").read_text()
+
+
+CPU = ["--use_cpu", "true", "--bf16", "false"]
+
+
+@pytest.mark.parametrize("model", ["delta_net_1.3B", "lact_760M"])
+def test_paper_configs_parse_with_the_official_values(model):
+    post = load_recipe("posttrain")
+    script, args = TrlParser((post.PosttrainArguments, post.PostTrainConfig)).parse_args_and_config(
+        args=["--config", str(CONFIGS / f"posttrain_{model}.yaml"), *CPU]
+    )
+    assert (args.posttrain_mode, args.nsp_reward, args.learning_rate, args.max_length) == (
+        "nested",
+        "hybrid",
+        1e-6,
+        8192,
+    )
+    assert (args.ntp_coef, args.nsp_coef, args.max_answer_length, args.nsp_num_chunks) == (1.0, 0.2, 32, 8)
+    assert args.documents_per_device * args.gradient_accumulation_steps * 8 == 16  # official mini-batch on 8 GPUs
+    assert script.eval_dataset_name and script.torch_dtype == "float32"
+
+    ttt = load_recipe("testtime")
+    script, cfg = TrlParser((ttt.TesttimeArguments, ttt.TestTimeConfig)).parse_args_and_config(
+        args=["--config", str(CONFIGS / f"testtime_{model}.yaml")]
+    )
+    assert (cfg.nsp_reward, cfg.ntp_coef, cfg.nsp_coef, cfg.learning_rate) == ("exact", 1.0, 0.4, 1e-6)
+    assert (script.batch_size, cfg.mini_batch_size, script.max_new_tokens, cfg.max_prompt_tokens) == (8, 4, 32, 16352)
+    for name in script.dataset_name.split(","):
+        assert (ROOT / name).exists() or name.startswith("../shared"), name
+
+    mid = load_recipe("midtrain")
+    script, args = TrlParser((mid.MidtrainArguments, mid.NSPGRPOConfig)).parse_args_and_config(
+        args=["--config", str(CONFIGS / f"midtrain_{model}.yaml"), *CPU]
+    )
+    assert (args.nsp_reward, args.nsp_coef, args.nsp_max_length) == ("cosine", 0.2, 16384)
+    if model == "lact_760M":
+        assert script.model_name_or_path == "YunjinZhang/lact_llm"
+
+
+def test_default_configs_parse():
+    post = load_recipe("posttrain")
+    script, args = TrlParser((post.PosttrainArguments, post.PostTrainConfig)).parse_args_and_config(
+        args=["--config", post.DEFAULT_CONFIG]
+    )
+    assert args.use_cpu and script.model_name_or_path is None and args.posttrain_mode == "nested"
+    ttt = load_recipe("testtime")
+    script, cfg = TrlParser((ttt.TesttimeArguments, ttt.TestTimeConfig)).parse_args_and_config(
+        args=["--config", ttt.DEFAULT_CONFIG]
+    )
+    assert script.model_name_or_path is None and cfg.reset == "batch" and cfg.steps >= 1

@@ -1,0 +1,182 @@
+"""Small helpers shared by the post-training and test-time recipes: model/tokenizer loading, dataset lists,
+evaluation sharded over the processes of an ``accelerate launch``, and before/after tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+
+def build_model_and_tokenizer(
+    model_name_or_path: str | None,
+    tokenizer_name_or_path: str | None = None,
+    *,
+    torch_dtype: str = "auto",
+    trust_remote_code: bool = False,
+    tiny_hidden_size: int = 64,
+    tiny_layers: int = 2,
+    tiny_heads: int = 2,
+    seed: int = 0,
+):
+    """A hub / local causal LM and its tokenizer (pad token set to EOS when missing), or, for ``None``, a tiny
+    randomly initialised reference DeltaNet with ``ByT5Tokenizer()`` (no downloads)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer
+
+    import trl_refine.models  # noqa: F401  (registers refine_delta_net and lact_swiglu)
+
+    if model_name_or_path is None:
+        from trl_refine.models.delta_net import RefDeltaNetConfig, RefDeltaNetForCausalLM
+
+        tokenizer = ByT5Tokenizer()
+        config = RefDeltaNetConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=tiny_hidden_size,
+            num_hidden_layers=tiny_layers,
+            num_heads=tiny_heads,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+        )
+        torch.manual_seed(seed)
+        return RefDeltaNetForCausalLM(config), tokenizer
+    import fla  # noqa: F401  (registers flash-linear-attention models with the Auto classes)
+
+    dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer_name_or_path or model_name_or_path, trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def split_names(value: str | None) -> list[str]:
+    """``"a.parquet,b.parquet"`` -> ``["a.parquet", "b.parquet"]``."""
+    if not value:
+        return []
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def load_one(name: str, split: str | None = None, config_name: str | None = None) -> datasets.Dataset:
+    """A local parquet / jsonl / json / csv / arrow file or folder, or a hub dataset id."""
+    from trl_refine.eval.ruler import load_qa_dataset
+
+    return load_qa_dataset(name, split=split, name=config_name, required_columns=())
+
+
+def dataset_label(name: str) -> str:
+    """A short task label for a dataset path: ``.../ruler_squadqa_delta_net_4096_200_test.parquet`` -> its stem."""
+    return Path(name).stem if os.path.exists(name) else name.replace("/", "_")
+
+
+def _process_info() -> tuple[int, int]:
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes
+
+
+def evaluate_sharded(model, tokenizer, dataset: datasets.Dataset, task: str | Callable | None, **kwargs) -> dict:
+    """`trl_refine.eval.evaluate` with the examples split over the processes (contiguous shards) and the
+    per-example results gathered, so every process returns the same full result. Single process: plain evaluate."""
+    from accelerate.utils import gather_object
+
+    from trl_refine.eval import evaluate, score_predictions
+
+    rank, world = _process_info()
+    if world == 1:
+        return evaluate(model, tokenizer, dataset, task, **kwargs)
+    shard = dataset.shard(num_shards=world, index=rank, contiguous=True)
+    kwargs = {**kwargs, "keep_predictions": True}
+    local = evaluate(model, tokenizer, shard, task, **kwargs) if len(shard) else None
+    examples = local["examples"] if local else []
+    seconds = local["seconds"] if local else 0.0
+    gathered = gather_object([(rank, examples, seconds)])
+    gathered.sort(key=lambda item: item[0])
+    all_examples = [ex for _, exs, _ in gathered for ex in exs]
+    for i, ex in enumerate(all_examples):
+        ex["index"] = i
+    scored = score_predictions(
+        [ex["prediction"] for ex in all_examples],
+        [ex["answers"] for ex in all_examples],
+        task,
+        tasks=[ex["task"] for ex in all_examples] if task is None else None,
+    )
+    result = {k: v for k, v in (local or {}).items() if k not in ("examples", "seconds")}
+    result.update(
+        name=result.get("name") or kwargs.get("name") or str(task),
+        task=result.get("task") or (",".join(scored["per_task"]) if task is None else str(task)),
+        metric=scored["metric"],
+        score=scored["score"],
+        num_examples=len(all_examples),
+        per_task=scored["per_task"],
+        adapted=kwargs.get("adapt") is not None,
+        seconds=max(s for _, _, s in gathered),
+        examples=all_examples,
+    )
+    return result
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{scale * value:.{digits}f}"
+
+
+def before_after_table(rows: Sequence[dict[str, Any]], labels: tuple[str, str] = ("before", "after")) -> str:
+    """Markdown table. Each row: ``{"metric", "before", "after", "scale" (default 100), "digits" (default 1)}``."""
+    l0, l1 = labels
+    lines = [f"| metric | {l0} | {l1} | Δ |", "|---|---|---|---|"]
+    for row in rows:
+        scale, digits = row.get("scale", 100.0), row.get("digits", 1)
+        a, b = row.get(l0), row.get(l1)
+        delta = None if a is None or b is None else b - a
+        sign = "" if delta is None else ("+" if delta >= 0 else "")
+        lines.append(
+            f"| {row['metric']} | {_fmt(a, scale, digits)} | {_fmt(b, scale, digits)} | "
+            f"{sign}{_fmt(delta, scale, digits)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    from trl_refine.eval.evaluator import _jsonable
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(payload), indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def answer_nll_sharded(model, tokenizer, dataset: datasets.Dataset, args) -> float:
+    """`trl_refine.posttrain.answer_nll` over the examples split across processes, combined (token-weighted)."""
+    from accelerate.utils import gather_object
+
+    from trl_refine.posttrain import answer_nll
+
+    rank, world = _process_info()
+    shard = dataset if world == 1 else dataset.shard(num_shards=world, index=rank, contiguous=True)
+    local = answer_nll(model, tokenizer, shard, args) if len(shard) else {"nll": 0.0, "tokens": 0.0}
+    parts = [(local["nll"] * local["tokens"], local["tokens"])]
+    if world > 1:
+        parts = gather_object(parts)
+    tokens = sum(t for _, t in parts)
+    return sum(n for n, _ in parts) / tokens if tokens else float("nan")
+
+
+def combine_across_processes(total: float, count: float) -> float | None:
+    """Token-weighted mean of per-process (sum, count) pairs; None when there is nothing."""
+    from accelerate.utils import gather_object
+
+    _, world = _process_info()
+    parts = [(total, count)] if world == 1 else gather_object([(total, count)])
+    count = sum(c for _, c in parts)
+    return sum(t for t, _ in parts) / count if count else None

@@ -1,0 +1,629 @@
+"""Test-time training with ReFINE: adapt on each test prompt, answer greedily, restore the weights.
+
+A small loop over the pure pieces (engine scan / generate / forward_train, `select_positions`, the rewards,
+`group_advantages`, `ppo_clip_loss`) with a plain ``torch.optim.AdamW``; no ``Trainer``. Defaults follow the
+official test-time release (research/paper.md §2): exact-match reward, loss = 1.0·NTP + 0.4·PPO-clip (ε = 0.2,
+dual clip 3, token mean), n = 8 positions, k = 5 tokens, G = 1, lr 1e-6, weight decay 0.01, gradient clip 1.0.
+
+Unlike the official code, the weights are restored bit-exactly after every batch by default (``reset="batch"``), so
+no adaptation leaks from one test example into the next; ``reset="never"`` (``restore=False``) keeps adapting
+across the test set with one optimizer, as the release does.
+
+    from trl_refine import test_time_refine
+    answers = test_time_refine(model, tokenizer, prompts, steps=1)        # list of greedy answers
+
+    from trl_refine.testtime import TestTimeRefine
+    from trl_refine.eval import evaluate
+    result = evaluate(model, tokenizer, "trec_16384.parquet", adapt=TestTimeRefine(steps=1), batch_size=1)
+
+Works with full fine-tuning and with PEFT/LoRA models (only parameters with ``requires_grad`` are trained and
+restored; wrap the model with ``peft.get_peft_model`` first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trl_refine.advantages import group_advantages
+from trl_refine.config import (
+    ENGINES,
+    GROUPINGS,
+    REWARDS,
+    SELECTION_STRATEGIES,
+    default_smoothing_width,
+    min_document_length,
+)
+from trl_refine.losses import CLIP_EPSILON, DUAL_CLIP, masked_token_nll, ppo_clip_loss
+from trl_refine.modeling_utils import ensure_fused_lm_head, score_tokens, unwrap
+from trl_refine.rewards import cosine_scores, exact_scores
+from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutPlan
+from trl_refine.rollout.registry import build_engine
+from trl_refine.selection import select_positions
+
+logger = logging.getLogger("trl_refine")
+
+__all__ = ["TestTimeConfig", "TestTimeRefine", "test_time_adaptation", "test_time_refine"]
+
+RESETS = ("batch", "never")
+#: fields of an NSPGRPOConfig / GRPOConfig that mean the same at test time (besides the nsp_* / ntp_* ones)
+_SHARED_TRAINING_FIELDS = (
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "epsilon",
+    "epsilon_high",
+    "scale_rewards",
+    "seed",
+)
+SHORT_PROMPT_POLICIES = ("skip", "error")
+PRECISIONS = ("bf16", "fp16")
+
+
+@dataclass
+class TestTimeConfig:
+    """Every knob of test-time ReFINE. Field names match `NSPGRPOConfig` where the meaning is the same."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    steps: int = field(default=1, metadata={"help": "m: ReFINE passes over each adaptation batch before answering."})
+    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW lr (official 1e-6 for 1B-scale models)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (official 0.01)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 = off; official 1.0)."})
+    mini_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Prompts per optimizer step within a batch (official: 4 of 8); None = the whole batch."},
+    )
+    nsp_num_chunks: int = field(default=8, metadata={"help": "n: positions per prompt."})
+    nsp_rollout_length: int = field(default=5, metadata={"help": "k: tokens per rollout."})
+    nsp_num_rollouts: int = field(default=1, metadata={"help": "G: rollouts per position."})
+    nsp_selection: str = field(default="entropy", metadata={"help": "entropy, uniform, argmax or argmin."})
+    nsp_smoothing_width: int | None = field(default=None, metadata={"help": "None = k if k is odd else k+1."})
+    nsp_selection_temperature: float = field(default=1.0, metadata={"help": "τ of the entropy softmax."})
+    nsp_margin: int = field(default=20, metadata={"help": "Tokens kept before the first and after the last rollout."})
+    nsp_reward: str = field(default="exact", metadata={"help": "exact (official at test time), cosine or hybrid."})
+    nsp_group_by: str = field(default="document", metadata={"help": "GRPO group: document (official) or prefix."})
+    scale_rewards: str = field(default="group", metadata={"help": "Advantage scaling: group, batch or none."})
+    ntp_coef: float = field(default=1.0, metadata={"help": "Weight of the NTP cross-entropy on the prompt."})
+    nsp_coef: float = field(default=0.4, metadata={"help": "Weight of the PPO-clip term (official 0.4 at test time)."})
+    epsilon: float = field(default=CLIP_EPSILON, metadata={"help": "PPO clip ε (low; also high unless set)."})
+    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clip ε; None = epsilon."})
+    dual_clip: float | None = field(default=DUAL_CLIP, metadata={"help": "Dual-clip c for A < 0; None = off."})
+    reset: str = field(
+        default="batch",
+        metadata={"help": "batch: restore the weights after each batch (default); never: keep adapting (official)."},
+    )
+    nsp_engine: str = field(default="auto", metadata={"help": "Rollout engine: auto, generic, snapshot."})
+    nsp_generic_rows_per_call: int | None = field(
+        default=None, metadata={"help": "Generic engine: rollout rows per no-grad call (memory cap)."}
+    )
+    max_prompt_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Longer prompts keep their first and last half (as the evaluator's middle truncation)."},
+    )
+    add_special_tokens: bool = field(default=False, metadata={"help": "Tokenize prompts with special tokens."})
+    short_prompts: str = field(
+        default="skip",
+        metadata={"help": "Prompts shorter than margin + n·k + max(k, margin) tokens: skip (not adapted) or error."},
+    )
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "Autocast dtype for the adaptation: bf16, fp16 or None (model dtype)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Randomness is a function of (seed, prompt text, step)."})
+
+    def __post_init__(self):
+        def choice(name: str, allowed: Sequence[str]) -> None:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
+
+        choice("nsp_selection", SELECTION_STRATEGIES)
+        choice("nsp_reward", REWARDS)
+        choice("nsp_group_by", GROUPINGS)
+        choice("nsp_engine", ENGINES)
+        choice("reset", RESETS)
+        choice("short_prompts", SHORT_PROMPT_POLICIES)
+        choice("scale_rewards", ("group", "batch", "none"))
+        if self.mixed_precision is not None:
+            choice("mixed_precision", PRECISIONS)
+        for name in ("steps", "nsp_num_chunks", "nsp_rollout_length", "nsp_num_rollouts", "nsp_margin"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            raise ValueError("mini_batch_size must be >= 1 or None.")
+        if self.learning_rate < 0 or self.ntp_coef < 0 or self.nsp_coef < 0:
+            raise ValueError("learning_rate, ntp_coef and nsp_coef must be >= 0.")
+        if self.ntp_coef == 0 and self.nsp_coef == 0:
+            raise ValueError("ntp_coef and nsp_coef are both 0: nothing to adapt on.")
+        if self.nsp_group_by == "prefix" and self.nsp_num_rollouts < 2:
+            raise ValueError("nsp_group_by='prefix' needs nsp_num_rollouts >= 2.")
+        if self.nsp_smoothing_width is not None and self.nsp_smoothing_width < 1:
+            raise ValueError("nsp_smoothing_width must be >= 1 or None.")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < self.min_prompt_length:
+            raise ValueError(f"max_prompt_tokens must be >= the minimum prompt length {self.min_prompt_length}.")
+
+    @property
+    def min_prompt_length(self) -> int:
+        return min_document_length(self.nsp_num_chunks, self.nsp_rollout_length, self.nsp_margin)
+
+    @property
+    def smoothing_width(self) -> int:
+        return self.nsp_smoothing_width or default_smoothing_width(self.nsp_rollout_length)
+
+    @property
+    def group_size(self) -> int:
+        if self.nsp_group_by == "prefix":
+            return self.nsp_num_rollouts
+        return self.nsp_num_chunks * self.nsp_num_rollouts
+
+    @classmethod
+    def from_any(cls, config: Any = None, **overrides) -> TestTimeConfig:
+        """A config from None, a `TestTimeConfig`, a mapping, or any object with same-named attributes (e.g. an
+        `NSPGRPOConfig`: its ReFINE fields (reward and coefficients included, so set them for test time), learning
+        rate, weight decay, Adam settings, gradient clipping, PPO clip range, ``delta`` as the dual clip, advantage
+        scaling and seed carry over; nothing else). ``overrides`` (not None) win."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        values: dict[str, Any] = {}
+        if isinstance(config, cls):
+            values = dataclasses.asdict(config)
+        elif isinstance(config, dict):
+            unknown = sorted(set(config) - set(names))
+            if unknown:
+                raise ValueError(f"unknown test-time config fields {unknown}; known: {names}")
+            values = dict(config)
+        elif config is not None:
+            shared = [n for n in names if n.startswith(("nsp_", "ntp_")) or n in _SHARED_TRAINING_FIELDS]
+            values = {name: getattr(config, name) for name in shared if hasattr(config, name)}
+            if isinstance(values.get("scale_rewards"), bool):
+                values["scale_rewards"] = "group" if values["scale_rewards"] else "none"
+            if getattr(config, "delta", None) is not None:
+                values["dual_clip"] = config.delta
+        unknown = sorted(k for k in overrides if k not in names)
+        if unknown:
+            raise TypeError(f"unknown test-time options {unknown}; known: {names}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# weights: snapshot and exact restore
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def _restored_weights(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Put the trainable parameters and all buffers back exactly (same storage, copied bits) on exit."""
+    if not enabled:
+        yield
+        return
+    params = {name: p.detach().clone() for name, p in _trainable(model)}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in _trainable(model):
+                p.copy_(params[name])
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+
+
+@contextlib.contextmanager
+def _fused_head(model: torch.nn.Module) -> Iterator[None]:
+    """TRL's fused LM head for scoring, removed again afterwards if we were the ones to add it."""
+    base = unwrap(model)
+    had = "forward" in vars(base)
+    ensure_fused_lm_head(base)
+    try:
+        yield
+    finally:
+        if not had and "forward" in vars(base):
+            del base.forward
+
+
+def _truncate_middle(ids: list[int], limit: int | None) -> list[int]:
+    if limit is None or len(ids) <= limit:
+        return ids
+    head = limit // 2
+    return ids[:head] + ids[len(ids) - (limit - head) :]
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> DocumentBatch:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return DocumentBatch(ids, mask).to(device)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _stable_seed(seed: int, texts: Sequence[str], step: int) -> int:
+    crc = zlib.crc32("\x1f".join(texts).encode("utf-8"))
+    return ((seed * 1_000_003 + crc) * 1024 + step * 4) % (2**62)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the adapt hook
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TestTimeRefine:
+    """Test-time ReFINE as the evaluator's ``adapt`` hook: ``hook(model, tokenizer, prompts)`` returns a context
+    manager that adapts on the prompts on entry and (with ``reset="batch"``) restores the weights on exit.
+
+    Args:
+        config: a `TestTimeConfig`, a dict, an `NSPGRPOConfig`-like object or None (defaults).
+        reward_funcs: optional TRL-style reward callables ``f(prompts, completions, completion_ids, **kw)`` used
+            instead of ``nsp_reward``; they receive ``prefix_ids``, ``ground_truth_ids``, ``ground_truth_text``,
+            ``rollout_hidden_states``, ``ground_truth_hidden_states``, ``prefix_position``, ``chunk_index`` and
+            ``document_index`` as lists, one per rollout.
+        reward_weights: weights of ``reward_funcs`` (default 1 each).
+        engine: a `RolloutEngine` instance or name (default ``nsp_engine``).
+        **overrides: any `TestTimeConfig` field (e.g. ``steps=2``, ``learning_rate=1e-5``).
+
+    ``history`` collects one stats dict per adapted batch (loss terms, reward, grad norm, skipped prompts).
+    """
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        reward_funcs: Sequence[Callable] | None = None,
+        reward_weights: Sequence[float] | None = None,
+        engine: RolloutEngine | str | None = None,
+        **overrides,
+    ):
+        self.config = TestTimeConfig.from_any(config, **overrides)
+        self.reward_funcs = list(reward_funcs) if reward_funcs else None
+        if reward_weights is not None and (self.reward_funcs is None or len(reward_weights) != len(self.reward_funcs)):
+            raise ValueError("reward_weights needs one weight per reward function")
+        self.reward_weights = list(reward_weights) if reward_weights is not None else None
+        self._engine_arg = engine
+        self._engine: RolloutEngine | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._optimizer_model: int | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # -- public --------------------------------------------------------------------------------------------------------
+    def __call__(self, model, tokenizer, prompts: Sequence[str]) -> contextlib.AbstractContextManager:
+        return self.adapting(model, tokenizer, prompts)
+
+    @contextlib.contextmanager
+    def adapting(self, model, tokenizer, prompts: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """Adapt on ``prompts``, yield the stats, then restore (``reset="batch"``) and reset the train flag."""
+        restore = self.config.reset == "batch"
+        was_training = model.training
+        try:
+            with _restored_weights(model, enabled=restore):
+                try:
+                    yield self.adapt(model, tokenizer, prompts)
+                finally:
+                    if restore:
+                        self._optimizer = None  # fresh AdamW state for the next batch
+        finally:
+            model.train(was_training)
+
+    def reset_state(self) -> None:
+        """Forget the optimizer state kept across batches by ``reset="never"``."""
+        self._optimizer = None
+        self._optimizer_model = None
+
+    def adapt(self, model, tokenizer, prompts: Sequence[str]) -> dict[str, Any]:
+        """Take ``steps`` ReFINE passes over ``prompts`` (never restores); returns this batch's stats."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of strings, not a single string")
+        cfg = self.config
+        prompts = list(prompts)
+        tok = getattr(tokenizer, "tokenizer", tokenizer)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first")
+        encoded = [
+            _truncate_middle(list(ids), cfg.max_prompt_tokens)
+            for ids in tok(prompts, add_special_tokens=cfg.add_special_tokens)["input_ids"]
+        ]
+        min_len = cfg.min_prompt_length
+        short = [i for i, ids in enumerate(encoded) if len(ids) < min_len]
+        if short and cfg.short_prompts == "error":
+            raise ValueError(
+                f"{len(short)} prompt(s) have fewer than {min_len} tokens (e.g. #{short[0]}: {len(encoded[short[0]])}); "
+                "test-time ReFINE needs margin + n·k + max(k, margin). Lower nsp_num_chunks / nsp_margin or set "
+                "short_prompts='skip'."
+            )
+        if short:
+            logger.warning("trl_refine: %d prompt(s) shorter than %d tokens are not adapted on", len(short), min_len)
+        keep = [i for i in range(len(prompts)) if i not in set(short)]
+        stats: dict[str, Any] = {"prompts": len(prompts), "skipped": len(short), "steps": []}
+        if not keep:
+            self.history.append(stats)
+            return stats
+
+        params = [p for _, p in _trainable(model)]
+        if not params:
+            raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+        optimizer = self._get_optimizer(model, params)
+        engine = self._get_engine(model, pad)
+        device = _device_of(model)
+        mbs = cfg.mini_batch_size or len(keep)
+        model.eval()  # deterministic forwards (no dropout); gradients still flow
+        with _fused_head(model), self._autocast(device):
+            for step in range(cfg.steps):
+                for start in range(0, len(keep), mbs):
+                    idx = keep[start : start + mbs]
+                    stats["steps"].append(
+                        self._one_step(
+                            model,
+                            tok,
+                            engine,
+                            optimizer,
+                            params,
+                            [encoded[i] for i in idx],
+                            [prompts[i] for i in idx],
+                            pad,
+                            device,
+                            step,
+                        )
+                    )
+        self.history.append(stats)
+        return stats
+
+    # -- internals ------------------------------------------------------------------------------------------------------
+    def _autocast(self, device: torch.device):
+        if self.config.mixed_precision is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    def _get_optimizer(self, model, params) -> torch.optim.Optimizer:
+        cfg = self.config
+        if self._optimizer is None or self._optimizer_model != id(model):
+            self._optimizer = torch.optim.AdamW(
+                params,
+                lr=cfg.learning_rate,
+                betas=(cfg.adam_beta1, cfg.adam_beta2),
+                eps=cfg.adam_epsilon,
+                weight_decay=cfg.weight_decay,
+            )
+            self._optimizer_model = id(model)
+        return self._optimizer
+
+    def _get_engine(self, model, pad: int) -> RolloutEngine:
+        if isinstance(self._engine_arg, RolloutEngine):
+            return self._engine_arg
+        if self._engine is None:
+            self._engine = build_engine(
+                self._engine_arg or self.config.nsp_engine,
+                unwrap(model),
+                pad_token_id=pad,
+                rows_per_call=self.config.nsp_generic_rows_per_call,
+            )
+        return self._engine
+
+    def _rewards(self, tok, docs, plan, scan, rollout, truth_ids, texts) -> torch.Tensor:
+        cfg = self.config
+        if self.reward_funcs is None:
+            if cfg.nsp_reward == "exact":
+                return exact_scores(rollout.completion_ids, truth_ids).float()
+            cos = cosine_scores(rollout.hidden_states, plan.ground_truth_hidden(scan)).float()
+            if cfg.nsp_reward == "cosine":
+                return cos
+            return cos + exact_scores(rollout.completion_ids, truth_ids).float()
+        n, g = plan.num_chunks, plan.num_rollouts
+        row_pos, row_doc = plan.row_positions(), plan.row_documents()
+        first = docs.first_valid
+        prefix_ids = [docs.input_ids[b, first[b] : t + 1] for b, t in zip(row_doc.tolist(), row_pos.tolist())]
+        truth_hidden = plan.ground_truth_hidden(scan)
+        kwargs = {
+            "prefix_ids": prefix_ids,
+            "ground_truth_ids": list(truth_ids),
+            "ground_truth_text": tok.batch_decode(truth_ids, skip_special_tokens=True),
+            "rollout_hidden_states": list(rollout.hidden_states),
+            "ground_truth_hidden_states": list(truth_hidden),
+            "prefix_position": [int(t - first[b]) for b, t in zip(row_doc.tolist(), row_pos.tolist())],
+            "chunk_index": [(r // g) % n for r in range(plan.num_rows)],
+            "document_index": row_doc.tolist(),
+        }
+        completions = tok.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        tails = tok.batch_decode([p[-64:] for p in prefix_ids], skip_special_tokens=True)
+        weights = self.reward_weights or [1.0] * len(self.reward_funcs)
+        total = torch.zeros(plan.num_rows, dtype=torch.float32, device=truth_ids.device)
+        for w, fn in zip(weights, self.reward_funcs):
+            values = fn(tails, completions, rollout.completion_ids.tolist(), **kwargs)
+            values = torch.tensor([math.nan if v is None else float(v) for v in values], device=truth_ids.device)
+            total = total + w * values
+        return total
+
+    def _ntp_step(self, model, optimizer, params, docs) -> dict[str, float]:
+        """``nsp_coef = 0`` (the NTP-only "SFT" test-time baseline): no rollouts, CE on the prompts only."""
+        cfg = self.config
+        optimizer.zero_grad(set_to_none=True)
+        label_mask = docs.label_mask()
+        total_tokens = label_mask.sum().clamp(min=1)
+        ntp_total = 0.0
+        for b in range(docs.batch_size):
+            f = int(docs.first_valid[b])
+            doc = DocumentBatch(docs.input_ids[b : b + 1, f:], docs.attention_mask[b : b + 1, f:])
+            logps, _, _ = score_tokens(model, doc.input_ids, doc.attention_mask, doc.label_mask())
+            nll, _ = masked_token_nll(logps, doc.label_mask())
+            (cfg.ntp_coef * nll / total_tokens).backward()
+            ntp_total += nll.item()
+        grad_norm = float("nan")
+        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        nan = float("nan")
+        return {
+            "ntp_loss": ntp_total / float(total_tokens),
+            "policy_loss": nan,
+            "reward": nan,
+            "exact_match": nan,
+            "clip_fraction": nan,
+            "grad_norm": grad_norm,
+        }
+
+    def _one_step(self, model, tok, engine, optimizer, params, seqs, texts, pad, device, step) -> dict[str, float]:
+        cfg = self.config
+        if cfg.nsp_coef == 0:
+            return self._ntp_step(model, optimizer, params, _left_pad(seqs, pad, device))
+        n, g, k = cfg.nsp_num_chunks, cfg.nsp_num_rollouts, cfg.nsp_rollout_length
+        docs = _left_pad(seqs, pad, device)
+        seed = _stable_seed(cfg.seed, texts, step)
+        gens = []
+        for stream in range(2):
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed + stream)
+            gens.append(gen)
+
+        with torch.no_grad():
+            scan = engine.scan(model, docs)
+            positions = select_positions(
+                scan.entropy,
+                docs.attention_mask,
+                num_chunks=n,
+                rollout_length=k,
+                margin=cfg.nsp_margin,
+                strategy=cfg.nsp_selection,
+                smoothing_width=cfg.smoothing_width,
+                temperature=cfg.nsp_selection_temperature,
+                generator=gens[0],
+            )
+            plan = RolloutPlan(positions, g, k)
+            rollout = engine.generate(model, docs, plan, gens[1])
+            truth_ids = plan.ground_truth(docs)
+            rewards = self._rewards(tok, docs, plan, scan, rollout, truth_ids, texts)
+            advantages, _ = group_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards)
+        del scan
+
+        # one optimizer step; the backward runs document by document (gradients accumulate), the loss is the
+        # token mean over the whole mini-batch: NTP over all prompt tokens, PPO-clip over all rollout tokens
+        optimizer.zero_grad(set_to_none=True)
+        label_mask = docs.label_mask()
+        ntp_tokens = label_mask.sum().clamp(min=1)
+        rollout_tokens = rollout.completion_ids.numel()
+        per_doc = n * g
+        first = docs.first_valid
+        ntp_total, pg_total, clip_total = 0.0, 0.0, 0.0
+        for b in range(docs.batch_size):
+            f = int(first[b])
+            doc = DocumentBatch(docs.input_ids[b : b + 1, f:], docs.attention_mask[b : b + 1, f:])
+            sub_plan = RolloutPlan(positions[b : b + 1] - f, g, k)
+            rows = slice(b * per_doc, (b + 1) * per_doc)
+            fwd = engine.forward_train(model, doc, sub_plan, rollout.completion_ids[rows])
+            nll, _ = masked_token_nll(fwd.doc_logps, doc.label_mask())
+            pg_sum, pg_stats = ppo_clip_loss(
+                fwd.rollout_logps.float(),
+                rollout.old_logps[rows].float(),
+                advantages[rows].float(),
+                epsilon_low=cfg.epsilon,
+                epsilon_high=cfg.epsilon_high,
+                dual_clip=cfg.dual_clip,
+                reduction="sum",
+            )
+            loss = cfg.ntp_coef * nll / ntp_tokens + cfg.nsp_coef * pg_sum / rollout_tokens
+            loss.backward()
+            ntp_total += nll.item()
+            pg_total += pg_sum.item()
+            clip_total += pg_stats["clip_fraction"].item() * pg_stats["num_tokens"].item()
+        grad_norm = float("nan")
+        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {
+            "ntp_loss": ntp_total / float(ntp_tokens),
+            "policy_loss": pg_total / rollout_tokens,
+            "reward": torch.nanmean(rewards).item(),
+            "exact_match": (rollout.completion_ids == truth_ids).float().mean().item(),
+            "clip_fraction": clip_total / rollout_tokens,
+            "grad_norm": grad_norm,
+        }
+
+
+@contextlib.contextmanager
+def test_time_adaptation(model, tokenizer, prompts: Sequence[str], config: Any = None, **overrides):
+    """One-shot context manager: adapt ``model`` on ``prompts`` on entry, restore it on exit (``reset="batch"``)."""
+    with TestTimeRefine(config, **overrides)(model, tokenizer, prompts) as stats:
+        yield stats
+
+
+def test_time_refine(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    steps: int | None = None,
+    config: Any = None,
+    restore: bool | None = None,
+    max_new_tokens: int | Sequence[int] = 32,
+    batch_size: int = 1,
+    reward_funcs: Sequence[Callable] | None = None,
+    show_progress: bool = False,
+    return_adapter: bool = False,
+    **overrides,
+):
+    """Answer ``prompts`` greedily with test-time ReFINE: for each batch of ``batch_size`` prompts (in order), take
+    ``steps`` ReFINE steps on the prompts themselves, decode the answers (≤ ``max_new_tokens``), then restore the
+    weights bit-exactly (``restore=True``, the default via ``config.reset="batch"``) or keep adapting
+    (``restore=False`` = ``reset="never"``, the official behaviour).
+
+    ``config`` is a `TestTimeConfig` (or dict / `NSPGRPOConfig`); ``overrides`` set its fields; with
+    ``mixed_precision`` set, decoding runs under the same autocast as the adaptation. Returns the answers
+    (new text only, special tokens removed), or ``(answers, adapter)`` with ``return_adapter=True`` (the
+    `TestTimeRefine` whose ``history`` holds per-batch stats).
+    """
+    from trl_refine.eval.evaluator import generate_answers
+
+    if restore is not None:
+        overrides["reset"] = "batch" if restore else "never"
+    if steps is not None:
+        overrides["steps"] = steps
+    adapter = TestTimeRefine(config, reward_funcs=reward_funcs, **overrides)
+    with adapter._autocast(_device_of(model)):  # decode in the adaptation's precision too (fla rejects fp32)
+        answers = generate_answers(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            adapt=adapter,
+            add_special_tokens=adapter.config.add_special_tokens,
+            max_prompt_tokens=adapter.config.max_prompt_tokens,
+            sort_by_length=False,
+            show_progress=show_progress,
+            desc="test-time ReFINE",
+        )
+    return (answers, adapter) if return_adapter else answers
+
+
+# the public names start with "test": keep pytest from collecting them where users import them into test modules
+test_time_adaptation.__test__ = False
+test_time_refine.__test__ = False
