@@ -25,6 +25,7 @@ from trl_refine.modeling_utils import backbone_of, capture_last_hidden_state, un
 from trl_refine.rewards import builtin_reward_funcs, needs_hidden_states
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutPlan
 from trl_refine.rollout.registry import build_engine
+from trl_refine.rollout.snapshot import SnapshotEngine
 from trl_refine.selection import select_positions
 
 logger = logging.getLogger("trl_refine")
@@ -127,6 +128,13 @@ class NSPGRPOTrainer(GRPOTrainer):
                 pad_token_id=self.tokenizer_.pad_token_id,
                 rows_per_call=args.nsp_generic_rows_per_call,
                 checkpoint_segments=args.nsp_segment_checkpointing,
+            )
+        deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if deepspeed is not None and deepspeed.zero_stage == 3 and isinstance(self.engine, SnapshotEngine):
+            raise ValueError(
+                "the snapshot engine applies the LM head to hidden states outside the model call, where DeepSpeed "
+                "ZeRO-3 has released the partitioned head weight. With ZeRO-3 set nsp_engine='generic'; or keep the "
+                "snapshot engine with ZeRO-2 or FSDP2 (docs/distributed.md)."
             )
         if (args.gradient_checkpointing or args.activation_checkpointing) and self.engine.name != "generic":
             raise ValueError(
@@ -386,8 +394,8 @@ def check_model_hidden_states(model: torch.nn.Module) -> None:
             f"captured for the cosine reward. {fix}"
         )
     param = next(base.parameters(), None)
-    if param is None or param.device.type == "meta":
-        return
+    if param is None or param.device.type == "meta" or hasattr(param, "ds_id"):
+        return  # no weights to run yet (meta device, or partitioned by DeepSpeed ZeRO-3's zero.Init at load time)
     probe = torch.zeros((1, 2), dtype=torch.long, device=param.device)
     with torch.no_grad(), capture_last_hidden_state(base) as store:
         base(input_ids=probe)

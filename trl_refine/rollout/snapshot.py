@@ -59,11 +59,12 @@ class SnapshotEngine(RolloutEngine):
         return teacher_forced_scan(model, docs)
 
     def segmented_pass(self, model, docs: DocumentBatch, plan: RolloutPlan) -> tuple[list[State], torch.Tensor]:
-        """Run the n+1 segments of every document (packed per segment). Returns the n snapshots (each a state with
-        B rows: the state after the prefix ending at chunk j's position) and the [B, L, H] last hidden states."""
+        """Run the n+1 segments of every document (packed per segment, always n+1 model calls, see
+        `segment_calls`). Returns the n snapshots (each a state with B rows: the state after the prefix ending at chunk
+        j's position) and the [B, L, H] last hidden states."""
         adapter = self._adapter(model)
+        keep_fsdp2_root_gathered(model)
         bsz, length = docs.input_ids.shape
-        n = plan.num_chunks
         device = docs.input_ids.device
         first = docs.first_valid
         starts = torch.cat([first[:, None], plan.positions + 1], dim=1).tolist()
@@ -74,29 +75,27 @@ class SnapshotEngine(RolloutEngine):
         snapshots: list[State] = []
         pieces, flat_index = [], []
         with capture_last_hidden_state(model) as store:
-            for i in range(n + 1):
-                active = [b for b in range(bsz) if ends[b][i] > starts[b][i]]
-                if active:
-                    ids = torch.cat([docs.input_ids[b, starts[b][i] : ends[b][i]] for b in active])
-                    lens = torch.tensor([ends[b][i] - starts[b][i] for b in active], device=device)
-                    cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(torch.int32)
-                    active_t = torch.tensor(active, device=device)
-                    rows = None
-                    if state is not None:
-                        rows = state
-                        if len(active) < bsz or copy_states:
-                            rows = adapter.select_rows(state, active_t)
-                    if self.checkpoint_segments and torch.is_grad_enabled():
-                        seg_hidden, new_rows = self._checkpointed_segment(model, ids, cu, rows)
-                    else:
-                        seg_hidden, new_rows = self._segment(model, ids, cu, rows, store)
-                    state = new_rows if len(active) == bsz else adapter.scatter_rows(state, active_t, new_rows)
-                    pieces.append(seg_hidden)
-                    flat_index.append(
-                        torch.cat([b * length + torch.arange(starts[b][i], ends[b][i], device=device) for b in active])
-                    )
-                if i < n:
-                    snapshots.append(state)
+            for call_starts, call_ends, num_snapshots in segment_calls(starts, ends):
+                active = [b for b in range(bsz) if call_ends[b] > call_starts[b]]
+                ids = torch.cat([docs.input_ids[b, call_starts[b] : call_ends[b]] for b in active])
+                lens = torch.tensor([call_ends[b] - call_starts[b] for b in active], device=device)
+                cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(torch.int32)
+                active_t = torch.tensor(active, device=device)
+                rows = None
+                if state is not None:
+                    rows = state
+                    if len(active) < bsz or copy_states:
+                        rows = adapter.select_rows(state, active_t)
+                if self.checkpoint_segments and torch.is_grad_enabled():
+                    seg_hidden, new_rows = self._checkpointed_segment(model, ids, cu, rows)
+                else:
+                    seg_hidden, new_rows = self._segment(model, ids, cu, rows, store)
+                state = new_rows if len(active) == bsz else adapter.scatter_rows(state, active_t, new_rows)
+                pieces.append(seg_hidden)
+                flat_index.append(
+                    torch.cat([b * length + torch.arange(call_starts[b], call_ends[b], device=device) for b in active])
+                )
+                snapshots.extend([state] * num_snapshots)
         hidden = torch.cat(pieces)
         doc_hidden = hidden.new_zeros(bsz * length, hidden.size(-1)).index_put((torch.cat(flat_index),), hidden)
         return snapshots, doc_hidden.view(bsz, length, -1)
@@ -197,3 +196,52 @@ class SnapshotEngine(RolloutEngine):
         return TrainForward(
             doc_logps=doc_logps, rollout_logps=torch.cat(logps, 1), rollout_entropy=torch.cat(entropy, 1)
         )
+
+
+def segment_calls(starts: list[list[int]], ends: list[list[int]]) -> list[tuple[list[int], list[int], int]]:
+    """Group the per-document segments ``[starts[b][i], ends[b][i])`` (i = 0..n) into exactly n+1 model calls.
+
+    Returns ``(call_starts, call_ends, snapshots_after)`` per call; every call has at least one non-empty document
+    range, and ``snapshots_after`` counts the snapshots equal to the state after that call. A segment that is empty
+    for every document (two chunks clamped to the same prefix, common in short documents) needs no call, but the
+    number of calls must not depend on the data: FSDP and ZeRO-3 gather parameters inside every call, so a rank
+    that made fewer calls than another would hang the job. Instead of skipping, the widest remaining call is cut in
+    two (the state is carried across the cut, so the outputs are the same).
+    """
+    num_docs, num_segments = len(starts), len(starts[0])
+    calls: list[list] = []
+    for i in range(num_segments):
+        seg_starts = [starts[b][i] for b in range(num_docs)]
+        seg_ends = [ends[b][i] for b in range(num_docs)]
+        snaps = 1 if i < num_segments - 1 else 0
+        if any(e > s for s, e in zip(seg_starts, seg_ends)):
+            calls.append([seg_starts, seg_ends, snaps])
+        elif calls:
+            calls[-1][2] += snaps  # same state as after the previous call
+        else:
+            raise ValueError("the first segment (document start to the first position) is empty")
+    while len(calls) < num_segments:
+        widths = [max(e - s for s, e in zip(c[0], c[1])) for c in calls]
+        widest = max(range(len(calls)), key=widths.__getitem__)
+        if widths[widest] < 2:
+            raise ValueError(f"documents too short for {num_segments} segment calls")
+        seg_starts, seg_ends, snaps = calls[widest]
+        # first part ceil(len/2): every document active in the call stays active in its first part
+        mid = [s + (e - s + 1) // 2 for s, e in zip(seg_starts, seg_ends)]
+        calls[widest : widest + 1] = [[seg_starts, mid, 0], [mid, seg_ends, snaps]]
+    return [tuple(c) for c in calls]
+
+
+def keep_fsdp2_root_gathered(model: torch.nn.Module) -> None:
+    """Keep an FSDP2 root's own parameters (embeddings, final norm, LM head) gathered from forward to backward.
+
+    The engine applies the LM head to captured hidden states after the model call. FSDP2 leaves the root gathered by
+    default, but accelerate passes ``reshard_after_forward=True`` to the root as well, which would turn the head
+    weight back into a DTensor shard outside the call. The transformer blocks still reshard as configured.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no public FSDP2
+        return
+    if isinstance(model, FSDPModule):
+        model.set_reshard_after_forward(False, recurse=False)
