@@ -80,22 +80,9 @@ def tokenize_documents(
 
 
 def load_any_dataset(name_or_path: str, split: str = "train", config_name: str | None = None):
-    """Load a local parquet / jsonl / json / csv file (or a folder of them) or a Hub dataset id."""
-    import os
+    """Load a local parquet / jsonl / json / csv / arrow file (or a folder of them) or a Hub dataset id.
 
-    from datasets import load_dataset
+    The one loader of the package (`trl_refine.eval.load_qa_dataset`) without column requirements."""
+    from trl_refine.eval.ruler import load_qa_dataset
 
-    builders = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-    if os.path.isfile(name_or_path):
-        ext = os.path.splitext(name_or_path)[1].lower()
-        if ext not in builders:
-            raise ValueError(f"unsupported data file {name_or_path!r}: use .parquet, .jsonl, .json or .csv")
-        return load_dataset(builders[ext], data_files=name_or_path, split="train")
-    if os.path.isdir(name_or_path):
-        files = sorted(os.listdir(name_or_path))
-        for ext, builder in builders.items():
-            matches = [os.path.join(name_or_path, f) for f in files if f.endswith(ext)]
-            if matches:
-                return load_dataset(builder, data_files=matches, split="train")
-        return load_dataset(name_or_path, config_name, split=split)
-    return load_dataset(name_or_path, config_name, split=split)
+    return load_qa_dataset(name_or_path, split=split, name=config_name, required_columns=())
