@@ -70,7 +70,8 @@ def documents(num: int = 8, base: int = 3):
     return out
 
 
-def small_config(tmp_path, **overrides):
+def small_config(tmp_path, config_class=None, **overrides):
+    """A fast CPU config (NSPGRPOConfig, or ``config_class`` such as PostTrainConfig)."""
     from trl_refine import NSPGRPOConfig
 
     kwargs = dict(
@@ -88,4 +89,4 @@ def small_config(tmp_path, **overrides):
         dataloader_num_workers=0,
     )
     kwargs.update(overrides)
-    return NSPGRPOConfig(**kwargs)
+    return (config_class or NSPGRPOConfig)(**kwargs)

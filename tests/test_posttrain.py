@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import documents, tiny_delta_net, tiny_llama
+from conftest import documents, small_config, tiny_delta_net, tiny_llama
 from datasets import Dataset
 
 from trl_refine import NSPGRPOTrainer, NSPPostTrainer, PostTrainConfig
@@ -21,23 +21,7 @@ def qa_dataset(num=4, base=1, answer_list=False):
 
 
 def post_config(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        bf16=False,
-        use_cpu=True,
-        report_to="none",
-        max_steps=2,
-        logging_steps=1,
-        learning_rate=1e-3,
-        nsp_num_chunks=4,
-        nsp_margin=8,
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        max_length=1024,
-    )
-    kwargs.update(overrides)
-    return PostTrainConfig(**kwargs)
+    return small_config(tmp_path, config_class=PostTrainConfig, **{"max_length": 1024, **overrides})
 
 
 def make_trainer(tmp_path, tok, model=None, dataset=None, optimizer=None, **overrides):
