@@ -11,6 +11,7 @@ DeltaNet with the 1.3B configuration (fla, random init, bf16 weights and AdamW),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -20,8 +21,33 @@ from trl_refine.modeling_utils import ensure_fused_lm_head, score_tokens
 from trl_refine.rollout import DocumentBatch, GenericEngine, RolloutPlan, SnapshotEngine
 from trl_refine.selection import select_positions
 
+LACT_760M = dict(  # the published 760M config (research/lact.md §5), vocab of the Llama-2 tokenizer
+    hidden_size=1536,
+    num_attn_heads=24,
+    num_hidden_layers=24,
+    num_lact_heads=4,
+    inter_multi=1,
+    lact_chunk_size=2048,
+    window_size=2048,
+    w0_w2_low_rank=32,
+    rope_theta=1e6,
+    max_position_embeddings=32768,
+    initializer_range=0.02,
+)
+
 
 def build_model(args):
+    if args.model == "lact":
+        from trl_refine.models.lact import LaCTConfig, LaCTForCausalLM
+
+        torch.manual_seed(0)
+        model = (
+            LaCTForCausalLM(LaCTConfig(**{**LACT_760M, "num_hidden_layers": args.layers}, vocab_size=args.vocab))
+            .to(DEVICE, DTYPE)
+            .train()
+        )
+        ensure_fused_lm_head(model)
+        return model
     if args.model == "reference":
         from trl_refine.models.delta_net import RefDeltaNetConfig as DeltaNetConfig
         from trl_refine.models.delta_net import RefDeltaNetForCausalLM as DeltaNetForCausalLM
@@ -42,6 +68,16 @@ def build_model(args):
 
 
 DEVICE, DTYPE = "cuda", torch.bfloat16
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"torch": torch.__version__}
+    for name in ("triton", "transformers", "flash-linear-attention", "trl"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[name] = md.version(name)
+    return out
 
 
 def sync():
@@ -127,7 +163,13 @@ def main():
     p.add_argument("--skip-generic-above", type=int, default=10**9, help="skip generic when B·n·G·L exceeds this")
     p.add_argument("--out", default="bench_engines.json")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--model", choices=["fla", "reference"], default="fla", help="fla DeltaNet (GPU) or ours (CPU)")
+    p.add_argument(
+        "--model",
+        choices=["fla", "reference", "lact"],
+        default="fla",
+        help="fla DeltaNet (GPU), our reference DeltaNet (CPU), or LaCT with the published 760M config (of the size "
+        "options only --layers applies)",
+    )
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--vocab", type=int, default=32000)
@@ -160,6 +202,10 @@ def main():
                     except (torch.cuda.OutOfMemoryError, MemoryError):
                         opt.zero_grad(set_to_none=True)
                         row[name] = {"oom": True}
+                    except RuntimeError as err:  # recorded, so that one failing variant does not lose the others
+                        opt.zero_grad(set_to_none=True)
+                        row[name] = {"error": str(err)[:500]}
+                        print(f"    ERROR {str(err)[:500]}", flush=True)
                     if DEVICE == "cuda":
                         torch.cuda.empty_cache()
                 base = row.get("ntp", {}).get("s_per_step")
@@ -177,6 +223,8 @@ def main():
                     json.dump(
                         {
                             "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
+                            "params": sum(p.numel() for p in model.parameters()),
+                            "versions": versions(),
                             "args": vars(args),
                             "results": results,
                         },
@@ -185,22 +233,24 @@ def main():
                     )
 
     print(
-        "\n| L | G | docs | NTP s | generic s (×NTP) | snapshot s (×NTP) | snapshot mem ×NTP | snapshot vs generic |"
+        "\n| L | G | docs | NTP s (GiB) | generic s (×NTP) | snapshot s (×NTP) | snapshot mem ×NTP | "
+        "snapshot+ckpt s (×NTP) | ckpt mem ×NTP | snapshot vs generic |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
 
         def cell(name, r=r):
             v = r.get(name, {})
             if "s_per_step" not in v:
-                return "OOM" if v.get("oom") else "skipped"
+                return "OOM" if v.get("oom") else ("error" if "error" in v else "skipped")
             return f"{v['s_per_step']:.3f}" + (f" ({v['x_ntp_time']:.2f}×)" if "x_ntp_time" in v else "")
 
         mem = r.get("snapshot", {}).get("x_ntp_mem")
         ckpt_mem = r.get("snapshot_ckpt", {}).get("x_ntp_mem")
         speed = r.get("snapshot_speedup_vs_generic")
+        ntp_mem = f"({r['ntp']['peak_gib']:.1f})" if "peak_gib" in r.get("ntp", {}) else ""
         print(
-            f"| {r['L']} | {r['G']} | {r['docs']} | {cell('ntp')} | {cell('generic')} | {cell('snapshot')} | "
+            f"| {r['L']} | {r['G']} | {r['docs']} | {cell('ntp')} {ntp_mem} | {cell('generic')} | {cell('snapshot')} | "
             f"{'' if mem is None else f'{mem:.2f}'} | {cell('snapshot_ckpt')} | "
             f"{'' if ckpt_mem is None else f'{ckpt_mem:.2f}'} | {'' if speed is None else f'{speed:.1f}×'} |"
         )

@@ -1,7 +1,9 @@
-# Source on a device machine: install the carried wheels (trl, fla, datasets, ...) into /tmp/site.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
-python3 -c "import pandas, dateutil" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl_opt/*.whl || return 1
-export PYTHONPATH=/tmp/site:$PWD
+# Source on a device machine: install the carried wheels (trl, fla, datasets, ...) into /tmp/site-packages.
+# The folder name must contain "site-packages": dill (datasets fingerprinting) pickles modules from any other path
+# by value, which fails on pyarrow's types.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-packages .whl/*.whl || return 1
+python3 -c "import pandas, dateutil" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-packages .whl_opt/*.whl || return 1
+export PYTHONPATH=/tmp/site-packages:$PWD
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 python3 - <<'PY'
 import torch, triton, transformers, trl, fla

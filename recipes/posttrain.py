@@ -27,6 +27,7 @@ from trl import TrlParser
 from trl_refine import NSPPostTrainer, PostTrainConfig
 from trl_refine.eval import generate_niah, get_scorer
 from trl_refine.recipe_utils import (
+    ModelArguments,
     answer_nll_sharded,
     before_after_table,
     build_model_and_tokenizer,
@@ -42,11 +43,6 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 
 @dataclass
 class PosttrainArguments:
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Hub id or local path. None: a tiny reference DeltaNet built from a config."}
-    )
-    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to the model's."})
-    torch_dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32."})
     dataset_name: str | None = field(
         default=None,
         metadata={
@@ -83,9 +79,6 @@ class PosttrainArguments:
         default=700, metadata={"help": "Synthetic default: prompt length in characters (= byte tokens)."}
     )
     synthetic_task: str = field(default="single", metadata={"help": "Synthetic default: NIAH task family."})
-    tiny_hidden_size: int = field(default=64, metadata={"help": "Tiny reference DeltaNet: hidden size."})
-    tiny_layers: int = field(default=2, metadata={"help": "Tiny reference DeltaNet: layers."})
-    tiny_heads: int = field(default=2, metadata={"help": "Tiny reference DeltaNet: heads."})
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -183,22 +176,13 @@ def main(argv: list[str] | None = None) -> str:
     if not any(a.startswith(("--config", "--model_name_or_path")) for a in argv):
         # the embedded CPU default (tiny model), with any overrides: --quick, --dataset_name, --posttrain_mode, ...
         argv = ["--config", DEFAULT_CONFIG, *argv]
-    parser = TrlParser((PosttrainArguments, PostTrainConfig))
-    script, args = parser.parse_args_and_config(args=argv)
+    parser = TrlParser((ModelArguments, PosttrainArguments, PostTrainConfig))
+    model_args, script, args = parser.parse_args_and_config(args=argv)
     if script.quick:
         apply_quick(script, args)
     t0 = time.perf_counter()
 
-    model, tokenizer = build_model_and_tokenizer(
-        script.model_name_or_path,
-        script.tokenizer_name_or_path,
-        torch_dtype=script.torch_dtype,
-        trust_remote_code=args.trust_remote_code,
-        tiny_hidden_size=script.tiny_hidden_size,
-        tiny_layers=script.tiny_layers,
-        tiny_heads=script.tiny_heads,
-        seed=args.seed,
-    )
+    model, tokenizer = build_model_and_tokenizer(model_args, trust_remote_code=args.trust_remote_code, seed=args.seed)
     train, evals = load_data(script, args, tokenizer)
     if script.max_train_examples is not None:
         train = train.select(range(min(script.max_train_examples, len(train))))
@@ -263,7 +247,7 @@ def main(argv: list[str] | None = None) -> str:
             n_eval = {label: after[label]["result"]["num_examples"] for label in evals}
             title = (
                 f"# Post-training ({args.posttrain_mode}), {trainer.state.global_step} steps\n\n"
-                f"Model: {script.model_name_or_path or 'tiny reference DeltaNet (random init)'}; "
+                f"Model: {model_args.model_name_or_path or f'random {model_args.tiny_model_type}'}; "
                 f"eval examples: {n_eval}; greedy, ≤ {script.eval_max_new_tokens} new tokens.\n\n"
             )
             table = before_after_table(rows)

@@ -27,6 +27,7 @@ from trl import TrlParser
 from trl_refine.eval import generate_niah, get_scorer
 from trl_refine.posttrain import PostTrainConfig, answer_nll
 from trl_refine.recipe_utils import (
+    ModelArguments,
     before_after_table,
     build_model_and_tokenizer,
     combine_across_processes,
@@ -42,15 +43,15 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 
 
 @dataclass
-class TesttimeArguments:
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Hub id or local path. None: a tiny reference DeltaNet built from a config."}
-    )
-    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to the model's."})
+class TesttimeModelArguments(ModelArguments):
     torch_dtype: str = field(
         default="float32",
         metadata={"help": "Weights dtype. float32 (default) + mixed_precision bf16: lr 1e-6 updates vanish in bf16."},
     )
+
+
+@dataclass
+class TesttimeArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Passed to from_pretrained."})
     dataset_name: str | None = field(
         default=None,
@@ -74,9 +75,6 @@ class TesttimeArguments:
     synthetic_examples: int = field(default=16, metadata={"help": "Synthetic default: test examples."})
     synthetic_context_length: int = field(default=700, metadata={"help": "Synthetic default: prompt characters."})
     synthetic_task: str = field(default="single", metadata={"help": "Synthetic default: NIAH task family."})
-    tiny_hidden_size: int = field(default=64, metadata={"help": "Tiny reference DeltaNet: hidden size."})
-    tiny_layers: int = field(default=2, metadata={"help": "Tiny reference DeltaNet: layers."})
-    tiny_heads: int = field(default=2, metadata={"help": "Tiny reference DeltaNet: heads."})
     use_peft: bool = field(default=False, metadata={"help": "Adapt LoRA adapters only (restored after each batch)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -132,8 +130,8 @@ def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not any(a.startswith(("--config", "--model_name_or_path")) for a in argv):
         argv = ["--config", DEFAULT_CONFIG, *argv]
-    parser = TrlParser((TesttimeArguments, TestTimeConfig))
-    script, cfg = parser.parse_args_and_config(args=argv)
+    parser = TrlParser((TesttimeModelArguments, TesttimeArguments, TestTimeConfig))
+    model_args, script, cfg = parser.parse_args_and_config(args=argv)
     if script.quick:
         script.synthetic_examples = min(script.synthetic_examples, 3)
         script.max_examples = min(script.max_examples or 3, 3)
@@ -148,16 +146,7 @@ def main(argv: list[str] | None = None) -> str:
             "(accelerate launch --num_processes 1), or use reset='batch'."
         )
     t0 = time.perf_counter()
-    model, tokenizer = build_model_and_tokenizer(
-        script.model_name_or_path,
-        script.tokenizer_name_or_path,
-        torch_dtype=script.torch_dtype,
-        trust_remote_code=script.trust_remote_code,
-        tiny_hidden_size=script.tiny_hidden_size,
-        tiny_layers=script.tiny_layers,
-        tiny_heads=script.tiny_heads,
-        seed=cfg.seed,
-    )
+    model, tokenizer = build_model_and_tokenizer(model_args, trust_remote_code=script.trust_remote_code, seed=cfg.seed)
     model.to(state.device)
     if script.use_peft:
         from peft import LoraConfig, get_peft_model
@@ -242,7 +231,7 @@ def main(argv: list[str] | None = None) -> str:
                 )
         title = (
             f"# Test-time ReFINE: {cfg.steps} step(s) per batch of {script.batch_size}, reset={cfg.reset}\n\n"
-            f"Model: {script.model_name_or_path or 'tiny reference DeltaNet (random init)'}; lr {cfg.learning_rate}, "
+            f"Model: {model_args.model_name_or_path or f'random {model_args.tiny_model_type}'}; lr {cfg.learning_rate}, "
             f"reward {cfg.nsp_reward}, {cfg.ntp_coef}·NTP + {cfg.nsp_coef}·PPO-clip; greedy, ≤ "
             f"{script.max_new_tokens} new tokens.\n\n"
         )

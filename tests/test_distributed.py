@@ -284,9 +284,10 @@ def test_two_processes_match_one_process_with_gradient_accumulation(dist, tmp_pa
             assert one_logs[step][key] == approx(two[step][key], rel=1e-4, abs=1e-5), (step, key)
     assert two[3]["loss"] != approx(two[1]["loss"], rel=1e-3)  # training moved the model between the steps
     # weights after 3 Adam steps: each moved ~3e-2; Adam's normalisation magnifies the float-rounding differences of
-    # near-zero gradient entries (summation order of the all-reduce vs the accumulation), measured 2e-5
+    # near-zero gradient entries (summation order of the all-reduce vs the accumulation): measured 2e-5 on CPU, and
+    # 2.0e-4 to 3.3e-4 for the GPU records (fla kernels, NCCL reduction order; docs/distributed.md)
     final = load_file(dist / "aligned" / "final" / "model.safetensors")
-    assert max(float((ours[k] - v).abs().max()) for k, v in final.items()) < 1e-4
+    assert max(float((ours[k] - v).abs().max()) for k, v in final.items()) < (1e-3 if RECORDS else 1e-4)
 
 
 def test_two_processes_vs_one_process_with_two_documents_per_device(dist, tmp_path):
@@ -316,7 +317,8 @@ def test_resume_on_two_processes_reproduces_the_next_step(dist):
 
     full = records(dist, "aligned")
     resumed = records(dist, "resume")
-    assert (dist / "aligned" / "checkpoint-2" / "rng_state_1.pth").exists()
+    if not RECORDS:  # records made elsewhere are shipped without their checkpoints
+        assert (dist / "aligned" / "checkpoint-2" / "rng_state_1.pth").exists()
     for f, r in zip(full, resumed):
         assert list(r["steps"]) == ["3"]  # only the step after the checkpoint ran
         assert r["steps"]["3"]["positions"] == f["steps"]["3"]["positions"]

@@ -32,3 +32,29 @@ def test_midtrain_default_runs_and_saves(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.model_type == "refine_delta_net"
     assert (out / "checkpoint-2").is_dir()
+
+
+def test_midtrain_random_lact_model(tmp_path):
+    """--tiny_model_type picks the random model; without --config the embedded default still applies."""
+    recipe = load_recipe("midtrain")
+    out = tmp_path / "lact"
+    argv = ["--tiny_model_type", "lact_swiglu", "--tiny_hidden_size", "32", "--tiny_heads", "2"]
+    argv += ["--output_dir", str(out), "--max_steps", "1", "--synthetic_documents", "2", "--synthetic_chars", "400"]
+    argv += ["--save_strategy", "no", "--disable_tqdm", "true"]
+    recipe.main(argv)
+    from transformers import AutoModelForCausalLM
+
+    import trl_refine.models  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == "lact_swiglu" and model.config.hidden_size == 32
+    assert model.config.num_lact_heads == 2 and model.config.lact_chunk_size == 256
+
+
+def test_model_arguments_reject_bad_values():
+    from trl_refine.recipe_utils import ModelArguments
+
+    with pytest.raises(ValueError, match="tiny_model_type='llama'; choose one of refine_delta_net"):
+        ModelArguments(tiny_model_type="llama")
+    with pytest.raises(ValueError, match="torch_dtype='fp8'"):
+        ModelArguments(torch_dtype="fp8")

@@ -3,55 +3,110 @@ evaluation sharded over the processes of an ``accelerate launch``, and before/af
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 
+TINY_MODEL_TYPES = ("refine_delta_net", "delta_net", "gated_deltanet", "lact_swiglu")
 
-def build_model_and_tokenizer(
-    model_name_or_path: str | None,
-    tokenizer_name_or_path: str | None = None,
-    *,
-    torch_dtype: str = "auto",
-    trust_remote_code: bool = False,
-    tiny_hidden_size: int = 64,
-    tiny_layers: int = 2,
-    tiny_heads: int = 2,
-    seed: int = 0,
-):
-    """A hub / local causal LM and its tokenizer (pad token set to EOS when missing), or, for ``None``, a tiny
-    randomly initialised reference DeltaNet with ``ByT5Tokenizer()`` (no downloads)."""
+
+@dataclass
+class ModelArguments:
+    """The model options every recipe takes. Without ``model_name_or_path`` a small randomly initialised model is
+    built from a config (``tiny_*``) with ``ByT5Tokenizer()``: nothing is downloaded."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local path. None: a small random model built from tiny_* options."}
+    )
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to the model's."})
+    torch_dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32."})
+    tiny_model_type: str = field(
+        default="refine_delta_net",
+        metadata={
+            "help": "Random model when model_name_or_path is None: refine_delta_net (ours, pure PyTorch, runs on "
+            "CPU), delta_net or gated_deltanet (flash-linear-attention, needs a GPU), lact_swiglu (ours)."
+        },
+    )
+    tiny_hidden_size: int = field(default=64, metadata={"help": "Random model: hidden size."})
+    tiny_layers: int = field(default=2, metadata={"help": "Random model: layers."})
+    tiny_heads: int = field(default=2, metadata={"help": "Random model: heads."})
+    tiny_attn_mode: str | None = field(
+        default=None,
+        metadata={"help": "Random DeltaNet models: chunk or fused_recurrent (None: the model's default, chunk)."},
+    )
+
+    def __post_init__(self):
+        if self.tiny_model_type not in TINY_MODEL_TYPES:
+            raise ValueError(f"tiny_model_type={self.tiny_model_type!r}; choose one of {', '.join(TINY_MODEL_TYPES)}")
+        if self.torch_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"torch_dtype={self.torch_dtype!r}; choose auto, bfloat16, float16 or float32")
+
+
+def tiny_model_config(args: ModelArguments, tokenizer):
+    """The config of the random model ``args`` describes (``tiny_model_type`` and ``tiny_*`` sizes)."""
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=args.tiny_hidden_size,
+        num_hidden_layers=args.tiny_layers,
+        num_heads=args.tiny_heads,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    if args.tiny_model_type == "lact_swiglu":
+        from trl_refine.models.lact import LaCTConfig
+
+        heads = common.pop("num_heads")
+        # chunk and window scaled down with the model so that short documents cross several fast-weight updates
+        return LaCTConfig(**common, num_attn_heads=heads, num_lact_heads=heads, lact_chunk_size=256, window_size=256)
+    if args.tiny_model_type == "refine_delta_net":
+        from trl_refine.models.delta_net import RefDeltaNetConfig as config_class
+    else:
+        try:
+            import fla  # noqa: F401
+        except ImportError as err:
+            raise ImportError(
+                f"tiny_model_type={args.tiny_model_type!r} needs flash-linear-attention (pip install "
+                "flash-linear-attention) and a GPU; on CPU use tiny_model_type=refine_delta_net"
+            ) from err
+        from fla.models import DeltaNetConfig, GatedDeltaNetConfig
+
+        config_class = DeltaNetConfig if args.tiny_model_type == "delta_net" else GatedDeltaNetConfig
+        common["fuse_cross_entropy"] = False
+    if args.tiny_attn_mode is not None:
+        common["attn_mode"] = args.tiny_attn_mode
+    return config_class(**common)
+
+
+def build_model_and_tokenizer(args: ModelArguments, *, trust_remote_code: bool = False, seed: int = 0):
+    """A hub / local causal LM and its tokenizer (pad token set to EOS when missing), or, without
+    ``model_name_or_path``, a small randomly initialised model (``tiny_model_config``) with ``ByT5Tokenizer()``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer
 
     import trl_refine.models  # noqa: F401  (registers refine_delta_net and lact_swiglu)
 
-    if model_name_or_path is None:
-        from trl_refine.models.delta_net import RefDeltaNetConfig, RefDeltaNetForCausalLM
-
+    dtype = args.torch_dtype if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
+    if args.model_name_or_path is None:
         tokenizer = ByT5Tokenizer()
-        config = RefDeltaNetConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=tiny_hidden_size,
-            num_hidden_layers=tiny_layers,
-            num_heads=tiny_heads,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=None,
-        )
+        config = tiny_model_config(args, tokenizer)
         torch.manual_seed(seed)
-        return RefDeltaNetForCausalLM(config), tokenizer
-    import fla  # noqa: F401  (registers flash-linear-attention models with the Auto classes)
-
-    dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config)
+        return (model if dtype == "auto" else model.to(dtype)), tokenizer
+    with contextlib.suppress(ImportError):  # fla registers its models with the Auto classes
+        import fla  # noqa: F401
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     tokenizer = AutoTokenizer.from_pretrained(
-        tokenizer_name_or_path or model_name_or_path, trust_remote_code=trust_remote_code
+        args.tokenizer_name_or_path or args.model_name_or_path, trust_remote_code=trust_remote_code
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

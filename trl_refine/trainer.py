@@ -118,7 +118,7 @@ class NSPGRPOTrainer(GRPOTrainer):
 
         self._needs_hidden = needs_hidden_states(self.reward_funcs)
         if self._needs_hidden:
-            check_model_hidden_states(self.model)
+            check_model_hidden_states(self.model, self.accelerator.device)
         if isinstance(engine, RolloutEngine):
             self.engine = engine
         else:
@@ -136,7 +136,9 @@ class NSPGRPOTrainer(GRPOTrainer):
                 "ZeRO-3 has released the partitioned head weight. With ZeRO-3 set nsp_engine='generic'; or keep the "
                 "snapshot engine with ZeRO-2 or FSDP2 (docs/distributed.md)."
             )
-        if (args.gradient_checkpointing or args.activation_checkpointing) and self.engine.name != "generic":
+        # `activation_checkpointing` is the transformers >= 5.19 name; older versions only have `gradient_checkpointing`
+        checkpointing = args.gradient_checkpointing or getattr(args, "activation_checkpointing", False)
+        if checkpointing and self.engine.name != "generic":
             raise ValueError(
                 "activation (gradient) checkpointing makes HF models drop their recurrent cache in training, which breaks the "
                 f"{self.engine.name} engine. Set activation_checkpointing=False or nsp_engine='generic'."
@@ -383,8 +385,12 @@ def split_by_documents(batch: dict[str, Any], num_splits: int) -> list[dict[str,
     return out
 
 
-def check_model_hidden_states(model: torch.nn.Module) -> None:
-    """Fail early if the model cannot expose last-layer hidden states (needed by the cosine / hybrid rewards)."""
+def check_model_hidden_states(model: torch.nn.Module, device: torch.device | None = None) -> None:
+    """Fail early if the model cannot expose last-layer hidden states (needed by the cosine / hybrid rewards).
+
+    The probe forward runs only where the weights already are on ``device`` (the run's device): under FSDP and
+    DeepSpeed the model is still on the CPU when the trainer is built, and GPU-only kernels (fla) cannot run there;
+    then only the structure is checked here."""
     base = unwrap(model)
     backbone = backbone_of(base)
     fix = "Use nsp_reward='exact' or pass reward_funcs that do not read hidden states."
@@ -396,6 +402,8 @@ def check_model_hidden_states(model: torch.nn.Module) -> None:
     param = next(base.parameters(), None)
     if param is None or param.device.type == "meta" or hasattr(param, "ds_id"):
         return  # no weights to run yet (meta device, or partitioned by DeepSpeed ZeRO-3's zero.Init at load time)
+    if device is not None and param.device.type != torch.device(device).type:
+        return  # not placed yet (FSDP / DeepSpeed move the model later)
     probe = torch.zeros((1, 2), dtype=torch.long, device=param.device)
     with torch.no_grad(), capture_last_hidden_state(base) as store:
         base(input_ids=probe)

@@ -19,7 +19,8 @@ The module is also imported by the test for the 1-process reference runs (``Alig
 Environment: ``NSP_DIST_DEVICE=cuda`` runs on GPUs under ``accelerate launch --config_file recipes/accelerate/...``
 (DDP, FSDP2, ZeRO-2/3 through the Trainer; the ``fsdp`` phase is CPU-only); ``NSP_DIST_ENGINE=generic`` replaces the
 snapshot engine of the ``aligned``/``resume`` phases (ZeRO-3); ``NSP_DIST_OVERRIDES='{"gradient_accumulation_steps":
-2}'`` adds config fields (for the 1-process reference run); ``NSP_DIST_TIMEOUT`` is the gloo collective timeout.
+2}'`` adds config fields (for the 1-process reference run); ``NSP_DIST_TIMEOUT`` is the gloo collective timeout;
+``NSP_DIST_MODEL=fla`` uses fla's DeltaNet instead of the reference DeltaNet (GPU).
 """
 
 from __future__ import annotations
@@ -52,10 +53,32 @@ from trl_refine.rewards import cosine_reward, exact_match_reward  # noqa: E402
 from trl_refine.rollout.base import DocumentBatch, RolloutPlan  # noqa: E402
 
 DEVICE = os.environ.get("NSP_DIST_DEVICE", "cpu")
+MODEL = os.environ.get("NSP_DIST_MODEL", "reference")  # "fla": flash-linear-attention DeltaNet (GPU only)
 OVERRIDES = json.loads(os.environ.get("NSP_DIST_OVERRIDES", "{}"))
 VOCAB = 8  # tiny vocabulary: a random model matches the ground truth often enough for exact-match stats to vary
 SHORT, LONG = 50, 160  # tokens; SHORT is the minimum length for n=6, k=3, margin=16
 GEOMETRY = dict(nsp_num_chunks=6, nsp_rollout_length=3, nsp_margin=16)
+
+
+def delta_net(seed: int = 0, vocab: int = VOCAB):
+    """The snapshot-engine model: our reference DeltaNet, or (``NSP_DIST_MODEL=fla``, GPU) a small fla DeltaNet, fp32,
+    ``fused_recurrent`` kernels (exact enough for the 1-vs-2-process comparison; the shapes of the fp32 GPU parity
+    test, so the Triton autotuning done there is reused)."""
+    if MODEL == "reference":
+        return tiny_delta_net(seed=seed, vocab=vocab)
+    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = DeltaNetConfig(
+        vocab_size=vocab,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_heads=2,
+        intermediate_size=256,
+        attn_mode="fused_recurrent",
+        fuse_cross_entropy=False,
+    )
+    return DeltaNetForCausalLM(cfg).float()
 
 
 def documents(num: int, seed: int = 0) -> Dataset:
@@ -247,7 +270,7 @@ def phase_snapshot(out: Path, **extra) -> None:
     """Snapshot engine, reference DeltaNet, same data (rank 0's short documents have empty segments)."""
     trainer = make_trainer(
         RecordingTrainer,
-        tiny_delta_net(seed=0, vocab=VOCAB),
+        delta_net(seed=0),
         out,
         reward_funcs=[cosine_reward, exact, position],
         nsp_engine="snapshot",
@@ -270,7 +293,7 @@ def phase_aligned(out: Path, **extra) -> None:
     """Aligned sampling, 3 steps, checkpoint at step 2: compared with a 1-process run and with a resumed run."""
     trainer = make_trainer(
         AlignedTrainer,
-        tiny_delta_net(seed=0, vocab=VOCAB),
+        delta_net(seed=0),
         out,
         save_strategy="steps",
         save_steps=2,
@@ -284,7 +307,7 @@ def phase_aligned(out: Path, **extra) -> None:
 def phase_resume(out: Path, **extra) -> None:
     """Fresh (differently initialised) model, resumed from the aligned run's 2-process checkpoint at step 2."""
     ckpt = out.parent / "aligned" / "checkpoint-2"
-    trainer = make_trainer(AlignedTrainer, tiny_delta_net(seed=99, vocab=VOCAB), out, **ALIGNED, **extra)
+    trainer = make_trainer(AlignedTrainer, delta_net(seed=99), out, **ALIGNED, **extra)
     run(trainer, out, resume=str(ckpt))
     trainer.save_model(str(out / "final"))
 

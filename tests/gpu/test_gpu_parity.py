@@ -87,7 +87,13 @@ def test_reference_delta_net_matches_fla(dtype, mode, tol):
     assert err < tol
 
 
-def engine_comparison(model, docs, n, g, k, seed=0):
+def bench_geometry(**kw):
+    """bf16 models with the head geometry of the 1.3B benchmark (16 heads of 128): fla autotunes its kernels per
+    (heads, head dims, dtype), so these tests reuse the benchmark's tuning instead of compiling a second set."""
+    return dict(hidden_size=2048, num_heads=16, intermediate_size=1024, **kw)
+
+
+def engine_comparison(model, docs, n, g, k, seed=0, backward=True):
     ensure_fused_lm_head(model)
     generic, snap = GenericEngine(), SnapshotEngine()
     with torch.no_grad():
@@ -104,7 +110,11 @@ def engine_comparison(model, docs, n, g, k, seed=0):
     grads = []
     for engine in (generic, snap):
         model.zero_grad()
-        fwd = engine.forward_train(model, docs, plan, out_g.completion_ids)
+        with torch.set_grad_enabled(backward):
+            fwd = engine.forward_train(model, docs, plan, out_g.completion_ids)
+        if not backward:
+            grads.append((fwd, None))
+            continue
         m = docs.label_mask()
         loss = -(fwd.doc_logps * m).sum() / m.sum() - (adv[:, None] * fwd.rollout_logps).mean()
         loss.backward()
@@ -115,8 +125,9 @@ def engine_comparison(model, docs, n, g, k, seed=0):
     res["hidden_rel"] = rel(out_s.hidden_states, out_g.hidden_states)
     res["doc_logps_rel"] = rel(fs.doc_logps, fg.doc_logps)
     res["rollout_logps_rel"] = rel(fs.rollout_logps, fg.rollout_logps)
-    res["grad_rel"] = rel(gs, gg)
-    res["grad_cos"] = cos(gs, gg)
+    if backward:
+        res["grad_rel"] = rel(gs, gg)
+        res["grad_cos"] = cos(gs, gg)
     return res
 
 
@@ -137,21 +148,42 @@ def test_snapshot_vs_generic_fla_delta_net_bf16():
     from fla.models import DeltaNetForCausalLM
 
     torch.manual_seed(0)
-    model = DeltaNetForCausalLM(tiny_config("delta_net", fuse_cross_entropy=False)).to(DEV, torch.bfloat16)
+    cfg = tiny_config("delta_net", fuse_cross_entropy=False, **bench_geometry())
+    model = DeltaNetForCausalLM(cfg).to(DEV, torch.bfloat16)
     res = engine_comparison(model, docs_batch((600, 450)), n=4, g=2, k=5)
     record("snapshot_vs_generic_fla_delta_net_bf16", **res)
     assert res["rollout_logps_rel"] < 0.05 and res["doc_logps_rel"] < 0.05 and res["grad_cos"] > 0.98
 
 
+def gated_backward_supported() -> bool:
+    """fla refuses the gated chunk backward on Hopper with triton in [3.4, 3.7.1) (wrong results, fla #640)."""
+    import triton
+    from packaging import version
+
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    v = version.parse(triton.__version__)
+    return not (hopper and version.parse("3.4.0") <= v < version.parse("3.7.1"))
+
+
 def test_snapshot_vs_generic_fla_gated_delta_net_bf16():
+    """Rollouts, log-probs and hidden states always; gradients where fla allows the gated backward (else the reason
+    is recorded: the forward comparison still covers the state adapter, which is what differs from DeltaNet)."""
+    import triton
     from fla.models import GatedDeltaNetForCausalLM
 
     torch.manual_seed(0)
-    model = GatedDeltaNetForCausalLM(tiny_config("gated_deltanet", fuse_cross_entropy=False)).to(DEV, torch.bfloat16)
-    try:
-        res = engine_comparison(model, docs_batch((600, 450)), n=4, g=2, k=5)
-    except RuntimeError as err:  # fla refuses gated chunk backward on Hopper with triton in [3.4, 3.7.1)
-        record("snapshot_vs_generic_fla_gated_delta_net_bf16", error=str(err)[:300])
-        raise
+    cfg = tiny_config("gated_deltanet", fuse_cross_entropy=False)
+    model = GatedDeltaNetForCausalLM(cfg).to(DEV, torch.bfloat16)
+    backward = gated_backward_supported()
+    res = engine_comparison(model, docs_batch((600, 450)), n=4, g=2, k=5, backward=backward)
+    if not backward:
+        res["gradients"] = (
+            f"not compared: fla refuses the gated chunk backward on Hopper with triton {triton.__version__}"
+        )
     record("snapshot_vs_generic_fla_gated_delta_net_bf16", **res)
-    assert res["rollout_logps_rel"] < 0.05 and res["doc_logps_rel"] < 0.05 and res["grad_cos"] > 0.98
+    # bf16: the two engines' sampling logits differ by rounding, so a near-tie can pick another token and the
+    # rollouts (and their hidden states) diverge from there; log-probs are compared on the same token ids
+    assert res["rollout_ids_equal_fraction"] > 0.5
+    assert res["rollout_logps_rel"] < 0.05 and res["doc_logps_rel"] < 0.05
+    if backward:
+        assert res["grad_cos"] > 0.98

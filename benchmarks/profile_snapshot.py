@@ -1,0 +1,126 @@
+"""Where the time of one snapshot-engine step goes (torch.profiler), DeltaNet 1.3B configuration, bf16.
+
+    python benchmarks/profile_snapshot.py --length 8192 --rollouts 8 --docs 4 --out profile.json
+
+Times each phase of the step separately (scan, sampling segments, decoding, training segments + branch, backward,
+optimizer), then profiles one whole step and reports the host (CPU) and device (CUDA) totals, the number of kernel
+launches and of host-device synchronisations, and the top operators by self CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from bench_engines import build_model, documents, sync
+
+from trl_refine.rollout import RolloutPlan, SnapshotEngine
+from trl_refine.selection import select_positions
+
+
+def phases(model, opt, engine, docs, n, g, k):
+    t = {}
+
+    def mark(name, t0):
+        sync()
+        t[name] = t.get(name, 0.0) + time.perf_counter() - t0
+        return time.perf_counter()
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        scan = engine.scan(model, docs)
+        t0 = mark("scan", t0)
+        pos = select_positions(
+            scan.entropy,
+            docs.attention_mask,
+            num_chunks=n,
+            rollout_length=k,
+            margin=20,
+            generator=torch.Generator(device="cuda").manual_seed(0),
+        )
+        plan = RolloutPlan(pos, g, k)
+        t0 = mark("select", t0)
+        out = engine.generate(model, docs, plan, torch.Generator(device="cuda").manual_seed(1))
+        t0 = mark("generate (segments + decode)", t0)
+    fwd = engine.forward_train(model, docs, plan, out.completion_ids)
+    m = docs.label_mask()
+    loss = -(fwd.doc_logps.float() * m).sum() / m.sum() - fwd.rollout_logps.float().mean()
+    t0 = mark("forward_train (segments + branch + head)", t0)
+    loss.backward()
+    t0 = mark("backward", t0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    mark("optimizer", t0)
+    return t
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--rollouts", type=int, default=8)
+    p.add_argument("--docs", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--model", default="fla")
+    p.add_argument("--out", default="profile_snapshot.json")
+    args = p.parse_args()
+    n, k = 8, 5
+    model = build_model(args)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
+    engine = SnapshotEngine()
+    docs = documents(args.docs, args.length, args.vocab)
+    calls = {"n": 0}
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    t0 = time.perf_counter()
+    phases(model, opt, engine, docs, n, args.rollouts, k)  # warm-up (compilation)
+    print(f"warm-up {time.perf_counter() - t0:.1f}s", flush=True)
+    calls["n"] = 0
+    timing = phases(model, opt, engine, docs, n, args.rollouts, k)
+    model_calls = calls["n"]
+    print(json.dumps({"phase_seconds": timing, "model_calls_per_step": model_calls}), flush=True)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        phases(model, opt, engine, docs, n, args.rollouts, k)
+        sync()
+    events = prof.key_averages()
+    cpu_total = sum(e.self_cpu_time_total for e in events) / 1e6
+    cuda_total = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    syncs = {
+        e.key: e.count
+        for e in events
+        if any(s in e.key for s in ("Synchronize", "cudaMemcpy", "aten::item", "aten::_local_scalar_dense"))
+    }
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
+    result = {
+        "device": torch.cuda.get_device_name(0),
+        "args": vars(args),
+        "phase_seconds": timing,
+        "step_seconds": sum(timing.values()),
+        "model_calls_per_step": model_calls,
+        "profiled_self_cpu_s": cpu_total,
+        "profiled_self_cuda_s": cuda_total,
+        "kernel_launches": launches,
+        "sync_ops": syncs,
+        "top_self_cpu": [
+            {
+                "op": e.key,
+                "count": e.count,
+                "self_cpu_s": e.self_cpu_time_total / 1e6,
+                "self_cuda_s": getattr(e, "self_device_time_total", 0) / 1e6,
+            }
+            for e in top
+        ],
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({k: v for k, v in result.items() if k != "top_self_cpu"}, indent=1))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()
