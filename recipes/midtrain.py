@@ -38,6 +38,9 @@ class MidtrainArguments:
     synthetic_chars: int = field(default=1500, metadata={"help": "Characters (= byte tokens) per synthetic document."})
 
 
+ARGUMENT_CLASSES = (ModelArguments, MidtrainArguments, NSPGRPOConfig)  # parsed by main(), in this order
+
+
 def main(argv: list[str] | None = None) -> str:
     logging.basicConfig(format="%(message)s")
     logging.getLogger("trl_refine").setLevel(logging.INFO)
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> str:
     if not any(a.startswith(("--config", "--model_name_or_path")) for a in argv):
         # the embedded CPU default (tiny model), with any overrides: --max_steps, --tiny_model_type, ...
         argv = ["--config", DEFAULT_CONFIG, *argv]
-    parser = TrlParser((ModelArguments, MidtrainArguments, NSPGRPOConfig))
+    parser = TrlParser(ARGUMENT_CLASSES)
     model_args, script, args = parser.parse_args_and_config(args=argv)
 
     model, tokenizer = build_model_and_tokenizer(

@@ -89,6 +89,9 @@ class PosttrainArguments:
     )
 
 
+ARGUMENT_CLASSES = (ModelArguments, PosttrainArguments, PostTrainConfig)  # parsed by main(), in this order
+
+
 def apply_quick(script: PosttrainArguments, args: PostTrainConfig) -> None:
     script.synthetic_train_examples = min(script.synthetic_train_examples, 4)
     script.synthetic_eval_examples = min(script.synthetic_eval_examples, 4)
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> str:
     if not any(a.startswith(("--config", "--model_name_or_path")) for a in argv):
         # the embedded CPU default (tiny model), with any overrides: --quick, --dataset_name, --posttrain_mode, ...
         argv = ["--config", DEFAULT_CONFIG, *argv]
-    parser = TrlParser((ModelArguments, PosttrainArguments, PostTrainConfig))
+    parser = TrlParser(ARGUMENT_CLASSES)
     model_args, script, args = parser.parse_args_and_config(args=argv)
     if script.quick:
         apply_quick(script, args)

@@ -82,6 +82,9 @@ class TesttimeArguments:
     quick: bool = field(default=False, metadata={"help": "Shorten for CI: 3 examples, 8 answer tokens, 1 step."})
 
 
+ARGUMENT_CLASSES = (TesttimeModelArguments, TesttimeArguments, TestTimeConfig)  # parsed by main(), in this order
+
+
 def load_sets(script: TesttimeArguments, cfg: TestTimeConfig) -> dict:
     if script.dataset_name is None:
         ds = generate_niah(
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not any(a.startswith(("--config", "--model_name_or_path")) for a in argv):
         argv = ["--config", DEFAULT_CONFIG, *argv]
-    parser = TrlParser((TesttimeModelArguments, TesttimeArguments, TestTimeConfig))
+    parser = TrlParser(ARGUMENT_CLASSES)
     model_args, script, cfg = parser.parse_args_and_config(args=argv)
     if script.quick:
         script.synthetic_examples = min(script.synthetic_examples, 3)

@@ -97,7 +97,7 @@ CPU = ["--use_cpu", "true", "--bf16", "false"]
 @pytest.mark.parametrize("model", ["delta_net_1.3B", "lact_760M"])
 def test_paper_configs_parse_with_the_official_values(model):
     post = load_recipe("posttrain")
-    script, args = TrlParser((post.PosttrainArguments, post.PostTrainConfig)).parse_args_and_config(
+    model_args, script, args = TrlParser(post.ARGUMENT_CLASSES).parse_args_and_config(
         args=["--config", str(CONFIGS / f"posttrain_{model}.yaml"), *CPU]
     )
     assert (args.posttrain_mode, args.nsp_reward, args.learning_rate, args.max_length) == (
@@ -108,10 +108,10 @@ def test_paper_configs_parse_with_the_official_values(model):
     )
     assert (args.ntp_coef, args.nsp_coef, args.max_answer_length, args.nsp_num_chunks) == (1.0, 0.2, 32, 8)
     assert args.documents_per_device * args.gradient_accumulation_steps * 8 == 16  # official mini-batch on 8 GPUs
-    assert script.eval_dataset_name and script.torch_dtype == "float32"
+    assert script.eval_dataset_name and model_args.torch_dtype == "float32"
 
     ttt = load_recipe("testtime")
-    script, cfg = TrlParser((ttt.TesttimeArguments, ttt.TestTimeConfig)).parse_args_and_config(
+    model_args, script, cfg = TrlParser(ttt.ARGUMENT_CLASSES).parse_args_and_config(
         args=["--config", str(CONFIGS / f"testtime_{model}.yaml")]
     )
     assert (cfg.nsp_reward, cfg.ntp_coef, cfg.nsp_coef, cfg.learning_rate) == ("exact", 1.0, 0.4, 1e-6)
@@ -120,22 +120,22 @@ def test_paper_configs_parse_with_the_official_values(model):
         assert (ROOT / name).exists() or name.startswith("../shared"), name
 
     mid = load_recipe("midtrain")
-    script, args = TrlParser((mid.MidtrainArguments, mid.NSPGRPOConfig)).parse_args_and_config(
+    model_args, script, args = TrlParser(mid.ARGUMENT_CLASSES).parse_args_and_config(
         args=["--config", str(CONFIGS / f"midtrain_{model}.yaml"), *CPU]
     )
     assert (args.nsp_reward, args.nsp_coef, args.nsp_max_length) == ("cosine", 0.2, 16384)
     if model == "lact_760M":
-        assert script.model_name_or_path == "YunjinZhang/lact_llm"
+        assert model_args.model_name_or_path == "YunjinZhang/lact_llm"
 
 
 def test_default_configs_parse():
     post = load_recipe("posttrain")
-    script, args = TrlParser((post.PosttrainArguments, post.PostTrainConfig)).parse_args_and_config(
+    model_args, script, args = TrlParser(post.ARGUMENT_CLASSES).parse_args_and_config(
         args=["--config", post.DEFAULT_CONFIG]
     )
-    assert args.use_cpu and script.model_name_or_path is None and args.posttrain_mode == "nested"
+    assert args.use_cpu and model_args.model_name_or_path is None and args.posttrain_mode == "nested"
     ttt = load_recipe("testtime")
-    script, cfg = TrlParser((ttt.TesttimeArguments, ttt.TestTimeConfig)).parse_args_and_config(
+    model_args, script, cfg = TrlParser(ttt.ARGUMENT_CLASSES).parse_args_and_config(
         args=["--config", ttt.DEFAULT_CONFIG]
     )
-    assert script.model_name_or_path is None and cfg.reset == "batch" and cfg.steps >= 1
+    assert model_args.model_name_or_path is None and cfg.reset == "batch" and cfg.steps >= 1
