@@ -5,7 +5,8 @@
 
 With no arguments it uses recipes/configs/midtrain_default.yaml: a tiny reference DeltaNet built from a config, a
 byte-level tokenizer and synthetic long documents generated offline. Any option of NSPGRPOConfig or of
-MidtrainArguments below can be set in the YAML or on the command line.
+MidtrainArguments below or of recipe_utils.ModelArguments (model, random-model options) can be set in the YAML or on
+the command line.
 """
 
 from __future__ import annotations
