@@ -11,8 +11,8 @@ With no arguments it uses recipes/configs/posttrain_default.yaml: a tiny referen
 with different needles). ``--posttrain_mode`` picks the row of the paper's post-training table: ``nested``
 (Nested ReFINE), ``nested_sft`` (Nested SFT), ``sft`` (SFT), plus ``joint``. Any option of PostTrainConfig or of
 PosttrainArguments below or of recipe_utils.ModelArguments can be set in the YAML or on the command line. The
-before/after table is printed and
-written to ``<output_dir>/posttrain_report.md`` (and ``.json`` with every prediction).
+before/after table is printed and written to ``<output_dir>/posttrain_report.md`` (and ``.json`` with every
+prediction).
 """
 
 from __future__ import annotations
