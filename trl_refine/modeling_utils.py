@@ -94,6 +94,17 @@ def score_tokens(
 
 
 def _chunk_logps(hidden, weight, bias, labels, want_entropy: bool):
+    try:
+        released = weight.numel() > 0 and weight.untyped_storage().size() == 0
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage of their own
+        released = False
+    if released:
+        raise RuntimeError(
+            "the LM-head weight has no storage any more: a sharding wrapper (FSDP2) released it before this chunk of "
+            "the LM head was computed or recomputed in the backward. Known with FSDP2 + the snapshot engine in one "
+            "harness (docs/distributed.md); use DDP or DeepSpeed ZeRO-2 with the snapshot engine, or "
+            "nsp_engine='generic' with FSDP2."
+        )
     logits = torch.nn.functional.linear(hidden, weight, bias).float()
     logp_all = torch.log_softmax(logits, dim=-1)
     logps = logp_all.gather(-1, labels[:, None]).squeeze(-1)
