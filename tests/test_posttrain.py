@@ -110,30 +110,35 @@ def label_mask_of(mask):
     return out
 
 
+def train_one_sgd_step(tmp_path, tokenizer, model, lr, **config):
+    """One optimizer step of plain SGD (no clipping, no decay) with every parameter update and micro-batch recorded.
+    Returns the trainer, an untouched copy of the initial model, the step recorder and the micro-batches."""
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    rec = StepRecorder(opt)
+    tr = make_trainer(
+        tmp_path, tokenizer, model=model, optimizer=opt, max_steps=1, max_grad_norm=0.0, weight_decay=0.0, **config
+    )
+    batches = record_micro_batches(tr)
+    tr.train()
+    return tr, reference, rec, batches
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_nested_sft_takes_the_inner_step_then_the_answer_step_on_the_updated_weights(
     tmp_path, byte_tokenizer, accumulation
 ):
     lr = 0.5
-    model = tiny_llama()
-    reference = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    rec = StepRecorder(opt)
-    tr = make_trainer(
+    tr, reference, rec, batches = train_one_sgd_step(
         tmp_path,
         byte_tokenizer,
-        model=model,
-        optimizer=opt,
+        tiny_llama(),
+        lr,
         posttrain_mode="nested_sft",
-        max_steps=1,
-        max_grad_norm=0.0,
-        weight_decay=0.0,
         ntp_coef=1.3,
         sft_coef=0.7,
         gradient_accumulation_steps=accumulation,
     )
-    batches = record_micro_batches(tr)
-    tr.train()
     assert rec.steps == 2 and len(batches) == accumulation
     theta0, theta1, theta2 = rec.before[0], rec.after[0], rec.after[1]
     assert all(torch.equal(a, b) for a, b in zip(theta1, rec.before[1]))  # nothing in between the two steps
@@ -160,24 +165,9 @@ def test_nested_sft_takes_the_inner_step_then_the_answer_step_on_the_updated_wei
 
 def test_nested_refine_inner_step_is_refine_and_outer_step_is_answer_sft(tmp_path, byte_tokenizer):
     lr = 0.5
-    model = tiny_delta_net()
-    reference = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    rec = StepRecorder(opt)
-    tr = make_trainer(
-        tmp_path,
-        byte_tokenizer,
-        model=model,
-        optimizer=opt,
-        posttrain_mode="nested",
-        max_steps=1,
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        nsp_coef=0.5,
-        sft_coef=0.7,
+    tr, reference, rec, batches = train_one_sgd_step(
+        tmp_path, byte_tokenizer, tiny_delta_net(), lr, posttrain_mode="nested", nsp_coef=0.5, sft_coef=0.7
     )
-    batches = record_micro_batches(tr)
-    tr.train()
     assert rec.steps == 2 and len(batches) == 1
     (batch,) = batches
     theta0, theta1, theta2 = rec.before[0], rec.after[0], rec.after[1]
