@@ -180,18 +180,32 @@ def test_short_and_long_documents_on_different_ranks(dist, phase):
         assert r0["calls_per_step"] == [1 + (n + 1) + k + (n + 1) + 1] * 2  # scan, segments, decode, segments, branch
 
 
-@pytest.mark.parametrize("engine", ["generic", "snapshot"])
+@pytest.mark.parametrize("engine", ["generic", "snapshot", "snapshot_head_group"])
 def test_fsdp2_sharded_training_matches_an_unsharded_replica(dist, engine):
     """FSDP2 all-gathers inside every call: unequal call counts would hang, wrong gradient reduction would show."""
     r0, r1 = (r[engine] for r in records(dist, "fsdp"))
     assert r0["calls_per_step"] == r1["calls_per_step"]
-    if engine == "snapshot":
+    if engine.startswith("snapshot"):
         assert all(s["empty_segment"] for s in r0["steps"]) and not any(s["empty_segment"] for s in r1["steps"])
     for rec in (r0, r1):
         for step in rec["steps"]:
             assert step["loss"] == approx(step["ref_loss"])
         assert rec["moved"] > 0.05  # the parameters did train
         assert rec["param_max_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("engine", ["snapshot", "snapshot_head_group"])
+def test_fsdp2_lm_head_stays_gathered_through_the_backward_then_reshards(dist, engine):
+    """The snapshot engine reads the head weight outside the model calls, also when the backward recomputes its
+    chunks: the head's FSDP2 group must stay gathered from the loss forward through the backward (even in a layout
+    that reshards it after every forward), and be sharded again after the backward and after sampling, so that the
+    optimizer updates the shards and the next step gathers fresh weights (the replica comparison checks those)."""
+    for rec in (r[engine] for r in records(dist, "fsdp")):
+        for step in rec["steps"]:
+            assert step["head_sharded_at_start"]
+            assert step["head_sharded_after_sampling"]
+            assert not step["head_sharded_before_backward"]
+            assert step["head_sharded_after_backward"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -101,9 +101,9 @@ def _chunk_logps(hidden, weight, bias, labels, want_entropy: bool):
     if released:
         raise RuntimeError(
             "the LM-head weight has no storage any more: a sharding wrapper (FSDP2) released it before this chunk of "
-            "the LM head was computed or recomputed in the backward. Known with FSDP2 + the snapshot engine in one "
-            "harness (docs/distributed.md); use DDP or DeepSpeed ZeRO-2 with the snapshot engine, or "
-            "nsp_engine='generic' with FSDP2."
+            "the LM head was computed or recomputed in the backward. The snapshot engine keeps the head's FSDP2 group "
+            "gathered through the backward (trl_refine.rollout.fsdp_head.hold_lm_head); code of your own that calls "
+            "lm_head_logps under FSDP2 must do the same. Otherwise use nsp_engine='generic' with FSDP2."
         )
     logits = torch.nn.functional.linear(hidden, weight, bias).float()
     logp_all = torch.log_softmax(logits, dim=-1)

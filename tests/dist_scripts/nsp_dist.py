@@ -312,8 +312,14 @@ def phase_resume(out: Path, **extra) -> None:
     trainer.save_model(str(out / "final"))
 
 
-def _engine_step(engine, model, ids: list[int], seed: int):
-    """One ReFINE-shaped step through ``engine`` alone (scan, uniform positions, sampling, loss forward)."""
+def _head_is_sharded(model) -> bool:
+    """Whether the LM-head weight is currently an FSDP2 shard (a DTensor) rather than the gathered tensor."""
+    return hasattr(model.get_output_embeddings().weight, "to_local")
+
+
+def _engine_step(engine, model, ids: list[int], seed: int, seen: dict | None = None):
+    """One ReFINE-shaped step through ``engine`` alone (scan, uniform positions, sampling, loss forward). ``seen``
+    collects whether the LM head was sharded after sampling and after the loss forward."""
     from trl_refine.selection import select_positions
 
     ids_t = torch.tensor(ids)[None]
@@ -332,10 +338,42 @@ def _engine_step(engine, model, ids: list[int], seed: int):
         )
         plan = RolloutPlan(pos, 1, GEOMETRY["nsp_rollout_length"])
         rollout = engine.generate(model, docs, plan, gen)
+    if seen is not None:
+        seen["head_sharded_after_sampling"] = _head_is_sharded(model)
     fwd = engine.forward_train(model, docs, plan, rollout.completion_ids)
+    if seen is not None:
+        seen["head_sharded_before_backward"] = _head_is_sharded(model)
     mask = docs.label_mask()
     loss = -(fwd.doc_logps * mask).sum() / mask.sum() - 0.5 * fwd.rollout_logps.mean()
     return loss, bool((pos[:, 1:] == pos[:, :-1]).any())
+
+
+def accelerate_fsdp2(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard ``model`` exactly as ``accelerate launch --config_file recipes/accelerate/fsdp.yaml`` does (accelerate's
+    own ``fsdp2_prepare_model``: every ``_no_split_modules`` block, the input embeddings, the tail [final norm, LM
+    head] as its own group, then the root), without an ``Accelerator``, which offers FSDP on GPUs only."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True
+    )
+    stub = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no", torch_device_mesh=None)
+    return fsdp2_prepare_model(stub, model)
+
+
+def head_group_fsdp2(model: torch.nn.Module) -> torch.nn.Module:
+    """A second FSDP2 layout: every block, then [final norm, LM head] as one group that reshards after every forward
+    (the setting accelerate leaves off for that group), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.model.layers:
+        fully_shard(block, reshard_after_forward=True)
+    fully_shard([model.model.norm, model.lm_head], reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True)
+    return model
 
 
 def phase_fsdp(out: Path) -> None:
@@ -343,9 +381,9 @@ def phase_fsdp(out: Path) -> None:
     without the Trainer (accelerate offers FSDP on GPUs only). Each engine trains 2 steps on rank-different documents
     (rank 0 short, rank 1 long). A rank making fewer model calls than the other waits in an all-gather until the
     process-group timeout fails the run. Every rank also trains an unsharded replica on both ranks' documents (the
-    mean of their losses), so the sharded run's losses and parameters can be checked against it."""
-    from torch.distributed.fsdp import fully_shard
-
+    mean of their losses), so the sharded run's losses and parameters can be checked against it. The snapshot engine
+    runs under accelerate's layout and under `head_group_fsdp2`; where the LM head is sharded at each point of the
+    step is recorded (it must be gathered from sampling through the backward, and sharded again after it)."""
     from trl_refine.modeling_utils import ensure_fused_lm_head
     from trl_refine.rollout import GenericEngine, SnapshotEngine
 
@@ -356,17 +394,16 @@ def phase_fsdp(out: Path) -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     data = documents(2 * world)
     record = {"rank": rank}
-    for name, build, engine_cls in (
-        ("generic", tiny_llama, GenericEngine),
-        ("snapshot", tiny_delta_net, SnapshotEngine),
+    for name, build, engine_cls, shard in (
+        ("generic", tiny_llama, GenericEngine, accelerate_fsdp2),
+        ("snapshot", tiny_delta_net, SnapshotEngine, accelerate_fsdp2),
+        ("snapshot_head_group", tiny_delta_net, SnapshotEngine, head_group_fsdp2),
     ):
         model = build(seed=0, vocab=VOCAB)
         ensure_fused_lm_head(model)
         replica = build(seed=0, vocab=VOCAB)  # same initial weights, never sharded
         ensure_fused_lm_head(replica)
-        for block in model.model.layers:  # as accelerate wraps: every block, then the root, all resharding
-            fully_shard(block, reshard_after_forward=True)
-        fully_shard(model, reshard_after_forward=True)
+        model = shard(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         ref_opt = torch.optim.SGD(replica.parameters(), lr=0.5)
         engine, ref_engine = engine_cls(), engine_cls()
@@ -374,8 +411,11 @@ def phase_fsdp(out: Path) -> None:
         model.register_forward_pre_hook(counter.hook)
         steps = []
         for step in range(2):
-            loss, empty = _engine_step(engine, model, data[world * step + rank]["input_ids"], seed=100 * step + rank)
+            seen = {"head_sharded_at_start": _head_is_sharded(model)}
+            ids = data[world * step + rank]["input_ids"]
+            loss, empty = _engine_step(engine, model, ids, seed=100 * step + rank, seen=seen)
             loss.backward()
+            seen["head_sharded_after_backward"] = _head_is_sharded(model)
             opt.step()
             opt.zero_grad()
             counter.on_step_end(None, None, None)
@@ -386,7 +426,7 @@ def phase_fsdp(out: Path) -> None:
             (sum(ref_losses) / world).backward()
             ref_opt.step()
             ref_opt.zero_grad()
-            steps.append({"loss": float(loss), "ref_loss": float(ref_losses[rank]), "empty_segment": empty})
+            steps.append({"loss": float(loss), "ref_loss": float(ref_losses[rank]), "empty_segment": empty, **seen})
         full = {k: v.full_tensor() for k, v in model.state_dict().items()}
         ref = replica.state_dict()
         max_diff = max(float((full[k] - ref[k]).abs().max()) for k in ref)

@@ -24,6 +24,7 @@ import torch
 
 from trl_refine.modeling_utils import capture_last_hidden_state, lm_head_logps, unwrap
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutOutput, RolloutPlan, ScanOutput, TrainForward
+from trl_refine.rollout.fsdp_head import hold_lm_head
 from trl_refine.rollout.generic import teacher_forced_scan
 from trl_refine.rollout.sampling import draw_noise, sample_from_logits
 from trl_refine.rollout.state import State, state_adapter_for
@@ -63,7 +64,6 @@ class SnapshotEngine(RolloutEngine):
         `segment_calls`). Returns the n snapshots (each a state with B rows: the state after the prefix ending at chunk
         j's position) and the [B, L, H] last hidden states."""
         adapter = self._adapter(model)
-        keep_fsdp2_root_gathered(model)
         bsz, length = docs.input_ids.shape
         device = docs.input_ids.device
         first = docs.first_valid
@@ -151,10 +151,16 @@ class SnapshotEngine(RolloutEngine):
 
     # ------------------------------------------------------------------------------------------------------------------
     def generate(self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None) -> RolloutOutput:
+        with hold_lm_head(model):
+            return self._generate(model, docs, plan, generator)
+
+    def _generate(self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None) -> RolloutOutput:
         k = plan.rollout_length
         snapshots, doc_hidden = self.segmented_pass(model, docs, plan)
         head = unwrap(model).get_output_embeddings()
-        logits = head(self._prefix_end_hidden(doc_hidden, plan)).float()
+        # the weight, not the module: a module call would be a partial forward of FSDP2's [norm, head] group
+        hidden = self._prefix_end_hidden(doc_hidden, plan).to(head.weight.dtype)
+        logits = torch.nn.functional.linear(hidden, head.weight, getattr(head, "bias", None)).float()
         noise = draw_noise(plan.num_rows, k, generator, logits.device)
         cache = self.adapter.build_cache(self._branch_rows(snapshots, plan))
         del snapshots
@@ -171,6 +177,12 @@ class SnapshotEngine(RolloutEngine):
         return RolloutOutput(torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(hiddens, 1))
 
     def forward_train(self, model, docs: DocumentBatch, plan: RolloutPlan, completion_ids) -> TrainForward:
+        with hold_lm_head(model) as hold:  # the head weight is read again when the backward recomputes the chunks
+            out = self._forward_train(model, docs, plan, completion_ids)
+            hold.release_after_backward([out.doc_logps, out.rollout_logps])
+        return out
+
+    def _forward_train(self, model, docs: DocumentBatch, plan: RolloutPlan, completion_ids) -> TrainForward:
         k = plan.rollout_length
         snapshots, doc_hidden = self.segmented_pass(model, docs, plan)
         bsz, length = docs.input_ids.shape
@@ -230,18 +242,3 @@ def segment_calls(starts: list[list[int]], ends: list[list[int]]) -> list[tuple[
         mid = [s + (e - s + 1) // 2 for s, e in zip(seg_starts, seg_ends)]
         calls[widest : widest + 1] = [[seg_starts, mid, 0], [mid, seg_ends, snaps]]
     return [tuple(c) for c in calls]
-
-
-def keep_fsdp2_root_gathered(model: torch.nn.Module) -> None:
-    """Keep an FSDP2 root's own parameters (embeddings, final norm, LM head) gathered from forward to backward.
-
-    The engine applies the LM head to captured hidden states after the model call. FSDP2 leaves the root gathered by
-    default, but accelerate passes ``reshard_after_forward=True`` to the root as well, which would turn the head
-    weight back into a DTensor shard outside the call. The transformer blocks still reshard as configured.
-    """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6: no public FSDP2
-        return
-    if isinstance(model, FSDPModule):
-        model.set_reshard_after_forward(False, recurse=False)
