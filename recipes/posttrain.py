@@ -34,6 +34,7 @@ from trl_refine.recipe_utils import (
     build_model_and_tokenizer,
     dataset_label,
     evaluate_sharded,
+    evaluation_context,
     load_one,
     split_names,
     write_json,
@@ -210,17 +211,15 @@ def main(argv: list[str] | None = None) -> str:
         model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config
     )
     main_process = trainer.accelerator.is_main_process
-    eval_model = trainer.accelerator.unwrap_model(trainer.model)
-    eval_model.to(trainer.accelerator.device)
+    trainer.accelerator.unwrap_model(trainer.model).to(trainer.accelerator.device)
 
-    # evaluation under the training precision (fla's chunk kernels reject fp32 activations)
-    with trainer.accelerator.autocast():
+    # evaluation under the training precision, in step across processes under FSDP / ZeRO-3 (recipe_utils)
+    with evaluation_context(trainer) as eval_model:
         before = {} if script.skip_eval else run_eval(eval_model, tokenizer, evals, script, args, "before")
     t1 = time.perf_counter()
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     t2 = time.perf_counter()
-    eval_model = trainer.accelerator.unwrap_model(trainer.model)
-    with trainer.accelerator.autocast():
+    with evaluation_context(trainer) as eval_model:
         after = {} if script.skip_eval else run_eval(eval_model, tokenizer, evals, script, args, "after")
     t3 = time.perf_counter()
 

@@ -29,7 +29,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "dist_scripts" / "nsp_dist.py"
-PHASES = ("generic", "snapshot", "fsdp", "aligned", "resume")
+PHASES = ("generic", "snapshot", "fsdp", "eval", "aligned", "resume")
 LAUNCH_TIMEOUT = 420  # seconds for the whole launch (about 60 s on 2 cores)
 COLLECTIVE_TIMEOUT = 60  # seconds a rank may wait in one collective
 RECORDS = os.environ.get("NSP_DIST_RECORDS")
@@ -206,6 +206,30 @@ def test_fsdp2_lm_head_stays_gathered_through_the_backward_then_reshards(dist, e
             assert step["head_sharded_after_sampling"]
             assert not step["head_sharded_before_backward"]
             assert step["head_sharded_after_backward"]
+
+
+@pytest.mark.parametrize("decoding", ["generate", "manual"])
+def test_sharded_evaluation_under_fsdp2_keeps_the_ranks_in_step(dist, decoding):
+    """The recipes evaluate on shards of the eval set. Under FSDP2 every forward is an all-gather, and the shards
+    differ (3 and 2 examples, different generation budgets): padded shards and synchronised decoding give both
+    ranks the same number of forward calls (otherwise the run hangs), and the gathered predictions, score and answer
+    NLL equal a 1-process evaluation of an unsharded copy."""
+    r0, r1 = (r[decoding] for r in records(dist, "eval"))
+    assert r0["forward_calls"] == r1["forward_calls"] > 0
+    for rec in (r0, r1):
+        assert rec["num_examples"] == 5
+        assert rec["predictions"] == rec["reference_predictions"]
+        assert rec["score"] == approx(rec["reference_score"])
+        assert rec["answer_nll"] == approx(rec["reference_answer_nll"])
+
+
+def test_shard_indices():
+    from trl_refine.recipe_utils import shard_indices
+
+    assert [shard_indices(5, r, 2, equal=False) for r in range(2)] == [([0, 1, 2], 3), ([3, 4], 2)]
+    assert [shard_indices(5, r, 2, equal=True) for r in range(2)] == [([0, 1, 2], 3), ([3, 4, 4], 2)]
+    assert [shard_indices(1, r, 3, equal=True) for r in range(3)] == [([0], 1), ([0], 0), ([0], 0)]
+    assert [shard_indices(1, r, 2, equal=False) for r in range(2)] == [([0], 1), ([], 0)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -139,9 +139,69 @@ def _process_info() -> tuple[int, int]:
     return state.process_index, state.num_processes
 
 
-def evaluate_sharded(model, tokenizer, dataset: datasets.Dataset, task: str | Callable | None, **kwargs) -> dict:
+def parameters_sharded() -> bool:
+    """Whether the launched backend shards the parameters, so that every forward all-gathers them (FSDP, DeepSpeed
+    ZeRO-3): then every process must make the same number of forward calls, also when evaluating."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    if not AcceleratorState._shared_state:  # no Accelerator created yet: nothing is sharded
+        return False
+    state = AcceleratorState()
+    if state.num_processes == 1:
+        return False
+    if state.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = state.deepspeed_plugin if state.distributed_type == DistributedType.DEEPSPEED else None
+    return plugin is not None and plugin.zero_stage == 3
+
+
+@contextlib.contextmanager
+def evaluation_context(trainer):
+    """Evaluate ``trainer``'s model outside its training steps: yields the unwrapped model, under the training
+    precision (``bf16`` / ``fp16`` autocast: fla's chunk kernels reject fp32, and DeepSpeed's own precision applies
+    only inside its engine). Before training under ZeRO-3 the parameters are partitioned but DeepSpeed's gathering
+    hooks are not installed yet, so they are gathered for the evaluation (the whole model on every process)."""
+    args = trainer.args
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    device = trainer.accelerator.device
+    with contextlib.ExitStack() as stack:
+        if dtype is not None:
+            stack.enter_context(torch.autocast(device.type, dtype=dtype))
+        partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+        if partitioned and getattr(trainer, "deepspeed", None) is None:  # ZeRO-3 before the engine exists
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None))
+        yield model
+
+
+def shard_indices(num_examples: int, rank: int, world: int, *, equal: bool) -> tuple[list[int], int]:
+    """Contiguous shard of ``range(num_examples)`` for ``rank``: ``(indices, real)``. With ``equal`` every rank gets
+    ``ceil(num_examples / world)`` indices, the shard's last example repeated as padding after its ``real`` ones (so
+    every rank makes the same calls); otherwise ``datasets``' contiguous split (sizes differ by at most one)."""
+    if not equal:
+        per, extra = divmod(num_examples, world)
+        start = rank * per + min(rank, extra)
+        stop = start + per + (rank < extra)
+        return list(range(start, stop)), stop - start
+    per = -(-num_examples // world)
+    real = list(range(min(rank * per, num_examples), min((rank + 1) * per, num_examples)))
+    pad = real[-1] if real else num_examples - 1
+    return real + [pad] * (per - len(real)), len(real)
+
+
+def evaluate_sharded(
+    model, tokenizer, dataset: datasets.Dataset, task: str | Callable | None, *, lockstep: bool | None = None, **kwargs
+) -> dict:
     """`trl_refine.eval.evaluate` with the examples split over the processes (contiguous shards) and the
-    per-example results gathered, so every process returns the same full result. Single process: plain evaluate."""
+    per-example results gathered, so every process returns the same full result. Single process: plain evaluate.
+
+    ``lockstep`` (default: `parameters_sharded`) keeps the processes' forward calls in step, as FSDP and ZeRO-3 need
+    (each forward is a collective): equal shards (padded with a repeated example whose result is dropped), and
+    generation synchronised across processes (``synced_gpus``) so that a process whose answers ended early keeps
+    stepping until every process is done."""
     from accelerate.utils import gather_object
 
     from trl_refine.eval import evaluate, score_predictions
@@ -149,10 +209,15 @@ def evaluate_sharded(model, tokenizer, dataset: datasets.Dataset, task: str | Ca
     rank, world = _process_info()
     if world == 1:
         return evaluate(model, tokenizer, dataset, task, **kwargs)
-    shard = dataset.shard(num_shards=world, index=rank, contiguous=True)
+    if lockstep is None:
+        lockstep = parameters_sharded()
+    indices, real = shard_indices(len(dataset), rank, world, equal=lockstep)
+    shard = dataset.select(indices)
     kwargs = {**kwargs, "keep_predictions": True}
+    if lockstep:
+        kwargs["synced_gpus"] = True
     local = evaluate(model, tokenizer, shard, task, **kwargs) if len(shard) else None
-    examples = local["examples"] if local else []
+    examples = local["examples"][:real] if local else []
     seconds = local["seconds"] if local else 0.0
     gathered = gather_object([(rank, examples, seconds)])
     gathered.sort(key=lambda item: item[0])
@@ -211,15 +276,20 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
     return path
 
 
-def answer_nll_sharded(model, tokenizer, dataset: datasets.Dataset, args) -> float:
-    """`trl_refine.posttrain.answer_nll` over the examples split across processes, combined (token-weighted)."""
+def answer_nll_sharded(model, tokenizer, dataset: datasets.Dataset, args, *, lockstep: bool | None = None) -> float:
+    """`trl_refine.posttrain.answer_nll` over the examples split across processes, combined (token-weighted);
+    ``lockstep`` as in `evaluate_sharded`."""
     from accelerate.utils import gather_object
 
     from trl_refine.posttrain import answer_nll
 
     rank, world = _process_info()
-    shard = dataset if world == 1 else dataset.shard(num_shards=world, index=rank, contiguous=True)
-    local = answer_nll(model, tokenizer, shard, args) if len(shard) else {"nll": 0.0, "tokens": 0.0}
+    if lockstep is None:
+        lockstep = parameters_sharded()
+    indices, real = shard_indices(len(dataset), rank, world, equal=lockstep)
+    local = answer_nll(model, tokenizer, dataset.select(indices[:real]), args) if real else {"nll": 0.0, "tokens": 0.0}
+    if len(indices) > real:  # padding under FSDP / ZeRO-3: the same number of forwards on every process
+        answer_nll(model, tokenizer, dataset.select(indices[real:]), args)
     parts = [(local["nll"] * local["tokens"], local["tokens"])]
     if world > 1:
         parts = gather_object(parts)

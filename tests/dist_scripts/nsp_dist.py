@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 tests/dist_scripts/nsp_dist.py OUT_DIR PHASE[,PHASE...]
 
 Phases: generic (tiny Llama, generic engine), snapshot (reference DeltaNet, snapshot engine), fsdp (FSDP2 on the
-engines, CPU only), aligned (3 steps with sampling aligned to a 1-process run, checkpoint at step 2), resume (resumes
+engines, CPU only), eval (the recipes' sharded evaluation under FSDP2, CPU only), aligned (3 steps with sampling aligned to a 1-process run, checkpoint at step 2), resume (resumes
 the aligned run's checkpoint; run it after aligned).
 
 Every rank writes ``OUT_DIR/<phase>/rank<r>.json`` with what it saw locally (documents, rollouts, rewards, its own
@@ -48,6 +48,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import ByT5Tokenizer, TrainerCallback  # noqa: E402
 
 from trl_refine import NSPGRPOConfig, NSPGRPOTrainer  # noqa: E402
+from trl_refine.eval import evaluate  # noqa: E402
 from trl_refine.modeling_utils import score_tokens, unwrap  # noqa: E402
 from trl_refine.rewards import cosine_reward, exact_match_reward  # noqa: E402
 from trl_refine.rollout.base import DocumentBatch, RolloutPlan  # noqa: E402
@@ -436,12 +437,61 @@ def phase_fsdp(out: Path) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
 
 
+def phase_eval(out: Path) -> None:
+    """The recipes' sharded evaluation under FSDP2 (CPU only): every forward all-gathers, so the ranks must make the
+    same number of forward calls although their shards differ in size (5 examples on 2 ranks) and in generation
+    budgets. ``lockstep=True`` (what `parameters_sharded` picks under FSDP / ZeRO-3) pads the shards and synchronises
+    the decoding. Records the forward calls and the results, and the same evaluation of an unsharded replica on
+    this rank alone, for comparison."""
+    from trl_refine import PostTrainConfig
+    from trl_refine.posttrain import answer_nll
+    from trl_refine.recipe_utils import answer_nll_sharded, evaluate_sharded
+
+    if DEVICE != "cpu":
+        raise ValueError("the eval phase runs on CPU (gloo)")
+    rank = torch.distributed.get_rank()
+    tok = ByT5Tokenizer()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    data = Dataset.from_dict(
+        {
+            "prompt": [" ".join(words[: i + 1]) * (i + 1) + " answer:" for i in range(5)],
+            "answer": [words[i] for i in range(5)],
+            "max_gen_tokens": [3, 9, 1, 6, 4],  # generation budgets differ between the ranks' shards
+        }
+    )
+    args = PostTrainConfig(output_dir=str(out / "tmp"), use_cpu=True, bf16=False, report_to="none")
+    record = {"rank": rank}
+    for decoding in ("generate", "manual"):
+        model = accelerate_fsdp2(tiny_delta_net(seed=0, vocab=tok.vocab_size))
+        replica = tiny_delta_net(seed=0, vocab=tok.vocab_size)
+        counter = CallCounter()
+        model.register_forward_pre_hook(counter.hook)
+        common = dict(max_new_tokens=None, batch_size=2, use_generate=decoding == "generate", show_progress=False)
+        sharded = evaluate_sharded(model, tok, data, "ruler_qa", lockstep=True, **common)
+        nll = answer_nll_sharded(model, tok, data, args, lockstep=True)
+        counter.on_step_end(None, None, None)
+        alone = evaluate(replica, tok, data, "ruler_qa", **common)
+        record[decoding] = {
+            "forward_calls": counter.per_step[0],
+            "predictions": [ex["prediction"] for ex in sharded["examples"]],
+            "reference_predictions": [ex["prediction"] for ex in alone["examples"]],
+            "score": sharded["score"],
+            "reference_score": alone["score"],
+            "num_examples": sharded["num_examples"],
+            "answer_nll": nll,
+            "reference_answer_nll": answer_nll(replica, tok, data, args)["nll"],
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
+
+
 PHASES = {
     "generic": phase_generic,
     "snapshot": phase_snapshot,
     "aligned": phase_aligned,
     "resume": phase_resume,
     "fsdp": phase_fsdp,
+    "eval": phase_eval,
 }
 
 

@@ -138,7 +138,13 @@ def _can_generate(model: Any) -> bool:
 
 
 def _greedy_generate(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, budget: int, pad_id: int, eos_ids: list[int]
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    budget: int,
+    pad_id: int,
+    eos_ids: list[int],
+    synced_gpus: bool = False,
 ) -> torch.Tensor:
     from transformers import GenerationConfig
 
@@ -149,33 +155,52 @@ def _greedy_generate(
         pad_token_id=pad_id,
         eos_token_id=eos_ids or None,
     )
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    extra = {"synced_gpus": True} if synced_gpus else {}
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **extra)
     sequences = out.sequences if hasattr(out, "sequences") else out
     return sequences[:, input_ids.shape[1] :]
 
 
+def _all_processes_done(done: bool, device: torch.device) -> bool:
+    flag = torch.tensor([0.0 if done else 1.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
 def _greedy_manual(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, budget: int, pad_id: int, eos_ids: list[int]
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    budget: int,
+    pad_id: int,
+    eos_ids: list[int],
+    synced_gpus: bool = False,
 ) -> torch.Tensor:
-    """Greedy decoding by re-running the full sequence each step (no cache): works for any causal LM forward."""
+    """Greedy decoding by re-running the full sequence each step (no cache): works for any causal LM forward.
+    With ``synced_gpus`` a process that is done keeps making (discarded) steps until every process is done."""
     params = inspect.signature(model.forward).parameters
     takes_positions = "position_ids" in params
     eos = torch.tensor(eos_ids, device=input_ids.device, dtype=torch.long)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     ids, mask, new = input_ids, attention_mask, []
-    for _ in range(budget):
+    step = 0
+    while True:
+        done = step >= budget or bool(finished.all())
+        if _all_processes_done(done, input_ids.device) if synced_gpus else done:
+            break
+        step += 1
         kwargs = {"input_ids": ids, "attention_mask": mask}
         if takes_positions:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(**kwargs)
+        if done:  # a step only to keep the other processes' collectives company
+            continue
         logits = out.logits if hasattr(out, "logits") else out[0]
         nxt = logits[:, -1, :].argmax(-1)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         new.append(nxt)
         if len(eos):
             finished |= torch.isin(nxt, eos)
-        if bool(finished.all()):
-            break
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
     if not new:
@@ -204,6 +229,7 @@ def generate_answers(
     use_generate: bool | None = None,
     show_progress: bool = True,
     desc: str = "generating",
+    synced_gpus: bool = False,
 ) -> list[str]:
     """Greedy answers for ``prompts`` (new text only, special tokens removed, in the order of ``prompts``).
 
@@ -225,6 +251,9 @@ def generate_answers(
             when the model supports it.
         show_progress: tqdm progress bar.
         desc: progress-bar label.
+        synced_gpus: keep several processes' forward calls in step (FSDP / ZeRO-3 gather parameters in every
+            forward): a process whose batch is done keeps stepping until all are; every process must call with the
+            same number of batches (`trl_refine.recipe_utils.evaluate_sharded` pads the shards for that).
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not a single string")
@@ -280,13 +309,21 @@ def generate_answers(
                 else:
                     ctx = contextlib.nullcontext()
                 with ctx:
-                    if budget == 0:
+                    if budget == 0 and not synced_gpus:
                         new_tokens = [[] for _ in idx]
                     else:
                         model.eval()
                         input_ids, attention_mask = _left_pad([encoded[i] for i in idx], pad_id, device)
                         with torch.no_grad():
-                            new = decode_fn(model, input_ids, attention_mask, budget, pad_id, eos_ids)
+                            new = decode_fn(
+                                model,
+                                input_ids,
+                                attention_mask,
+                                max(budget, synced_gpus),
+                                pad_id,
+                                eos_ids,
+                                synced_gpus,
+                            )
                         new_tokens = new.tolist()
                 for row, i in enumerate(idx):
                     toks = new_tokens[row][: budgets[i]]
@@ -480,6 +517,7 @@ def evaluate(
     use_generate: bool | None = None,
     show_progress: bool = True,
     keep_predictions: bool = True,
+    synced_gpus: bool = False,
     name: str | None = None,
 ) -> dict[str, Any]:
     """Generate greedy answers for a dataset and score them.
@@ -500,6 +538,7 @@ def evaluate(
         max_examples: evaluate only the first N examples.
         keep_predictions: include per-example predictions and scores in the result.
         name: label for the result (default: the task name).
+        synced_gpus: see :func:`generate_answers`.
 
     Returns:
         ``{"name", "task", "metric", "score" (mean in [0, 1]), "num_examples", "per_task", "adapted",
@@ -545,6 +584,7 @@ def evaluate(
         max_prompt_tokens=max_prompt_tokens,
         use_generate=use_generate,
         show_progress=show_progress,
+        synced_gpus=synced_gpus,
         desc=f"eval {name or task_or_scorer or 'dataset'}" + (" (adapt)" if adapt is not None else ""),
     )
     seconds = time.perf_counter() - t0

@@ -52,6 +52,16 @@ def fsdp2_owner_of_lm_head(model: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
+def _param_groups(module: torch.nn.Module) -> list:
+    """The FSDP2 parameter groups of one ``FSDPModule`` (torch >= 2.12 keeps a list, earlier ones a single group)."""
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [] if group is None else [group]
+    return list(groups)
+
+
 class _Hold:
     """Reference-counted hold on one FSDP2 module's parameter groups (stored on the module)."""
 
@@ -64,7 +74,7 @@ class _Hold:
             state = self.owner._get_fsdp_state()
             self.saved = [
                 (group, group.post_forward_mesh_info, group.reshard_after_backward)
-                for group in state._fsdp_param_groups
+                for group in _param_groups(self.owner)
             ]
             self.saved_auto = getattr(state, "_auto_reshard_after_forward", None)
             self.owner.set_reshard_after_forward(False, recurse=False)
@@ -89,7 +99,7 @@ class _Hold:
             # does not reshard after forward. No model call is running here, so the state is a leftover.
             from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
 
-            for group in state._fsdp_param_groups:
+            for group in _param_groups(self.owner):
                 if group._training_state == TrainingState.FORWARD:
                     group._training_state = TrainingState.IDLE
             self.owner.reshard()
@@ -98,7 +108,7 @@ class _Hold:
             # stale copy; better to stop than to train on it
             raise RuntimeError(
                 "FSDP2 did not reshard the LM-head group after the snapshot engine's pass (its training state is "
-                f"{self.owner._get_fsdp_state()._fsdp_param_groups[0]._training_state}); the next step would read "
+                f"{[g._training_state for g in _param_groups(self.owner)]}); the next step would read "
                 "stale head weights. Use nsp_engine='generic' with FSDP2, or DDP / DeepSpeed ZeRO-2 with the snapshot "
                 "engine, and report the torch version."
             )
