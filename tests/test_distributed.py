@@ -301,30 +301,48 @@ def _reference_run(out: Path, **overrides):
     return trainer, json.loads((out / "rank0.json").read_text())
 
 
-def test_two_processes_match_one_process_with_gradient_accumulation(dist, tmp_path):
-    """1 process, 1 document per micro-step, 2 accumulation steps = the 2-process objective, exactly: each document's
-    NTP term is its own token mean, and DDP's gradient mean equals the accumulated sum of losses / 2."""
+def final_weights(directory: Path) -> dict | None:
+    """A phase's final model weights; ``None`` for records made elsewhere and shipped without them (the docs give the
+    differences measured where they were made)."""
     from safetensors.torch import load_file
 
-    two = by_step(records(dist, "aligned")[0]["logs"])
+    path = directory / "final" / "model.safetensors"
+    if RECORDS and not path.exists():
+        return None
+    return load_file(path)
+
+
+@pytest.fixture(scope="module")
+def one_process(dist, tmp_path_factory):
+    """The 1-process run with the same global batch (1 document, 2 accumulation steps): (logs, final weights)."""
     if RECORDS:  # compare with a 1-process run made on the same machine
         if not REFERENCE:
             pytest.skip("NSP_DIST_REFERENCE (a 1-process run's aligned phase) is not set")
         one = json.loads((Path(REFERENCE) / "rank0.json").read_text())
-        ours = load_file(Path(REFERENCE) / "final" / "model.safetensors")
-    else:
-        trainer, one = _reference_run(tmp_path / "ga", gradient_accumulation_steps=2)
-        ours = trainer.model.state_dict()
-    one_logs = by_step(one["logs"])
+        return one, final_weights(Path(REFERENCE))
+    trainer, one = _reference_run(tmp_path_factory.mktemp("ga"), gradient_accumulation_steps=2)
+    return one, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_two_processes_match_one_process_with_gradient_accumulation(dist, one_process):
+    """1 process, 1 document per micro-step, 2 accumulation steps = the 2-process objective, exactly: each document's
+    NTP term is its own token mean, and DDP's gradient mean equals the accumulated sum of losses / 2."""
+    two = by_step(records(dist, "aligned")[0]["logs"])
+    one_logs = by_step(one_process[0]["logs"])
     assert sorted(one_logs) == sorted(two) == [1, 2, 3]
     for step in (1, 2, 3):
         for key in COMPARED:
             assert one_logs[step][key] == approx(two[step][key], rel=1e-4, abs=1e-5), (step, key)
     assert two[3]["loss"] != approx(two[1]["loss"], rel=1e-3)  # training moved the model between the steps
-    # weights after 3 Adam steps: each moved ~3e-2; Adam's normalisation magnifies the float-rounding differences of
-    # near-zero gradient entries (summation order of the all-reduce vs the accumulation): measured 2e-5 on CPU, and
-    # 2.0e-4 to 3.3e-4 for the GPU records (fla kernels, NCCL reduction order; docs/distributed.md)
-    final = load_file(dist / "aligned" / "final" / "model.safetensors")
+
+
+def test_two_processes_match_one_process_final_weights(dist, one_process):
+    """Weights after 3 Adam steps: each moved ~3e-2; Adam's normalisation magnifies the float-rounding differences of
+    near-zero gradient entries (summation order of the all-reduce vs the accumulation): measured 2e-5 on CPU, and
+    2.0e-4 to 3.3e-4 for the GPU records (fla kernels, NCCL reduction order; docs/distributed.md)."""
+    ours, final = one_process[1], final_weights(dist / "aligned")
+    if ours is None or final is None:
+        pytest.skip("these records were shipped without model weights (differences measured: docs/distributed.md)")
     assert max(float((ours[k] - v).abs().max()) for k, v in final.items()) < (1e-3 if RECORDS else 1e-4)
 
 
@@ -351,8 +369,6 @@ def test_two_processes_vs_one_process_with_two_documents_per_device(dist, tmp_pa
 # ----------------------------------------------------------------------------------------------------------------------
 # (d) save on 2 processes, resume on 2 processes: the next step is reproduced
 def test_resume_on_two_processes_reproduces_the_next_step(dist):
-    from safetensors.torch import load_file
-
     full = records(dist, "aligned")
     resumed = records(dist, "resume")
     if not RECORDS:  # records made elsewhere are shipped without their checkpoints
@@ -365,6 +381,10 @@ def test_resume_on_two_processes_reproduces_the_next_step(dist):
     last, ref = by_step(resumed[0]["logs"])[3], by_step(full[0]["logs"])[3]
     for key in ("loss", "ntp_loss", "nsp/policy_loss", "reward", "grad_norm"):
         assert last[key] == approx(ref[key]), key
-    a = load_file(dist / "aligned" / "final" / "model.safetensors")
-    b = load_file(dist / "resume" / "final" / "model.safetensors")
+
+
+def test_resume_on_two_processes_reproduces_the_final_weights(dist):
+    a, b = final_weights(dist / "aligned"), final_weights(dist / "resume")
+    if a is None or b is None:
+        pytest.skip("these records were shipped without model weights (differences measured: docs/distributed.md)")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
