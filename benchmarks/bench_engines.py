@@ -100,10 +100,15 @@ def ntp_step(model, opt, docs, n, g, k):
     opt.zero_grad(set_to_none=True)
 
 
-def refine_step(engine):
+def refine_step(engine, mark=None):
+    """One ReFINE step through ``engine`` (scan, selection, sampling + cosine reward, loss forward, backward, AdamW).
+    ``mark(phase)``, if given, is called at the end of each phase (`profile_snapshot.py` times them)."""
+    mark = mark or (lambda _phase: None)
+
     def step(model, opt, docs, n, g, k):
         with torch.no_grad():
             scan = engine.scan(model, docs)
+            mark("scan")
             pos = select_positions(
                 scan.entropy,
                 docs.attention_mask,
@@ -113,18 +118,24 @@ def refine_step(engine):
                 generator=torch.Generator(device=DEVICE).manual_seed(0),
             )
             plan = RolloutPlan(pos, g, k)
+            mark("select")
             out = engine.generate(model, docs, plan, torch.Generator(device=DEVICE).manual_seed(1))
             truth = plan.ground_truth_hidden(scan)
             reward = torch.nn.functional.cosine_similarity(out.hidden_states.float(), truth.float(), dim=-1).mean(-1)
             adv = (reward.view(-1, n * g) - reward.view(-1, n * g).mean(-1, keepdim=True)).flatten()
+            mark("generate (segments + decode) + reward")
         fwd = engine.forward_train(model, docs, plan, out.completion_ids)
         m = docs.label_mask()
         ntp = -(fwd.doc_logps.float() * m).sum() / m.sum()
         ratio = torch.exp(fwd.rollout_logps - out.old_logps)
         pg = -torch.min(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None]).mean()
-        (ntp + 0.2 * pg).backward()
+        loss = ntp + 0.2 * pg
+        mark("forward_train (segments + branch + head)")
+        loss.backward()
+        mark("backward")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark("optimizer")
 
     return step
 

@@ -2,8 +2,8 @@
 
     python benchmarks/profile_snapshot.py --length 8192 --rollouts 8 --docs 4 --out profile.json
 
-Times each phase of the step separately (scan, sampling segments, decoding, training segments + branch, backward,
-optimizer), then profiles one whole step and reports the host (CPU) and device (CUDA) totals, the number of kernel
+Times each phase of `bench_engines.refine_step` (the benchmark's step) separately (scan, selection, sampling
+segments + decoding + reward, training segments + branch, backward, optimizer), then profiles one whole step and reports the host (CPU) and device (CUDA) totals, the number of kernel
 launches and of host-device synchronisations, and the top operators by self CPU time.
 """
 
@@ -14,45 +14,23 @@ import json
 import time
 
 import torch
-from bench_engines import build_model, documents, sync
+from bench_engines import build_model, documents, refine_step, sync
 
-from trl_refine.rollout import RolloutPlan, SnapshotEngine
-from trl_refine.selection import select_positions
+from trl_refine.rollout import SnapshotEngine
 
 
-def phases(model, opt, engine, docs, n, g, k):
+def phases(model, opt, engine, docs, n, g, k) -> dict[str, float]:
+    """Seconds per phase of one `bench_engines.refine_step` (synchronising at each phase boundary)."""
     t = {}
+    last = [time.perf_counter()]
 
-    def mark(name, t0):
+    def mark(name):
         sync()
-        t[name] = t.get(name, 0.0) + time.perf_counter() - t0
-        return time.perf_counter()
+        now = time.perf_counter()
+        t[name] = t.get(name, 0.0) + now - last[0]
+        last[0] = now
 
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        scan = engine.scan(model, docs)
-        t0 = mark("scan", t0)
-        pos = select_positions(
-            scan.entropy,
-            docs.attention_mask,
-            num_chunks=n,
-            rollout_length=k,
-            margin=20,
-            generator=torch.Generator(device="cuda").manual_seed(0),
-        )
-        plan = RolloutPlan(pos, g, k)
-        t0 = mark("select", t0)
-        out = engine.generate(model, docs, plan, torch.Generator(device="cuda").manual_seed(1))
-        t0 = mark("generate (segments + decode)", t0)
-    fwd = engine.forward_train(model, docs, plan, out.completion_ids)
-    m = docs.label_mask()
-    loss = -(fwd.doc_logps.float() * m).sum() / m.sum() - fwd.rollout_logps.float().mean()
-    t0 = mark("forward_train (segments + branch + head)", t0)
-    loss.backward()
-    t0 = mark("backward", t0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    mark("optimizer", t0)
+    refine_step(engine, mark)(model, opt, docs, n, g, k)
     return t
 
 
