@@ -34,6 +34,21 @@ def tiny_llama(seed: int = 0, vocab: int = 384):
     return LlamaForCausalLM(cfg).float()
 
 
+def tiny_fla_config(kind: str = "delta_net", **kw):
+    """A small flash-linear-attention config (``delta_net`` or ``gated_deltanet``): hidden 128, 2 layers, 2 heads.
+    The GPU parity tests and the GPU distributed scenarios share it, so they share fla's Triton autotuning too."""
+    base = dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_heads=2, intermediate_size=256)
+    base.update(kw)
+    if kind == "delta_net":
+        from fla.models import DeltaNetConfig
+
+        return DeltaNetConfig(**base)
+    from fla.models import GatedDeltaNetConfig
+
+    base.pop("num_heads")
+    return GatedDeltaNetConfig(num_heads=2, head_dim=64, **base)
+
+
 def tiny_delta_net(seed: int = 0, vocab: int = 384):
     from trl_refine.models.delta_net import RefDeltaNetConfig, RefDeltaNetForCausalLM
 

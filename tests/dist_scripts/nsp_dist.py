@@ -43,7 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-from conftest import tiny_delta_net, tiny_llama  # noqa: E402
+from conftest import tiny_delta_net, tiny_fla_config, tiny_llama  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import ByT5Tokenizer, TrainerCallback  # noqa: E402
 
@@ -67,18 +67,10 @@ def delta_net(seed: int = 0, vocab: int = VOCAB):
     test, so the Triton autotuning done there is reused)."""
     if MODEL == "reference":
         return tiny_delta_net(seed=seed, vocab=vocab)
-    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+    from fla.models import DeltaNetForCausalLM
 
     torch.manual_seed(seed)
-    cfg = DeltaNetConfig(
-        vocab_size=vocab,
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_heads=2,
-        intermediate_size=256,
-        attn_mode="fused_recurrent",
-        fuse_cross_entropy=False,
-    )
+    cfg = tiny_fla_config("delta_net", vocab_size=vocab, attn_mode="fused_recurrent", fuse_cross_entropy=False)
     return DeltaNetForCausalLM(cfg).float()
 
 

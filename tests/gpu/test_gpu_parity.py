@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
 
 fla = pytest.importorskip("fla")
 
+from conftest import tiny_fla_config  # noqa: E402
+
 from trl_refine.modeling_utils import ensure_fused_lm_head  # noqa: E402
 from trl_refine.rollout import DocumentBatch, GenericEngine, RolloutPlan, SnapshotEngine  # noqa: E402
 from trl_refine.selection import select_positions  # noqa: E402
@@ -38,19 +40,6 @@ def record(name, **values):
             json.dump(RESULTS, f, indent=2)
 
 
-def tiny_config(kind, **kw):
-    base = dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_heads=2, intermediate_size=256)
-    base.update(kw)
-    if kind == "delta_net":
-        from fla.models import DeltaNetConfig
-
-        return DeltaNetConfig(**base)
-    from fla.models import GatedDeltaNetConfig
-
-    base.pop("num_heads")
-    return GatedDeltaNetConfig(num_heads=2, head_dim=64, **base)
-
-
 def docs_batch(lengths, vocab=512, seed=0):
     g = torch.Generator().manual_seed(seed)
     total = max(lengths)
@@ -71,7 +60,7 @@ def test_reference_delta_net_matches_fla(dtype, mode, tol):
     from trl_refine.models.delta_net import RefDeltaNetConfig, RefDeltaNetForCausalLM
 
     torch.manual_seed(0)
-    cfg = tiny_config("delta_net", attn_mode=mode, fuse_cross_entropy=False)
+    cfg = tiny_fla_config("delta_net", attn_mode=mode, fuse_cross_entropy=False)
     fla_model = DeltaNetForCausalLM(cfg).to(DEV, dtype).eval()
     ref = RefDeltaNetForCausalLM(
         RefDeltaNetConfig(**{k: v for k, v in cfg.to_dict().items() if k in RefDeltaNetConfig().to_dict()})
@@ -135,7 +124,7 @@ def test_snapshot_vs_generic_fla_delta_net_fp32():
     from fla.models import DeltaNetForCausalLM
 
     torch.manual_seed(0)
-    model = DeltaNetForCausalLM(tiny_config("delta_net", attn_mode="fused_recurrent", fuse_cross_entropy=False))
+    model = DeltaNetForCausalLM(tiny_fla_config("delta_net", attn_mode="fused_recurrent", fuse_cross_entropy=False))
     model = model.to(DEV, torch.float32)
     res = engine_comparison(model, docs_batch((400, 257, 330)), n=4, g=2, k=5)
     record("snapshot_vs_generic_fla_delta_net_fp32", **res)
@@ -148,7 +137,7 @@ def test_snapshot_vs_generic_fla_delta_net_bf16():
     from fla.models import DeltaNetForCausalLM
 
     torch.manual_seed(0)
-    cfg = tiny_config("delta_net", fuse_cross_entropy=False, **bench_geometry())
+    cfg = tiny_fla_config("delta_net", fuse_cross_entropy=False, **bench_geometry())
     model = DeltaNetForCausalLM(cfg).to(DEV, torch.bfloat16)
     res = engine_comparison(model, docs_batch((600, 450)), n=4, g=2, k=5)
     record("snapshot_vs_generic_fla_delta_net_bf16", **res)
@@ -172,7 +161,7 @@ def test_snapshot_vs_generic_fla_gated_delta_net_bf16():
     from fla.models import GatedDeltaNetForCausalLM
 
     torch.manual_seed(0)
-    cfg = tiny_config("gated_deltanet", fuse_cross_entropy=False)
+    cfg = tiny_fla_config("gated_deltanet", fuse_cross_entropy=False)
     model = GatedDeltaNetForCausalLM(cfg).to(DEV, torch.bfloat16)
     backward = gated_backward_supported()
     res = engine_comparison(model, docs_batch((600, 450)), n=4, g=2, k=5, backward=backward)
