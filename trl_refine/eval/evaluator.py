@@ -319,7 +319,7 @@ def generate_answers(
                                 model,
                                 input_ids,
                                 attention_mask,
-                                max(budget, synced_gpus),
+                                max(budget, 1) if synced_gpus else budget,  # synced: every process steps
                                 pad_id,
                                 eos_ids,
                                 synced_gpus,
