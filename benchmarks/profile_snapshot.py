@@ -45,6 +45,7 @@ def main():
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--model", default="fla")
     p.add_argument("--out", default="profile_snapshot.json")
+    p.add_argument("--stacks", action="store_true", help="record Python stacks: where the host syncs come from")
     args = p.parse_args()
     n, k = 8, 5
     model = build_model(args)
@@ -61,7 +62,7 @@ def main():
     model_calls = calls["n"]
     print(json.dumps({"phase_seconds": timing, "model_calls_per_step": model_calls}), flush=True)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts, with_stack=args.stacks) as prof:
         phases(model, opt, engine, docs, n, args.rollouts, k)
         sync()
     events = prof.key_averages()
@@ -94,6 +95,12 @@ def main():
             for e in top
         ],
     }
+    if args.stacks:  # the Python call sites of the host-device synchronisations
+        result["sync_sites"] = [
+            {"op": e.key, "count": e.count, "stack": e.stack[:8]}
+            for e in sorted(prof.key_averages(group_by_stack_n=8), key=lambda e: e.count, reverse=True)
+            if e.key in ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize") and e.stack
+        ][:20]
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps({k: v for k, v in result.items() if k != "top_self_cpu"}, indent=1))

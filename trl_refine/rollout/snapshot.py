@@ -73,41 +73,38 @@ class SnapshotEngine(RolloutEngine):
 
         state: State | None = None
         snapshots: list[State] = []
-        pieces, flat_index = [], []
+        pieces = []
+        calls = segment_calls(starts, ends)
+        layouts = call_layouts(calls, length, device)
+        flat_ids = docs.input_ids.reshape(-1)
         with capture_last_hidden_state(model) as store:
-            for call_starts, call_ends, num_snapshots in segment_calls(starts, ends):
-                active = [b for b in range(bsz) if call_ends[b] > call_starts[b]]
-                ids = torch.cat([docs.input_ids[b, call_starts[b] : call_ends[b]] for b in active])
-                lens = torch.tensor([call_ends[b] - call_starts[b] for b in active], device=device)
-                cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(torch.int32)
-                active_t = torch.tensor(active, device=device)
+            for (call_starts, call_ends, num_snapshots), (active, active_t, cu, token_index) in zip(calls, layouts):
+                ids = flat_ids.index_select(0, token_index)
+                width = max(call_ends[b] - call_starts[b] for b in active)  # from the host: no GPU sync
                 rows = None
                 if state is not None:
                     rows = state
                     if len(active) < bsz or copy_states:
                         rows = adapter.select_rows(state, active_t)
                 if self.checkpoint_segments and torch.is_grad_enabled():
-                    seg_hidden, new_rows = self._checkpointed_segment(model, ids, cu, rows)
+                    seg_hidden, new_rows = self._checkpointed_segment(model, ids, cu, width, rows)
                 else:
-                    seg_hidden, new_rows = self._segment(model, ids, cu, rows, store)
+                    seg_hidden, new_rows = self._segment(model, ids, cu, width, rows, store)
                 state = new_rows if len(active) == bsz else adapter.scatter_rows(state, active_t, new_rows)
                 pieces.append(seg_hidden)
-                flat_index.append(
-                    torch.cat([b * length + torch.arange(call_starts[b], call_ends[b], device=device) for b in active])
-                )
                 snapshots.extend([state] * num_snapshots)
         hidden = torch.cat(pieces)
-        doc_hidden = hidden.new_zeros(bsz * length, hidden.size(-1)).index_put((torch.cat(flat_index),), hidden)
+        flat_index = torch.cat([layout[3] for layout in layouts])
+        doc_hidden = hidden.new_zeros(bsz * length, hidden.size(-1)).index_put((flat_index,), hidden)
         return snapshots, doc_hidden.view(bsz, length, -1)
 
-    def _segment(self, model, ids, cu, rows: State | None, store) -> tuple[torch.Tensor, State]:
+    def _segment(self, model, ids, cu, width: int, rows: State | None, store) -> tuple[torch.Tensor, State]:
         """One call over the packed segment ``ids`` [Σ] (boundaries ``cu``); returns [Σ, H] hidden and new states."""
         cache = None if rows is None else self.adapter.build_cache(rows)
         if self.adapter.packing == "varlen":
             out = model(input_ids=ids[None], cu_seqlens=cu, past_key_values=cache, use_cache=True, logits_to_keep=1)
             return store["hidden"][0], self.adapter.snapshot(out.past_key_values)
         lens = (cu[1:] - cu[:-1]).long()
-        width = int(lens.max())
         col = torch.arange(width, device=ids.device)
         valid = col[None, :] >= (width - lens)[:, None]  # left padding
         src = (cu[:-1].long()[:, None] + col[None, :] - (width - lens)[:, None]).clamp(min=0)
@@ -115,9 +112,14 @@ class SnapshotEngine(RolloutEngine):
         out = model(
             input_ids=padded, attention_mask=valid.long(), past_key_values=cache, use_cache=True, logits_to_keep=1
         )
-        return store["hidden"][valid], self.adapter.snapshot(out.past_key_values)
+        # the packed tokens' rows of the padded output, gathered without a boolean mask (which would sync)
+        token = torch.arange(ids.numel(), device=ids.device)
+        row = torch.searchsorted(cu[1:].long(), token, right=True)
+        flat = row * width + token - cu[:-1].long()[row] + (width - lens)[row]
+        hidden = store["hidden"].reshape(-1, store["hidden"].size(-1)).index_select(0, flat)
+        return hidden, self.adapter.snapshot(out.past_key_values)
 
-    def _checkpointed_segment(self, model, ids, cu, rows: State | None) -> tuple[torch.Tensor, State]:
+    def _checkpointed_segment(self, model, ids, cu, width: int, rows: State | None) -> tuple[torch.Tensor, State]:
         from torch.utils._pytree import tree_flatten, tree_unflatten
 
         flat, spec = tree_flatten(rows) if rows is not None else ([], None)
@@ -126,7 +128,7 @@ class SnapshotEngine(RolloutEngine):
         def run(*flat_rows):
             inner = tree_unflatten(list(flat_rows), spec) if spec is not None else None
             with capture_last_hidden_state(model) as store:
-                hidden, new_rows = self._segment(model, ids, cu, inner, store)
+                hidden, new_rows = self._segment(model, ids, cu, width, inner, store)
             leaves, new_spec = tree_flatten(new_rows)
             out_spec[:] = [new_spec]
             return (hidden, *leaves)
@@ -139,8 +141,9 @@ class SnapshotEngine(RolloutEngine):
         adapter = self.adapter
         bsz, n = plan.positions.shape
         stacked = adapter.concat(snapshots)  # row j * B + b
-        b = torch.arange(bsz).repeat_interleave(n)
-        j = torch.arange(n).repeat(bsz)
+        device = plan.positions.device  # built where the states are: a host index would be copied once per tensor
+        b = torch.arange(bsz, device=device).repeat_interleave(n)
+        j = torch.arange(n, device=device).repeat(bsz)
         index = (j * bsz + b).repeat_interleave(plan.num_rollouts)
         return adapter.select_rows(stacked, index)
 
@@ -242,3 +245,24 @@ def segment_calls(starts: list[list[int]], ends: list[list[int]]) -> list[tuple[
         mid = [s + (e - s + 1) // 2 for s, e in zip(seg_starts, seg_ends)]
         calls[widest : widest + 1] = [[seg_starts, mid, 0], [mid, seg_ends, snaps]]
     return [tuple(c) for c in calls]
+
+
+def call_layouts(
+    calls: list[tuple[list[int], list[int], int]], length: int, device: torch.device
+) -> list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per segment call: the active documents (a list, and a tensor), ``cu_seqlens`` (int32) and the flat token index
+    ``b * length + t`` of every packed token. Built on the host and moved to ``device`` in one copy per pass: one
+    small copy per call would synchronise the host with the GPU 2(n+1) times per pass."""
+    host: list[torch.Tensor] = []
+    actives = []
+    for call_starts, call_ends, _ in calls:
+        active = [b for b in range(len(call_starts)) if call_ends[b] > call_starts[b]]
+        lens = torch.tensor([call_ends[b] - call_starts[b] for b in active])
+        cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+        tokens = torch.cat([b * length + torch.arange(call_starts[b], call_ends[b]) for b in active])
+        host.extend([torch.tensor(active), cu, tokens])
+        actives.append(active)
+    flat = torch.cat(host)
+    flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+    parts = iter(flat.split([t.numel() for t in host]))
+    return [(active, next(parts), next(parts).to(torch.int32), next(parts)) for active in actives]

@@ -39,6 +39,19 @@ def zip_tensors(values: list[Any], fn) -> Any:
     return first
 
 
+def _per_device(index: torch.Tensor):
+    """``device -> index`` on that device, copied at most once per device (callers pass indices that already live
+    where the states are; a host index copied once per tensor would synchronise with the GPU for each)."""
+    copies = {index.device: index}
+
+    def on(device: torch.device) -> torch.Tensor:
+        if device not in copies:
+            copies[device] = index.to(device)
+        return copies[device]
+
+    return on
+
+
 class FlaStateAdapter:
     """fla's per-layer dict layout: ``recurrent_state`` [N, ...], ``conv_state`` tuple of [N, D, W] (or None),
     ``attn_state`` / ``ffn_state`` None. Used by fla DeltaNet / GatedDeltaNet and by our reference DeltaNet."""
@@ -58,7 +71,8 @@ class FlaStateAdapter:
     @staticmethod
     def select_rows(state: State, index: torch.Tensor) -> State:
         """Rows ``index`` of every tensor (a copy; also expands when ``index`` repeats rows)."""
-        return map_tensors(state, lambda t: t.index_select(0, index.to(t.device)))
+        on_device = _per_device(index)
+        return map_tensors(state, lambda t: t.index_select(0, on_device(t.device)))
 
     @staticmethod
     def concat(states: list[State]) -> State:
@@ -67,8 +81,9 @@ class FlaStateAdapter:
     @staticmethod
     def scatter_rows(state: State, index: torch.Tensor, rows: State) -> State:
         """``state`` with rows ``index`` replaced by ``rows`` (out of place, differentiable)."""
+        on_device = _per_device(index)
         return zip_tensors(
-            [state, rows], lambda ts: ts[0].index_copy(0, index.to(ts[0].device), ts[1].to(ts[0].dtype))
+            [state, rows], lambda ts: ts[0].index_copy(0, on_device(ts[0].device), ts[1].to(ts[0].dtype))
         )
 
 
