@@ -100,9 +100,10 @@ def ntp_step(model, opt, docs, n, g, k):
     opt.zero_grad(set_to_none=True)
 
 
-def refine_step(engine, mark=None):
+def refine_step(engine, mark=None, reuse: bool = False):
     """One ReFINE step through ``engine`` (scan, selection, sampling + cosine reward, loss forward, backward, AdamW).
-    ``mark(phase)``, if given, is called at the end of each phase (`profile_snapshot.py` times them)."""
+    ``mark(phase)``, if given, is called at the end of each phase (`profile_snapshot.py` times them). ``reuse``: the
+    sampling segments run with gradients and serve the loss (the trainer's ``nsp_reuse_sampling_pass``)."""
     mark = mark or (lambda _phase: None)
 
     def step(model, opt, docs, n, g, k):
@@ -119,12 +120,13 @@ def refine_step(engine, mark=None):
             )
             plan = RolloutPlan(pos, g, k)
             mark("select")
-            out = engine.generate(model, docs, plan, torch.Generator(device=DEVICE).manual_seed(1))
+            gen = torch.Generator(device=DEVICE).manual_seed(1)
+            out = engine.generate(model, docs, plan, gen, train_model=model if reuse else None)
             truth = plan.ground_truth_hidden(scan)
             reward = torch.nn.functional.cosine_similarity(out.hidden_states.float(), truth.float(), dim=-1).mean(-1)
             adv = (reward.view(-1, n * g) - reward.view(-1, n * g).mean(-1, keepdim=True)).flatten()
             mark("generate (segments + decode) + reward")
-        fwd = engine.forward_train(model, docs, plan, out.completion_ids)
+        fwd = engine.forward_train(model, docs, plan, out.completion_ids, sampling_pass=out.sampling_pass)
         m = docs.label_mask()
         ntp = -(fwd.doc_logps.float() * m).sum() / m.sum()
         ratio = torch.exp(fwd.rollout_logps - out.old_logps)
@@ -195,6 +197,8 @@ def main():
         "generic": refine_step(GenericEngine(rows_per_call=args.generic_rows_per_call)),
         "snapshot": refine_step(SnapshotEngine()),
         "snapshot_ckpt": refine_step(SnapshotEngine(checkpoint_segments=True)),
+        "snapshot_reuse": refine_step(SnapshotEngine(), reuse=True),
+        "snapshot_ckpt_reuse": refine_step(SnapshotEngine(checkpoint_segments=True), reuse=True),
     }
     results = []
     for length in args.lengths:
@@ -220,7 +224,7 @@ def main():
                     if DEVICE == "cuda":
                         torch.cuda.empty_cache()
                 base = row.get("ntp", {}).get("s_per_step")
-                for name in ("generic", "snapshot", "snapshot_ckpt"):
+                for name in ("generic", "snapshot", "snapshot_ckpt", "snapshot_reuse", "snapshot_ckpt_reuse"):
                     if base and "s_per_step" in row.get(name, {}):
                         row[name]["x_ntp_time"] = row[name]["s_per_step"] / base
                         row[name]["x_ntp_mem"] = (
@@ -245,9 +249,9 @@ def main():
 
     print(
         "\n| L | G | docs | NTP s (GiB) | generic s (×NTP) | snapshot s (×NTP) | snapshot mem ×NTP | "
-        "snapshot+ckpt s (×NTP) | ckpt mem ×NTP | snapshot vs generic |"
+        "snapshot+ckpt s (×NTP) | ckpt mem ×NTP | snapshot vs generic | reuse s (×NTP) | reuse mem ×NTP |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
 
         def cell(name, r=r):
@@ -258,12 +262,14 @@ def main():
 
         mem = r.get("snapshot", {}).get("x_ntp_mem")
         ckpt_mem = r.get("snapshot_ckpt", {}).get("x_ntp_mem")
+        reuse_mem = r.get("snapshot_reuse", {}).get("x_ntp_mem")
         speed = r.get("snapshot_speedup_vs_generic")
         ntp_mem = f"({r['ntp']['peak_gib']:.1f})" if "peak_gib" in r.get("ntp", {}) else ""
         print(
             f"| {r['L']} | {r['G']} | {r['docs']} | {cell('ntp')} {ntp_mem} | {cell('generic')} | {cell('snapshot')} | "
             f"{'' if mem is None else f'{mem:.2f}'} | {cell('snapshot_ckpt')} | "
-            f"{'' if ckpt_mem is None else f'{ckpt_mem:.2f}'} | {'' if speed is None else f'{speed:.1f}×'} |"
+            f"{'' if ckpt_mem is None else f'{ckpt_mem:.2f}'} | {'' if speed is None else f'{speed:.1f}×'} | "
+            f"{cell('snapshot_reuse')} | {'' if reuse_mem is None else f'{reuse_mem:.2f}'} |"
         )
 
 

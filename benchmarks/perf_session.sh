@@ -2,12 +2,12 @@
 # The snapshot-engine speed work of docs/benchmarks.md ("Host overhead"), one call on a single H200
 # (device kind nvidia-h200), foreground, every step under its own time limit so that what finished comes back:
 #
-#   JOBS="sync bench" bash benchmarks/perf_session.sh      # carry .whl (and .tcache when there is one)
+#   JOBS="sync bench" bash benchmarks/perf_session.sh      # carry .whl (benchmarks/gpu_env.sh; docs/benchmarks.md)
 #
 # Jobs (run in the order given):
 #   sync       benchmarks/sync_sites.py: where the host-GPU synchronisations of one step come from
 #   profile    benchmarks/profile_snapshot.py: phase times, kernel launches, syncs of one step
-#   bench      benchmarks/bench_engines.py at L = 8192, G = 8 and 1, 4 and 1 documents: NTP, snapshot, fused
+#   bench      benchmarks/bench_engines.py at L = 8192, G = 8 and 1, 4 and 1 documents: NTP, snapshot, snapshot_reuse (VARIANTS=...)
 #   bench16k   the same at L = 16384
 #   parity     pytest tests/gpu -m gpu
 # Results (JSON, logs) and the Triton autotune results (autotune_cache.tgz: a later machine only compiles) go to
@@ -20,6 +20,9 @@ mkdir -p "$OUT"
 source benchmarks/gpu_env.sh > "$R/env.log" 2>&1 || { cat "$R/env.log"; exit 1; }
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
 mkdir -p "$TRITON_CACHE_DIR"
+# the Triton autotune results of the last H200 run (committed, a few KB): a fresh machine then only compiles the chosen
+# kernel configurations instead of benchmarking every one (a cold start spent the whole first 10-minute call)
+tar xzf benchmarks/triton_autotune_h200.tgz -C "$TRITON_CACHE_DIR"
 [ -f .tcache/autotune_cache.tgz ] && tar xzf .tcache/autotune_cache.tgz -C "$TRITON_CACHE_DIR"
 cat "$R/env.log"
 
@@ -42,7 +45,7 @@ B="python3 benchmarks/bench_engines.py"
 for job in ${JOBS:-sync bench}; do
   case $job in
     sync) step sync "${SYNC_LIMIT:-360}" python3 benchmarks/sync_sites.py --out "$OUT/sync_sites.json" ;;
-    profile) step profile "${PROFILE_LIMIT:-200}" python3 benchmarks/profile_snapshot.py --out "$OUT/profile.json" ;;
+    profile) step profile "${PROFILE_LIMIT:-200}" python3 benchmarks/profile_snapshot.py ${PROFILE_ARGS:-} --out "$OUT/profile.json" ;;
     bench) step bench "${BENCH_LIMIT:-300}" $B --lengths 8192 --rollouts 8 1 --docs 4 1 \
       --variants ${VARIANTS:-ntp snapshot} --out "$OUT/bench_8k.json" ;;
     bench16k) step bench16k "${BENCH_LIMIT:-300}" $B --lengths 16384 --rollouts 8 1 --docs 4 1 \

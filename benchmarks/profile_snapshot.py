@@ -19,7 +19,7 @@ from bench_engines import build_model, documents, refine_step, sync
 from trl_refine.rollout import SnapshotEngine
 
 
-def phases(model, opt, engine, docs, n, g, k) -> dict[str, float]:
+def phases(model, opt, engine, docs, n, g, k, reuse=False) -> dict[str, float]:
     """Seconds per phase of one `bench_engines.refine_step` (synchronising at each phase boundary)."""
     t = {}
     last = [time.perf_counter()]
@@ -30,7 +30,7 @@ def phases(model, opt, engine, docs, n, g, k) -> dict[str, float]:
         t[name] = t.get(name, 0.0) + now - last[0]
         last[0] = now
 
-    refine_step(engine, mark)(model, opt, docs, n, g, k)
+    refine_step(engine, mark, reuse=reuse)(model, opt, docs, n, g, k)
     return t
 
 
@@ -46,6 +46,9 @@ def main():
     p.add_argument("--model", default="fla")
     p.add_argument("--out", default="profile_snapshot.json")
     p.add_argument("--stacks", action="store_true", help="record Python stacks: where the host syncs come from")
+    p.add_argument(
+        "--reuse", action="store_true", help="reuse the sampling pass for the loss (nsp_reuse_sampling_pass)"
+    )
     args = p.parse_args()
     n, k = 8, 5
     model = build_model(args)
@@ -55,15 +58,15 @@ def main():
     calls = {"n": 0}
     model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
     t0 = time.perf_counter()
-    phases(model, opt, engine, docs, n, args.rollouts, k)  # warm-up (compilation)
+    phases(model, opt, engine, docs, n, args.rollouts, k, args.reuse)  # warm-up (compilation)
     print(f"warm-up {time.perf_counter() - t0:.1f}s", flush=True)
     calls["n"] = 0
-    timing = phases(model, opt, engine, docs, n, args.rollouts, k)
+    timing = phases(model, opt, engine, docs, n, args.rollouts, k, args.reuse)
     model_calls = calls["n"]
     print(json.dumps({"phase_seconds": timing, "model_calls_per_step": model_calls}), flush=True)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts, with_stack=args.stacks) as prof:
-        phases(model, opt, engine, docs, n, args.rollouts, k)
+        phases(model, opt, engine, docs, n, args.rollouts, k, args.reuse)
         sync()
     events = prof.key_averages()
     cpu_total = sum(e.self_cpu_time_total for e in events) / 1e6

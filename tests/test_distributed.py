@@ -177,7 +177,13 @@ def test_short_and_long_documents_on_different_ranks(dist, phase):
         assert any(s["empty_segment"] for s in r0["steps"].values())
         assert not any(s["empty_segment"] for s in r1["steps"].values())
         n, k = nsp_dist.GEOMETRY["nsp_num_chunks"], nsp_dist.GEOMETRY["nsp_rollout_length"]
-        assert r0["calls_per_step"] == [1 + (n + 1) + k + (n + 1) + 1] * 2  # scan, segments, decode, segments, branch
+        # scan, segments, decode, the loss's own segments unless it reuses the sampling ones (records made before
+        # nsp_reuse_sampling_pass existed have no such field), branch
+        reused = r0.get("reused_sampling_pass", False)
+        assert reused == r1.get("reused_sampling_pass", False)
+        assert r0["calls_per_step"] == [1 + (n + 1) + k + (0 if reused else n + 1) + 1] * 2
+        if not RECORDS:
+            assert reused  # the default geometry (one micro-step per generation, DDP) reuses it
 
 
 @pytest.mark.parametrize("engine", ["generic", "snapshot", "snapshot_head_group"])

@@ -223,3 +223,123 @@ def test_snapshot_equals_generic_on_lact():
         (-(fwd.doc_logps * m).sum() / m.sum() - (adv[:, None] * fwd.rollout_logps).mean()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert rel(grads[1], grads[0]) < 1e-4
+
+
+@pytest.mark.parametrize("checkpoint_segments", [False, True])
+def test_reused_sampling_pass_equals_two_passes(model, checkpoint_segments):
+    """generate(train_model=...) + forward_train(sampling_pass=...) gives exactly what sampling without gradients and
+    a second segmented pass give: the same rollouts, log-probs and parameter gradients, with n+1 model calls fewer."""
+    docs = batch((150, 97, 150))
+    k, n, g = 5, 4, 2
+    engine = SnapshotEngine(checkpoint_segments=checkpoint_segments)
+    with torch.no_grad():
+        scan = engine.scan(model, docs)
+    pos = select_positions(
+        scan.entropy, docs.attention_mask, num_chunks=n, rollout_length=k, margin=8,
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    pos[:, 1] = pos[:, 0]  # an empty middle segment
+    plan = RolloutPlan(pos, g, k)
+    adv = torch.linspace(-1, 1, plan.num_rows)
+    calls = {"n": 0}
+    hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    results = []
+    try:
+        for reuse in (False, True):
+            model.zero_grad()
+            calls["n"] = 0
+            with torch.no_grad():
+                out = engine.generate(
+                    model, docs, plan, torch.Generator().manual_seed(5), train_model=model if reuse else None
+                )
+            assert (out.sampling_pass is not None) == reuse
+            fwd = engine.forward_train(model, docs, plan, out.completion_ids, sampling_pass=out.sampling_pass)
+            mask = docs.label_mask()
+            loss = -(fwd.doc_logps * mask).sum() / mask.sum() - (adv[:, None] * fwd.rollout_logps).mean()
+            loss.backward()
+            grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+            results.append((out, fwd, grad, calls["n"]))
+    finally:
+        hook.remove()
+    (o2, f2, g2, c2), (o1, f1, g1, c1) = results
+    assert torch.equal(o1.completion_ids, o2.completion_ids)
+    assert torch.allclose(o1.old_logps, o2.old_logps, atol=1e-6, rtol=0)
+    assert torch.allclose(o1.hidden_states, o2.hidden_states, atol=1e-6, rtol=0)
+    assert torch.allclose(f1.doc_logps, f2.doc_logps, atol=1e-6, rtol=0)
+    assert torch.allclose(f1.rollout_logps, f2.rollout_logps, atol=1e-6, rtol=0)
+    assert rel(g1, g2) < 1e-6
+    # n+1 segment calls + k decode calls + 1 branch call, against 2(n+1) + k + 1 (checkpointing recomputes the
+    # segments in the backward in both cases)
+    assert c2 - c1 == n + 1
+
+
+def test_reused_sampling_pass_is_refused_by_the_generic_engine():
+    m = tiny_llama()
+    docs = batch((60,), vocab=100)
+    plan = RolloutPlan(torch.tensor([[30]]), 1, 3)
+    with pytest.raises(ValueError, match="does not reuse"):
+        GenericEngine().generate(m, docs, plan, train_model=m)
+    with pytest.raises(ValueError, match="does not reuse"):
+        GenericEngine().forward_train(m, docs, plan, torch.zeros(1, 3, dtype=torch.long), sampling_pass=object())
+
+
+def _train_recording(tmp_path, tok, **overrides):
+    """Train a tiny reference DeltaNet; returns the trainer, its logged metrics and the model calls per step."""
+    ds = Dataset.from_dict({"text": documents(4)})
+    args = small_config(tmp_path, **{"max_steps": 2, "documents_per_device": 2, "seed": 3, **overrides})
+    tr = NSPGRPOTrainer(tiny_delta_net(seed=1), args=args, train_dataset=ds, processing_class=tok)
+    calls = []
+    tr.model.register_forward_pre_hook(lambda *_: calls.append(tr.state.global_step))
+    tr.train()
+    keys = ("loss", "ntp_loss", "nsp/policy_loss", "reward", "nsp/exact_match", "grad_norm")
+    logged = [h[key] for h in tr.state.log_history if "loss" in h for key in keys]
+    per_step = [calls.count(step) for step in range(args.max_steps)]
+    return tr, logged, per_step
+
+
+def test_trainer_reusing_the_sampling_pass_trains_the_same(tmp_path, byte_tokenizer, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="trl_refine"):
+        reused, logged_reused, calls_reused = _train_recording(tmp_path / "reuse", byte_tokenizer)
+    assert reused.reused_sampling_pass is True
+    assert "sampling pass also serves the loss" in caplog.text
+    two, logged_two, calls_two = _train_recording(tmp_path / "two", byte_tokenizer, nsp_reuse_sampling_pass=False)
+    assert two.reused_sampling_pass is None  # never considered
+    assert logged_reused == pytest.approx(logged_two, rel=1e-6, abs=1e-9)
+    for a, b in zip(reused.model.parameters(), two.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-7, rtol=0)
+    n = reused.args.nsp_num_chunks
+    assert [c + n + 1 for c in calls_reused] == calls_two  # the loss's own n+1 segment calls are gone
+
+
+def test_reuse_does_not_apply_when_a_generation_serves_several_micro_steps(tmp_path, byte_tokenizer, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="trl_refine"):
+        tr, _, _ = _train_recording(tmp_path, byte_tokenizer, documents_per_device=1, gradient_accumulation_steps=2)
+    assert tr.args.steps_per_generation == 2
+    assert tr.reused_sampling_pass is False
+    assert "set steps_per_generation=1" in caplog.text
+
+
+def test_a_sampling_pass_serves_one_loss_of_its_own_model_with_unchanged_weights(model):
+    docs = batch((120, 90))
+    plan = RolloutPlan(torch.tensor([[40, 70], [40, 60]]), 1, 3)
+    engine = SnapshotEngine()
+
+    def sample():
+        with torch.no_grad():
+            return engine.generate(model, docs, plan, torch.Generator().manual_seed(0), train_model=model)
+
+    out = sample()
+    assert out.sampling_pass.usable_by(model) and not out.sampling_pass.usable_by(tiny_delta_net(seed=9))
+    engine.forward_train(model, docs, plan, out.completion_ids, sampling_pass=out.sampling_pass)
+    with pytest.raises(ValueError, match="already used"):  # its graph belongs to the first loss
+        engine.forward_train(model, docs, plan, out.completion_ids, sampling_pass=out.sampling_pass)
+    out = sample()
+    with torch.no_grad():
+        next(model.parameters()).add_(0.0)  # an in-place update (an optimizer step) after sampling
+    assert not out.sampling_pass.usable_by(model)
+    with pytest.raises(ValueError, match="weights changed"):
+        engine.forward_train(model, docs, plan, out.completion_ids, sampling_pass=out.sampling_pass)

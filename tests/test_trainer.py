@@ -203,3 +203,23 @@ def test_peft_lora_trains_adapters_only(tmp_path, byte_tokenizer, engine):
     lora_after = dict(tr.model.named_parameters())
     assert any(not torch.equal(v, lora_after[n]) for n, v in lora_before.items())
     assert torch.equal(tr.model.get_base_model().model.layers[0].attn.q_proj.base_layer.weight, base_q)
+
+
+def test_micro_steps_of_one_optimizer_step_draw_different_rollout_noise(tmp_path, byte_tokenizer):
+    """With steps_per_generation 1 and gradient accumulation, every micro-step generates: each must draw its own
+    numbers (seeded by optimizer step and micro-step), and the same ones again when a run is resumed there."""
+    tr = make_trainer(
+        tmp_path, byte_tokenizer, documents_per_device=1, gradient_accumulation_steps=2, steps_per_generation=1
+    )
+    tr.model.train()
+
+    def draw(micro_step):
+        tr._step = micro_step
+        return torch.rand(4, generator=tr._rollout_generator("train", stream=1))
+
+    assert not torch.equal(draw(0), draw(1))
+    assert torch.equal(draw(0), draw(2))  # same optimizer step (global_step), same micro index
+    tr.state.global_step = 1
+    next_step = draw(0)
+    tr.state.global_step = 0
+    assert not torch.equal(next_step, draw(0))

@@ -97,6 +97,15 @@ class NSPGRPOConfig(GRPOConfig):
         default=False,
         metadata={"help": "Snapshot engine: recompute each segment in the backward to save activation memory."},
     )
+    nsp_reuse_sampling_pass: bool = field(
+        default=True,
+        metadata={
+            "help": "Snapshot engine: run the sampling segments with gradients and reuse them for the loss (n+1 model "
+            "calls and one document pass fewer per step; same rollouts, losses and gradients). Applies when "
+            "steps_per_generation = num_iterations = 1 and the model is not sharded by FSDP2; uses the memory of "
+            "the loss pass during sampling."
+        },
+    )
     nsp_generic_rows_per_call: int | None = field(
         default=None, metadata={"help": "Generic engine: rollout rows per no-grad model call (None = all at once)."}
     )

@@ -24,6 +24,7 @@ from trl_refine.data import check_tokenizer, tokenize_documents
 from trl_refine.modeling_utils import backbone_of, capture_last_hidden_state, unwrap
 from trl_refine.rewards import builtin_reward_funcs, needs_hidden_states
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutPlan
+from trl_refine.rollout.fsdp_head import fsdp2_owner_of_lm_head
 from trl_refine.rollout.registry import build_engine
 from trl_refine.rollout.snapshot import SnapshotEngine
 from trl_refine.selection import select_positions
@@ -32,6 +33,8 @@ logger = logging.getLogger("trl_refine")
 
 DOC_KEYS = ("doc_input_ids", "doc_attention_mask", "positions")
 ROLLOUT_KEYS = ("completion_ids", "completion_mask", "old_per_token_logps", "advantages")
+#: batch key of the engine's sampling pass kept for the loss (`nsp_reuse_sampling_pass`)
+SAMPLING_PASS_KEY = "nsp_sampling_pass"
 
 
 class NSPGRPOTrainer(GRPOTrainer):
@@ -144,6 +147,8 @@ class NSPGRPOTrainer(GRPOTrainer):
                 f"{self.engine.name} engine. Set activation_checkpointing=False or nsp_engine='generic'."
             )
         self._nsp_precomputed: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        #: whether the last training generation let the loss reuse the engine's sampling pass (None: not yet decided)
+        self.reused_sampling_pass: bool | None = None
 
     # ------------------------------------------------------------------------------------------------------------------
     # batching
@@ -175,12 +180,44 @@ class NSPGRPOTrainer(GRPOTrainer):
             mask[i, length - len(s) :] = 1
         return DocumentBatch(ids, mask).to(self.accelerator.device)
 
+    def _reuses_sampling_pass(self) -> bool:
+        """Whether this generation runs the engine's document pass with gradients for the loss to reuse
+        (`nsp_reuse_sampling_pass`). Exact only when nothing updates the weights between sampling and the loss, i.e.
+        one generation batch serves one micro-step once; logged once with the reason when it does not apply."""
+        args = self.args
+        if not (args.nsp_reuse_sampling_pass and self.model.training and self.engine.reuses_sampling_pass):
+            return False
+        why = None
+        if args.steps_per_generation * self.num_iterations != 1:
+            why = (
+                f"one generation batch serves steps_per_generation·num_iterations = "
+                f"{args.steps_per_generation}·{self.num_iterations} micro-steps (set steps_per_generation=1 and "
+                "num_iterations=1 to reuse it)"
+            )
+        elif fsdp2_owner_of_lm_head(self.model_wrapped) is not None:
+            why = "the model is sharded by FSDP2"
+        if self.reused_sampling_pass is None:
+            if why is None:
+                logger.info(
+                    "the %s engine's sampling pass also serves the loss (nsp_reuse_sampling_pass)", self.engine.name
+                )
+            else:
+                logger.info("nsp_reuse_sampling_pass does not apply: %s; the loss runs its own pass", why)
+        self.reused_sampling_pass = why is None
+        return why is None
+
     def _rollout_generator(self, mode: str, stream: int) -> torch.Generator:
         device = self.accelerator.device
         gen = torch.Generator(device=device)
-        # a function of (seed, optimizer step, rank) only, so a resumed run samples what an uninterrupted one would
+        # a function of (seed, optimizer step, micro-step, rank) only, so a resumed run samples what an uninterrupted
+        # one would; the micro-step counts generations within one optimizer step (steps_per_generation <
+        # gradient_accumulation_steps), which would otherwise draw the same numbers
         seed = (self.args.seed * 1_000_003 + self.state.global_step) * 4096
-        gen.manual_seed(seed + self.accelerator.process_index * 4 + (mode == "eval") * 2 + stream)
+        micro = self._step % self.args.gradient_accumulation_steps if mode == "train" else 0
+        seed += self.accelerator.process_index * 4 + (mode == "eval") * 2 + stream
+        if micro:  # mixed into the low 32 bits too: the CPU generator (mt19937) only reads those
+            seed ^= (micro * 0x9E3779B97F4A7C15) % 2**64
+        gen.manual_seed(seed % 2**63)
         return gen
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -215,7 +252,10 @@ class NSPGRPOTrainer(GRPOTrainer):
                 generator=self._rollout_generator(mode, stream=0),
             )
             plan = RolloutPlan(positions, g, k)
-            rollout = self.engine.generate(unwrapped, docs, plan, self._rollout_generator(mode, stream=1))
+            train_model = self.model_wrapped if self._reuses_sampling_pass() else None
+            rollout = self.engine.generate(
+                unwrapped, docs, plan, self._rollout_generator(mode, stream=1), train_model=train_model
+            )
 
         truth_ids = plan.ground_truth(docs)
         completion_ids = rollout.completion_ids
@@ -298,7 +338,8 @@ class NSPGRPOTrainer(GRPOTrainer):
 
         completion_mask = torch.ones_like(completion_ids)
         num_items = gather(completion_mask.sum()).sum()
-        return {
+        batch = {} if rollout.sampling_pass is None else {SAMPLING_PASS_KEY: rollout.sampling_pass}
+        return batch | {
             "doc_input_ids": docs.input_ids,
             "doc_attention_mask": docs.attention_mask,
             "positions": positions,
@@ -318,8 +359,13 @@ class NSPGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         docs = DocumentBatch(inputs["doc_input_ids"], inputs["doc_attention_mask"])
         plan = RolloutPlan(inputs["positions"], args.nsp_num_rollouts, args.nsp_rollout_length)
+        # popped: the pass (and its graph) must not outlive this micro-step in the buffered inputs; a copy of a batch
+        # whose pass was used, or a call with another model, runs its own pass
+        sampling_pass = inputs.pop(SAMPLING_PASS_KEY, None)
+        if sampling_pass is not None and not sampling_pass.usable_by(model):
+            sampling_pass = None
         with self.accelerator.autocast():
-            fwd = self.engine.forward_train(model, docs, plan, inputs["completion_ids"])
+            fwd = self.engine.forward_train(model, docs, plan, inputs["completion_ids"], sampling_pass=sampling_pass)
         label_mask = docs.label_mask()
         ntp_loss = -(fwd.doc_logps.float() * label_mask).sum() / label_mask.sum().clamp(min=1)
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0

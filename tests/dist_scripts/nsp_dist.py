@@ -238,6 +238,7 @@ def run(trainer, out: Path, counter: CallCounter | None = None, resume: str | No
         "engine": trainer.engine.name,
         "steps": {str(k): v for k, v in sorted(LOCAL["steps"].items())},
         "calls_per_step": counter.per_step if counter is not None else None,
+        "reused_sampling_pass": trainer.reused_sampling_pass,
         "logs": [h for h in trainer.state.log_history if "loss" in h],
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))

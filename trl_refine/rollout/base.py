@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -106,6 +107,9 @@ class RolloutOutput:
     completion_ids: torch.LongTensor  # [R, k]
     old_logps: torch.Tensor  # [R, k] log-prob of each sampled token under the sampling policy
     hidden_states: torch.Tensor  # [R, k, H] last-layer hidden state where rollout token i is the input
+    #: engine-specific part of the loss forward computed while sampling (with gradients), handed back to
+    #: `RolloutEngine.forward_train` as ``sampling_pass``; None unless ``generate`` was given a ``train_model``
+    sampling_pass: Any = None
 
 
 @dataclass
@@ -126,6 +130,9 @@ class RolloutEngine(ABC):
 
     #: short name used in configs and logs
     name: str = "base"
+    #: whether ``generate(..., train_model=...)`` can compute the loss forward's document pass while sampling, so
+    #: that ``forward_train(..., sampling_pass=...)`` does not run it again
+    reuses_sampling_pass: bool = False
 
     @abstractmethod
     def scan(self, model: torch.nn.Module, docs: DocumentBatch) -> ScanOutput:
@@ -138,8 +145,13 @@ class RolloutEngine(ABC):
         docs: DocumentBatch,
         plan: RolloutPlan,
         generator: torch.Generator | None = None,
+        train_model: torch.nn.Module | None = None,
     ) -> RolloutOutput:
-        """Sample G continuations of k tokens from every prefix (temperature 1, EOS does not stop)."""
+        """Sample G continuations of k tokens from every prefix (temperature 1, EOS does not stop).
+
+        With ``train_model`` (engines with ``reuses_sampling_pass`` only), the pass over the documents runs through
+        ``train_model`` with gradients and is returned as ``RolloutOutput.sampling_pass`` for `forward_train`; the
+        rollouts themselves are the same."""
 
     @abstractmethod
     def forward_train(
@@ -148,8 +160,10 @@ class RolloutEngine(ABC):
         docs: DocumentBatch,
         plan: RolloutPlan,
         completion_ids: torch.LongTensor,
+        sampling_pass: Any = None,
     ) -> TrainForward:
-        """Forward with gradients for the NTP term and the NSP term (gradient reaches the prefix)."""
+        """Forward with gradients for the NTP term and the NSP term (gradient reaches the prefix).
+        ``sampling_pass``: what ``generate(..., train_model=...)`` returned, reused instead of a second pass."""
 
     @classmethod
     def supports(cls, model: torch.nn.Module) -> tuple[bool, str]:

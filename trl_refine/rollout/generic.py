@@ -52,7 +52,11 @@ class GenericEngine(RolloutEngine):
     def scan(self, model, docs: DocumentBatch) -> ScanOutput:
         return teacher_forced_scan(model, docs)
 
-    def generate(self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None) -> RolloutOutput:
+    def generate(
+        self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None, train_model=None
+    ) -> RolloutOutput:
+        if train_model is not None:
+            raise ValueError("the generic engine does not reuse its sampling pass for the loss (train_model)")
         k = plan.rollout_length
         prefix, prefix_mask = prefix_rows(docs, plan, self.pad_token_id)
         noise = draw_noise(prefix.size(0), k, generator, prefix.device)
@@ -93,7 +97,11 @@ class GenericEngine(RolloutEngine):
         window = slice(width - 1, width - 1 + k)
         return logps[:, window], entropy[:, window], (hs[:, width : width + k] if hidden else None)
 
-    def forward_train(self, model, docs: DocumentBatch, plan: RolloutPlan, completion_ids) -> TrainForward:
+    def forward_train(
+        self, model, docs: DocumentBatch, plan: RolloutPlan, completion_ids, sampling_pass=None
+    ) -> TrainForward:
+        if sampling_pass is not None:
+            raise ValueError("the generic engine does not reuse its sampling pass for the loss (sampling_pass)")
         doc_logps, _, _ = score_tokens(model, docs.input_ids, docs.attention_mask, docs.label_mask())
         prefix, prefix_mask = prefix_rows(docs, plan, self.pad_token_id)
         logps, entropy, _ = self._score_rollouts(model, prefix, prefix_mask, completion_ids, hidden=False)

@@ -12,6 +12,12 @@ differentiable snapshots, so the policy gradient reaches the prefix through the 
 same segmented pass. Log-probs are computed from captured hidden states in checkpointed chunks
 (`lm_head_logps`), never as full ``[tokens, vocab]`` logits.
 
+When one generation batch serves exactly one micro-step (``steps_per_generation = num_iterations = 1``), nothing
+changes the weights between sampling and the loss, so the sampling segments can run with gradients and serve the
+loss as well (``generate(..., train_model=...)`` → ``forward_train(..., sampling_pass=...)``): n+1 model calls
+and one pass over the documents fewer per step, with the same rollouts, log-probs and gradients (the trainer's
+``nsp_reuse_sampling_pass``).
+
 Traps handled: HF gradient checkpointing would drop the cache (the trainer refuses it with this engine);
 ``use_cache=True`` is always passed with a cache; caches are always built from copies of snapshots (fla's
 single-token no-grad conv step writes in place); snapshot tensors carrying gradients are autograd outputs, so
@@ -20,20 +26,44 @@ fla's fused_recurrent backward sees an ``initial_state`` that requires grad.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from trl_refine.modeling_utils import capture_last_hidden_state, lm_head_logps, unwrap
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutOutput, RolloutPlan, ScanOutput, TrainForward
-from trl_refine.rollout.fsdp_head import hold_lm_head
+from trl_refine.rollout.fsdp_head import fsdp2_owner_of_lm_head, hold_lm_head
 from trl_refine.rollout.generic import teacher_forced_scan
 from trl_refine.rollout.sampling import draw_noise, sample_from_logits
 from trl_refine.rollout.state import State, state_adapter_for
+
+
+@dataclass
+class SamplingPass:
+    """The segmented pass of `SnapshotEngine.generate` run with gradients, kept for `forward_train`.
+
+    Valid once, for the model that ran it, while its parameters are unchanged (`usable_by`): anything else (a
+    recomputation on a stored batch, another model, weights updated in between) must run its own pass."""
+
+    snapshots: list[State]
+    doc_hidden: torch.Tensor  # [B, L, H], part of the graph
+    model: torch.nn.Module
+    param_versions: int  # sum of the parameters' in-place version counters when the pass ran
+    used: bool = False
+
+    def usable_by(self, model: torch.nn.Module) -> bool:
+        return not self.used and model is self.model and _param_versions(model) == self.param_versions
+
+
+def _param_versions(model: torch.nn.Module) -> int:
+    return sum(p._version for p in model.parameters())
 
 
 class SnapshotEngine(RolloutEngine):
     """Segmented single pass + batched branch decoding from recurrent-state snapshots."""
 
     name = "snapshot"
+    reuses_sampling_pass = True
 
     def __init__(self, pad_token_id: int = 0, adapter=None, checkpoint_segments: bool = False):
         self.pad_token_id = pad_token_id
@@ -153,20 +183,43 @@ class SnapshotEngine(RolloutEngine):
         return doc_hidden[plan.row_documents(), plan.row_positions()]
 
     # ------------------------------------------------------------------------------------------------------------------
-    def generate(self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None) -> RolloutOutput:
+    def generate(
+        self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None, train_model=None
+    ) -> RolloutOutput:
+        if train_model is not None and fsdp2_owner_of_lm_head(train_model) is not None:
+            raise ValueError(
+                "reusing the sampling pass for the loss is not supported under FSDP2 (the LM-head group would have to "
+                "stay gathered from sampling to the backward); set nsp_reuse_sampling_pass=False"
+            )
         with hold_lm_head(model):
-            return self._generate(model, docs, plan, generator)
+            return self._generate(model, docs, plan, generator, train_model)
 
-    def _generate(self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None) -> RolloutOutput:
+    def _generate(self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None, train_model=None):
+        sampling_pass = None
+        if train_model is None:
+            with torch.no_grad():
+                snapshots, doc_hidden = self.segmented_pass(model, docs, plan)
+        else:
+            # the loss forward's document pass, run now: same segments and weights (no optimizer step comes between
+            # sampling and the loss when a generation batch serves one micro-step), so forward_train reuses it
+            with torch.enable_grad():
+                snapshots, doc_hidden = self.segmented_pass(train_model, docs, plan)
+            sampling_pass = SamplingPass(snapshots, doc_hidden, train_model, _param_versions(train_model))
+        with torch.no_grad():
+            ids, logps, hidden = self._decode(model, snapshots, doc_hidden.detach(), plan, generator)
+        return RolloutOutput(ids, logps, hidden, sampling_pass=sampling_pass)
+
+    def _decode(self, model, snapshots: list[State], doc_hidden: torch.Tensor, plan: RolloutPlan, generator):
+        """k tokens for every rollout row: the first from the document logits at the prefix end, then k-1 decode
+        steps (plus one that reads the last token's hidden state) from copies of the snapshots."""
         k = plan.rollout_length
-        snapshots, doc_hidden = self.segmented_pass(model, docs, plan)
         head = unwrap(model).get_output_embeddings()
         # the weight, not the module: a module call would be a partial forward of FSDP2's [norm, head] group
         hidden = self._prefix_end_hidden(doc_hidden, plan).to(head.weight.dtype)
         logits = torch.nn.functional.linear(hidden, head.weight, getattr(head, "bias", None)).float()
         noise = draw_noise(plan.num_rows, k, generator, logits.device)
+        # a copy (index_select without grad): decoding updates the conv cache in place
         cache = self.adapter.build_cache(self._branch_rows(snapshots, plan))
-        del snapshots
         tokens, logps, hiddens = [], [], []
         with capture_last_hidden_state(model) as store:
             for i in range(k):
@@ -177,17 +230,30 @@ class SnapshotEngine(RolloutEngine):
                 hiddens.append(store["hidden"][:, -1])
                 cache = out.past_key_values
                 logits = out.logits[:, -1].float()
-        return RolloutOutput(torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(hiddens, 1))
+        return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(hiddens, 1)
 
-    def forward_train(self, model, docs: DocumentBatch, plan: RolloutPlan, completion_ids) -> TrainForward:
+    def forward_train(
+        self, model, docs: DocumentBatch, plan: RolloutPlan, completion_ids, sampling_pass=None
+    ) -> TrainForward:
         with hold_lm_head(model) as hold:  # the head weight is read again when the backward recomputes the chunks
-            out = self._forward_train(model, docs, plan, completion_ids)
+            out = self._forward_train(model, docs, plan, completion_ids, sampling_pass)
             hold.release_after_backward([out.doc_logps, out.rollout_logps])
         return out
 
-    def _forward_train(self, model, docs: DocumentBatch, plan: RolloutPlan, completion_ids) -> TrainForward:
+    def _forward_train(
+        self, model, docs: DocumentBatch, plan: RolloutPlan, completion_ids, sampling_pass: SamplingPass | None
+    ) -> TrainForward:
         k = plan.rollout_length
-        snapshots, doc_hidden = self.segmented_pass(model, docs, plan)
+        if sampling_pass is None:
+            snapshots, doc_hidden = self.segmented_pass(model, docs, plan)
+        else:
+            if not sampling_pass.usable_by(model):
+                raise ValueError(
+                    "this sampling pass cannot serve the loss: it was already used, or ran on another model or "
+                    "before the weights changed (check SamplingPass.usable_by(model) and pass sampling_pass=None)"
+                )
+            sampling_pass.used = True
+            snapshots, doc_hidden = sampling_pass.snapshots, sampling_pass.doc_hidden
         bsz, length = docs.input_ids.shape
         b, p = docs.label_mask().nonzero(as_tuple=True)
         lp, _ = lm_head_logps(model, doc_hidden[b, p], docs.input_ids[b, p + 1])
