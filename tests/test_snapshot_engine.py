@@ -343,3 +343,25 @@ def test_a_sampling_pass_serves_one_loss_of_its_own_model_with_unchanged_weights
     assert not out.sampling_pass.usable_by(model)
     with pytest.raises(ValueError, match="weights changed"):
         engine.forward_train(model, docs, plan, out.completion_ids, sampling_pass=out.sampling_pass)
+
+
+def test_trainer_warns_and_runs_its_own_pass_when_the_kept_pass_does_not_fit(tmp_path, byte_tokenizer, caplog):
+    import logging
+
+    ds = Dataset.from_dict({"text": documents(2)})
+    tr = NSPGRPOTrainer(
+        tiny_delta_net(seed=1), args=small_config(tmp_path), train_dataset=ds, processing_class=byte_tokenizer
+    )
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    per_doc = tr.args.nsp_num_chunks * tr.args.nsp_num_rollouts
+    inputs = tr._prepare_inputs([tr.train_dataset[0]] * per_doc)
+    assert "nsp_sampling_pass" in inputs
+    other = tiny_delta_net(seed=1)  # same weights, another object
+    other.train()
+    with caplog.at_level(logging.WARNING, logger="trl_refine"):
+        loss_other = tr.compute_loss(other, dict(inputs))
+    assert "could not be used" in caplog.text
+    loss = tr.compute_loss(tr.model, inputs)  # the pass itself, on the model that sampled
+    assert "nsp_sampling_pass" not in inputs  # popped: its graph does not stay in the buffered batch
+    assert loss.item() == pytest.approx(loss_other.item(), rel=1e-6)

@@ -363,6 +363,13 @@ class NSPGRPOTrainer(GRPOTrainer):
         # whose pass was used, or a call with another model, runs its own pass
         sampling_pass = inputs.pop(SAMPLING_PASS_KEY, None)
         if sampling_pass is not None and not sampling_pass.usable_by(model):
+            if not sampling_pass.used and not getattr(self, "_warned_unused_pass", False):
+                self._warned_unused_pass = True
+                logger.warning(
+                    "the sampling pass kept for the loss could not be used (the loss got another model object than "
+                    "the one that sampled, or the weights changed in between): the loss runs its own pass, and the "
+                    "sampling pass was built for nothing. Set nsp_reuse_sampling_pass=False."
+                )
             sampling_pass = None
         with self.accelerator.autocast():
             fwd = self.engine.forward_train(model, docs, plan, inputs["completion_ids"], sampling_pass=sampling_pass)
