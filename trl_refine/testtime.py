@@ -46,6 +46,7 @@ from trl_refine.losses import CLIP_EPSILON, DUAL_CLIP, masked_token_nll, ppo_cli
 from trl_refine.modeling_utils import ensure_fused_lm_head, score_tokens, unwrap
 from trl_refine.rewards import cosine_scores, exact_scores
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutPlan
+from trl_refine.rollout.fsdp_head import fsdp2_owner_of_lm_head
 from trl_refine.rollout.registry import build_engine
 from trl_refine.selection import select_positions
 
@@ -110,6 +111,13 @@ class TestTimeConfig:
     nsp_engine: str = field(default="auto", metadata={"help": "Rollout engine: auto, generic, snapshot."})
     nsp_generic_rows_per_call: int | None = field(
         default=None, metadata={"help": "Generic engine: rollout rows per no-grad call (memory cap)."}
+    )
+    nsp_reuse_sampling_pass: bool = field(
+        default=True,
+        metadata={
+            "help": "Snapshot engine, one prompt per optimizer step (mini-batch): the sampling segments run with "
+            "gradients and also serve the loss (n+1 model calls fewer; same result)."
+        },
     )
     max_prompt_tokens: int | None = field(
         default=None,
@@ -517,7 +525,15 @@ class TestTimeRefine:
                 generator=gens[0],
             )
             plan = RolloutPlan(positions, g, k)
-            rollout = engine.generate(model, docs, plan, gens[1])
+            # one prompt (no padding): its loss forward is exactly the sampling pass, run with gradients
+            reuse = (
+                cfg.nsp_reuse_sampling_pass
+                and engine.reuses_sampling_pass
+                and docs.batch_size == 1
+                and int(docs.first_valid[0]) == 0
+                and fsdp2_owner_of_lm_head(model) is None
+            )
+            rollout = engine.generate(model, docs, plan, gens[1], train_model=model if reuse else None)
             truth_ids = plan.ground_truth(docs)
             rewards = self._rewards(tok, docs, plan, scan, rollout, truth_ids, texts)
             advantages, _ = group_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards)
@@ -537,7 +553,9 @@ class TestTimeRefine:
             doc = DocumentBatch(docs.input_ids[b : b + 1, f:], docs.attention_mask[b : b + 1, f:])
             sub_plan = RolloutPlan(positions[b : b + 1] - f, g, k)
             rows = slice(b * per_doc, (b + 1) * per_doc)
-            fwd = engine.forward_train(model, doc, sub_plan, rollout.completion_ids[rows])
+            fwd = engine.forward_train(
+                model, doc, sub_plan, rollout.completion_ids[rows], sampling_pass=rollout.sampling_pass
+            )
             nll, _ = masked_token_nll(fwd.doc_logps, doc.label_mask())
             pg_sum, pg_stats = ppo_clip_loss(
                 fwd.rollout_logps.float(),
