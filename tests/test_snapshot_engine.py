@@ -225,10 +225,15 @@ def test_snapshot_equals_generic_on_lact():
     assert rel(grads[1], grads[0]) < 1e-4
 
 
-@pytest.mark.parametrize("checkpoint_segments", [False, True])
-def test_reused_sampling_pass_equals_two_passes(model, checkpoint_segments):
+@pytest.mark.parametrize("family, checkpoint_segments", [("delta_net", False), ("delta_net", True), ("lact", False)])
+def test_reused_sampling_pass_equals_two_passes(model, family, checkpoint_segments):
     """generate(train_model=...) + forward_train(sampling_pass=...) gives exactly what sampling without gradients and
     a second segmented pass give: the same rollouts, log-probs and parameter gradients, with n+1 model calls fewer."""
+    if family == "lact":  # left-padded packing instead of varlen
+        from trl_refine.modeling_utils import ensure_fused_lm_head
+
+        model = tiny_lact(seed=2)
+        ensure_fused_lm_head(model)
     docs = batch((150, 97, 150))
     k, n, g = 5, 4, 2
     engine = SnapshotEngine(checkpoint_segments=checkpoint_segments)
