@@ -206,20 +206,21 @@ class SnapshotEngine(RolloutEngine):
                 snapshots, doc_hidden = self.segmented_pass(train_model, docs, plan)
             sampling_pass = SamplingPass(snapshots, doc_hidden, train_model, _param_versions(train_model))
         with torch.no_grad():
-            ids, logps, hidden = self._decode(model, snapshots, doc_hidden.detach(), plan, generator)
+            # a copy (index_select without grad): decoding updates the conv cache in place
+            cache = self.adapter.build_cache(self._branch_rows(snapshots, plan))
+            del snapshots  # kept by the sampling pass if it is reused, freed before decoding otherwise
+            ids, logps, hidden = self._decode(model, cache, doc_hidden.detach(), plan, generator)
         return RolloutOutput(ids, logps, hidden, sampling_pass=sampling_pass)
 
-    def _decode(self, model, snapshots: list[State], doc_hidden: torch.Tensor, plan: RolloutPlan, generator):
-        """k tokens for every rollout row: the first from the document logits at the prefix end, then k-1 decode
-        steps (plus one that reads the last token's hidden state) from copies of the snapshots."""
+    def _decode(self, model, cache, doc_hidden: torch.Tensor, plan: RolloutPlan, generator):
+        """k tokens for every rollout row from its branch ``cache``: the first from the document logits at the prefix
+        end, then k-1 decode steps (plus one that reads the last token's hidden state)."""
         k = plan.rollout_length
         head = unwrap(model).get_output_embeddings()
         # the weight, not the module: a module call would be a partial forward of FSDP2's [norm, head] group
         hidden = self._prefix_end_hidden(doc_hidden, plan).to(head.weight.dtype)
         logits = torch.nn.functional.linear(hidden, head.weight, getattr(head, "bias", None)).float()
         noise = draw_noise(plan.num_rows, k, generator, logits.device)
-        # a copy (index_select without grad): decoding updates the conv cache in place
-        cache = self.adapter.build_cache(self._branch_rows(snapshots, plan))
         tokens, logps, hiddens = [], [], []
         with capture_last_hidden_state(model) as store:
             for i in range(k):
