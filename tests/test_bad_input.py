@@ -81,3 +81,38 @@ def test_invalid_config_in_trainer(tmp_path, byte_tokenizer):
             processing_class=byte_tokenizer,
             engine="snapshot",
         )
+
+
+class TrainableNoBackboneLM(NoBackboneLM):
+    def add_model_tags(self, tags):
+        pass
+
+
+def test_custom_reward_with_a_model_without_hidden_states_gets_none(tmp_path, byte_tokenizer, caplog):
+    import logging
+
+    def custom(prompts, completions, completion_ids, **kw):
+        return [0.0] * len(completions)
+
+    def marked(prompts, completions, completion_ids, **kw):
+        return [0.0] * len(completions)
+
+    marked.needs_hidden_states = True
+    ds = Dataset.from_dict({"text": documents(2)})
+    with caplog.at_level(logging.INFO, logger="trl_refine"):
+        tr = NSPGRPOTrainer(
+            TrainableNoBackboneLM(tiny_llama()),
+            reward_funcs=[custom],
+            args=small_config(tmp_path, nsp_engine="generic"),
+            train_dataset=ds,
+            processing_class=byte_tokenizer,
+        )
+    assert tr._needs_hidden is False and "rollout_hidden_states=None" in caplog.text
+    with pytest.raises(ValueError, match="hidden states"):  # a reward that declares it needs them fails early
+        NSPGRPOTrainer(
+            TrainableNoBackboneLM(tiny_llama()),
+            reward_funcs=[marked],
+            args=small_config(tmp_path, nsp_engine="generic"),
+            train_dataset=ds,
+            processing_class=byte_tokenizer,
+        )

@@ -370,3 +370,57 @@ def test_trainer_warns_and_runs_its_own_pass_when_the_kept_pass_does_not_fit(tmp
     loss = tr.compute_loss(tr.model, inputs)  # the pass itself, on the model that sampled
     assert "nsp_sampling_pass" not in inputs  # popped: its graph does not stay in the buffered batch
     assert loss.item() == pytest.approx(loss_other.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("engine_cls", [SnapshotEngine, GenericEngine])
+def test_without_hidden_states_the_rollouts_are_the_same_and_the_snapshot_engine_skips_a_call(model, engine_cls):
+    docs = batch((150, 97))
+    plan = RolloutPlan(torch.tensor([[40, 90], [70, 120]]), 2, 4)
+    engine = engine_cls()
+    calls = {"n": 0}
+    hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    outs, counts = [], []
+    try:
+        for need_hidden in (True, False):
+            calls["n"] = 0
+            with torch.no_grad():
+                outs.append(
+                    engine.generate(model, docs, plan, torch.Generator().manual_seed(3), need_hidden=need_hidden)
+                )
+            counts.append(calls["n"])
+    finally:
+        hook.remove()
+    with_h, without = outs
+    assert torch.equal(with_h.completion_ids, without.completion_ids)
+    assert torch.equal(with_h.old_logps, without.old_logps)
+    assert with_h.hidden_states is not None and without.hidden_states is None
+    # the snapshot engine's last decode call only computes the last token's hidden state
+    assert counts[0] - counts[1] == (1 if engine_cls is SnapshotEngine else 0)
+
+
+def test_rewards_get_hidden_states_only_when_some_reward_reads_them(tmp_path, byte_tokenizer):
+    seen = []
+
+    def custom(prompts, completions, completion_ids, rollout_hidden_states, ground_truth_hidden_states, **kw):
+        seen.append((rollout_hidden_states[0], ground_truth_hidden_states[0]))
+        return [0.0] * len(completions)
+
+    ds = Dataset.from_dict({"text": documents(2)})
+    runs = {}
+    for name, funcs, reward in (("exact", None, "exact"), ("custom", [custom], "exact")):
+        tr = NSPGRPOTrainer(
+            tiny_delta_net(seed=1),
+            reward_funcs=funcs,
+            args=small_config(tmp_path / name, max_steps=1, nsp_reward=reward),
+            train_dataset=ds,
+            processing_class=byte_tokenizer,
+        )
+        calls = []
+        tr.model.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        tr.train()
+        runs[name] = len(calls)
+    # the custom reward got real hidden states (the README's promise), [k, H] each
+    k = small_config(tmp_path).nsp_rollout_length
+    assert seen and all(r is not None and r.shape[0] == k and t.shape == r.shape for r, t in seen)
+    # the built-in exact reward alone needs none: one decode call fewer per step
+    assert runs["custom"] - runs["exact"] == 1

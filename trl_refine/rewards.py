@@ -8,7 +8,10 @@ rollout. Besides TRL's own keyword arguments, NSPGRPOTrainer passes, per rollout
 * ``rollout_hidden_states`` / ``ground_truth_hidden_states``: [k, H] last-layer hidden states (detached),
 * ``prefix_position``, ``chunk_index``, ``document_index``, and every column of the source dataset row.
 
-User callables should accept ``**kwargs`` and pick what they need.
+User callables should accept ``**kwargs`` and pick what they need. The hidden states are None when no reward needs
+them (the built-in exact reward alone: the engines then skip the decoding step that only computes them) or when a
+custom reward is used with a model that cannot provide them; mark a callable ``fn.needs_hidden_states = True`` to
+make that an error at construction instead.
 """
 
 from __future__ import annotations
@@ -76,5 +79,11 @@ def builtin_reward_funcs(name: str) -> tuple[list[Callable], list[float]]:
 
 
 def needs_hidden_states(reward_funcs: Sequence) -> bool:
-    """Whether any reward reads hidden states (only the built-in cosine/hybrid rewards are known to)."""
-    return any(f in (cosine_reward, hybrid_reward) for f in reward_funcs)
+    """Whether some reward must get hidden states: the built-in cosine / hybrid rewards, and any callable marked
+    ``fn.needs_hidden_states = True`` (then a model that cannot provide them fails at construction)."""
+    return any(f in (cosine_reward, hybrid_reward) or getattr(f, "needs_hidden_states", False) for f in reward_funcs)
+
+
+def has_custom_rewards(reward_funcs: Sequence) -> bool:
+    """Whether a reward is not one of the built-ins (it gets hidden states whenever the model provides them)."""
+    return any(f not in (cosine_reward, hybrid_reward, exact_match_reward) for f in reward_funcs)

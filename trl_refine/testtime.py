@@ -533,7 +533,11 @@ class TestTimeRefine:
                 and int(docs.first_valid[0]) == 0
                 and fsdp2_owner_of_lm_head(model) is None
             )
-            rollout = engine.generate(model, docs, plan, gens[1], train_model=model if reuse else None)
+            # custom rewards always get hidden states here; the built-in exact reward reads none
+            need_hidden = self.reward_funcs is not None or cfg.nsp_reward != "exact"
+            rollout = engine.generate(
+                model, docs, plan, gens[1], train_model=model if reuse else None, need_hidden=need_hidden
+            )
             truth_ids = plan.ground_truth(docs)
             rewards = self._rewards(tok, docs, plan, scan, rollout, truth_ids, texts)
             advantages, _ = group_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards)

@@ -22,7 +22,7 @@ from trl_refine.advantages import group_advantages
 from trl_refine.config import NSPGRPOConfig
 from trl_refine.data import check_tokenizer, tokenize_documents
 from trl_refine.modeling_utils import backbone_of, capture_last_hidden_state, unwrap
-from trl_refine.rewards import builtin_reward_funcs, needs_hidden_states
+from trl_refine.rewards import builtin_reward_funcs, has_custom_rewards, needs_hidden_states
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutPlan
 from trl_refine.rollout.fsdp_head import fsdp2_owner_of_lm_head
 from trl_refine.rollout.registry import build_engine
@@ -119,9 +119,17 @@ class NSPGRPOTrainer(GRPOTrainer):
         elif self.eval_dataset is not None:
             self.eval_dataset = tokenize_documents(self.eval_dataset, name="eval_dataset", **prep)
 
+        # hidden states for the rewards: required by the cosine / hybrid rewards (and callables marked
+        # `needs_hidden_states`), given to other custom rewards when the model provides them, skipped otherwise
         self._needs_hidden = needs_hidden_states(self.reward_funcs)
         if self._needs_hidden:
             check_model_hidden_states(self.model, self.accelerator.device)
+        elif has_custom_rewards(self.reward_funcs):
+            try:
+                check_model_hidden_states(self.model, self.accelerator.device)
+                self._needs_hidden = True
+            except ValueError as err:
+                logger.info("custom rewards get rollout_hidden_states=None: %s", str(err).split(". ")[0])
         if isinstance(engine, RolloutEngine):
             self.engine = engine
         else:
@@ -254,7 +262,12 @@ class NSPGRPOTrainer(GRPOTrainer):
             plan = RolloutPlan(positions, g, k)
             train_model = self.model_wrapped if self._reuses_sampling_pass() else None
             rollout = self.engine.generate(
-                unwrapped, docs, plan, self._rollout_generator(mode, stream=1), train_model=train_model
+                unwrapped,
+                docs,
+                plan,
+                self._rollout_generator(mode, stream=1),
+                train_model=train_model,
+                need_hidden=self._needs_hidden,
             )
 
         truth_ids = plan.ground_truth(docs)

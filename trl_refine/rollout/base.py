@@ -106,7 +106,7 @@ class RolloutOutput:
 
     completion_ids: torch.LongTensor  # [R, k]
     old_logps: torch.Tensor  # [R, k] log-prob of each sampled token under the sampling policy
-    hidden_states: torch.Tensor  # [R, k, H] last-layer hidden state where rollout token i is the input
+    hidden_states: torch.Tensor | None  # [R, k, H] last-layer hidden state where rollout token i is the input
     #: engine-specific part of the loss forward computed while sampling (with gradients), handed back to
     #: `RolloutEngine.forward_train` as ``sampling_pass``; None unless ``generate`` was given a ``train_model``
     sampling_pass: Any = None
@@ -146,12 +146,14 @@ class RolloutEngine(ABC):
         plan: RolloutPlan,
         generator: torch.Generator | None = None,
         train_model: torch.nn.Module | None = None,
+        need_hidden: bool = True,
     ) -> RolloutOutput:
         """Sample G continuations of k tokens from every prefix (temperature 1, EOS does not stop).
 
         With ``train_model`` (engines with ``reuses_sampling_pass`` only), the pass over the documents runs through
         ``train_model`` with gradients and is returned as ``RolloutOutput.sampling_pass`` for `forward_train`; the
-        rollouts themselves are the same."""
+        rollouts themselves are the same. ``need_hidden=False``: no reward reads the rollouts' hidden states, so
+        ``RolloutOutput.hidden_states`` is None and the work that only computes them may be skipped."""
 
     @abstractmethod
     def forward_train(

@@ -53,7 +53,7 @@ class GenericEngine(RolloutEngine):
         return teacher_forced_scan(model, docs)
 
     def generate(
-        self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None, train_model=None
+        self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None, train_model=None, need_hidden=True
     ) -> RolloutOutput:
         if train_model is not None:
             raise ValueError("the generic engine does not reuse its sampling pass for the loss (train_model)")
@@ -66,10 +66,12 @@ class GenericEngine(RolloutEngine):
         completion_ids = torch.cat(completions)
         old_logps, hidden = [], []
         for rows in _chunks(prefix.size(0), self.rows_per_call):
-            lp, _, hs = self._score_rollouts(model, prefix[rows], prefix_mask[rows], completion_ids[rows], hidden=True)
+            lp, _, hs = self._score_rollouts(
+                model, prefix[rows], prefix_mask[rows], completion_ids[rows], hidden=need_hidden
+            )
             old_logps.append(lp)
             hidden.append(hs)
-        return RolloutOutput(completion_ids, torch.cat(old_logps).float(), torch.cat(hidden))
+        return RolloutOutput(completion_ids, torch.cat(old_logps).float(), torch.cat(hidden) if need_hidden else None)
 
     @staticmethod
     def _sample(model, ids, mask, noise, k) -> torch.Tensor:

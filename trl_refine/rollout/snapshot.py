@@ -184,7 +184,7 @@ class SnapshotEngine(RolloutEngine):
 
     # ------------------------------------------------------------------------------------------------------------------
     def generate(
-        self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None, train_model=None
+        self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None, train_model=None, need_hidden=True
     ) -> RolloutOutput:
         if train_model is not None and fsdp2_owner_of_lm_head(train_model) is not None:
             raise ValueError(
@@ -192,9 +192,9 @@ class SnapshotEngine(RolloutEngine):
                 "stay gathered from sampling to the backward); set nsp_reuse_sampling_pass=False"
             )
         with hold_lm_head(model):
-            return self._generate(model, docs, plan, generator, train_model)
+            return self._generate(model, docs, plan, generator, train_model, need_hidden)
 
-    def _generate(self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None, train_model=None):
+    def _generate(self, model, docs: DocumentBatch, plan: RolloutPlan, generator, train_model, need_hidden: bool):
         sampling_pass = None
         if train_model is None:
             with torch.no_grad():
@@ -209,12 +209,13 @@ class SnapshotEngine(RolloutEngine):
             # a copy (index_select without grad): decoding updates the conv cache in place
             cache = self.adapter.build_cache(self._branch_rows(snapshots, plan))
             del snapshots  # kept by the sampling pass if it is reused, freed before decoding otherwise
-            ids, logps, hidden = self._decode(model, cache, doc_hidden.detach(), plan, generator)
+            ids, logps, hidden = self._decode(model, cache, doc_hidden.detach(), plan, generator, need_hidden)
         return RolloutOutput(ids, logps, hidden, sampling_pass=sampling_pass)
 
-    def _decode(self, model, cache, doc_hidden: torch.Tensor, plan: RolloutPlan, generator):
+    def _decode(self, model, cache, doc_hidden: torch.Tensor, plan: RolloutPlan, generator, need_hidden: bool):
         """k tokens for every rollout row from its branch ``cache``: the first from the document logits at the prefix
-        end, then k-1 decode steps (plus one that reads the last token's hidden state)."""
+        end, then k-1 decode steps, plus one that only reads the last token's hidden state (skipped without
+        ``need_hidden``)."""
         k = plan.rollout_length
         head = unwrap(model).get_output_embeddings()
         # the weight, not the module: a module call would be a partial forward of FSDP2's [norm, head] group
@@ -227,11 +228,14 @@ class SnapshotEngine(RolloutEngine):
                 tok = sample_from_logits(logits, noise[:, i])
                 tokens.append(tok)
                 logps.append(torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1))
+                if i == k - 1 and not need_hidden:
+                    break  # that call would only give the last token's hidden state
                 out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True)
                 hiddens.append(store["hidden"][:, -1])
                 cache = out.past_key_values
                 logits = out.logits[:, -1].float()
-        return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(hiddens, 1)
+        hidden = torch.stack(hiddens, 1) if need_hidden else None
+        return torch.stack(tokens, 1), torch.stack(logps, 1), hidden
 
     def forward_train(
         self, model, docs: DocumentBatch, plan: RolloutPlan, completion_ids, sampling_pass=None
