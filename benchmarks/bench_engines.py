@@ -142,6 +142,21 @@ def refine_step(engine, mark=None, reuse: bool = False):
     return step
 
 
+def one_step_parser(out: str) -> argparse.ArgumentParser:
+    """Arguments of the one-step scripts (`profile_snapshot.py`, `sync_sites.py`): the step's geometry and model."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--rollouts", type=int, default=8)
+    p.add_argument("--docs", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--model", default="fla")
+    p.add_argument("--out", default=out)
+    return p
+
+
 def timed(step, model, opt, docs, n, g, k, repeats):
     sync()
     if DEVICE == "cuda":

@@ -9,12 +9,11 @@ launches and of host-device synchronisations, and the top operators by self CPU 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
-from bench_engines import build_model, documents, refine_step, sync
+from bench_engines import build_model, documents, one_step_parser, refine_step, sync
 
 from trl_refine.rollout import SnapshotEngine
 
@@ -35,17 +34,7 @@ def phases(model, opt, engine, docs, n, g, k, reuse=False) -> dict[str, float]:
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--length", type=int, default=8192)
-    p.add_argument("--rollouts", type=int, default=8)
-    p.add_argument("--docs", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--model", default="fla")
-    p.add_argument("--out", default="profile_snapshot.json")
-    p.add_argument("--stacks", action="store_true", help="record Python stacks: where the host syncs come from")
+    p = one_step_parser("profile_snapshot.json")
     p.add_argument(
         "--reuse", action="store_true", help="reuse the sampling pass for the loss (nsp_reuse_sampling_pass)"
     )
@@ -65,7 +54,7 @@ def main():
     model_calls = calls["n"]
     print(json.dumps({"phase_seconds": timing, "model_calls_per_step": model_calls}), flush=True)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts, with_stack=args.stacks) as prof:
+    with torch.profiler.profile(activities=acts) as prof:
         phases(model, opt, engine, docs, n, args.rollouts, k, args.reuse)
         sync()
     events = prof.key_averages()
@@ -98,12 +87,6 @@ def main():
             for e in top
         ],
     }
-    if args.stacks:  # the Python call sites of the host-device synchronisations
-        result["sync_sites"] = [
-            {"op": e.key, "count": e.count, "stack": e.stack[:8]}
-            for e in sorted(prof.key_averages(group_by_stack_n=8), key=lambda e: e.count, reverse=True)
-            if e.key in ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize") and e.stack
-        ][:20]
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps({k: v for k, v in result.items() if k != "top_self_cpu"}, indent=1))

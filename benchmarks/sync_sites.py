@@ -9,14 +9,14 @@ in fla, trl_refine, transformers and torch. Prints the call sites by count.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
+import time
 import traceback
 import warnings
 
 import torch
-from bench_engines import build_model, documents, refine_step, sync
+from bench_engines import build_model, documents, one_step_parser, refine_step, sync
 
 from trl_refine.rollout import SnapshotEngine
 
@@ -30,24 +30,13 @@ def site(stack: list[traceback.FrameSummary]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--length", type=int, default=8192)
-    p.add_argument("--rollouts", type=int, default=8)
-    p.add_argument("--docs", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--model", default="fla")
-    p.add_argument("--out", default="sync_sites.json")
+    p = one_step_parser("sync_sites.json")
     args = p.parse_args()
     n, k = 8, 5
     model = build_model(args)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
     docs = documents(args.docs, args.length, args.vocab)
     step = refine_step(SnapshotEngine())
-    import time
-
     t0 = time.perf_counter()
     step(model, opt, docs, n, args.rollouts, k)  # warm-up (compilation, autotuning)
     sync()

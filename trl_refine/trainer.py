@@ -125,11 +125,10 @@ class NSPGRPOTrainer(GRPOTrainer):
         if self._needs_hidden:
             check_model_hidden_states(self.model, self.accelerator.device)
         elif has_custom_rewards(self.reward_funcs):
-            try:
-                check_model_hidden_states(self.model, self.accelerator.device)
-                self._needs_hidden = True
-            except ValueError as err:
-                logger.info("custom rewards get rollout_hidden_states=None: %s", str(err).split(". ")[0])
+            problem = hidden_states_problem(self.model, self.accelerator.device)
+            self._needs_hidden = problem is None
+            if problem is not None:
+                logger.info("custom rewards get rollout_hidden_states=None: %s", problem)
         if isinstance(engine, RolloutEngine):
             self.engine = engine
         else:
@@ -155,8 +154,10 @@ class NSPGRPOTrainer(GRPOTrainer):
                 f"{self.engine.name} engine. Set activation_checkpointing=False or nsp_engine='generic'."
             )
         self._nsp_precomputed: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        #: whether the last training generation let the loss reuse the engine's sampling pass (None: not yet decided)
+        #: whether training generations let the loss reuse the engine's sampling pass (None: not yet decided)
         self.reused_sampling_pass: bool | None = None
+        self._reuse_decided_for: torch.nn.Module | None = None  # the wrapped model the decision was made for
+        self._warned_unused_pass = False
 
     # ------------------------------------------------------------------------------------------------------------------
     # batching
@@ -195,6 +196,9 @@ class NSPGRPOTrainer(GRPOTrainer):
         args = self.args
         if not (args.nsp_reuse_sampling_pass and self.model.training and self.engine.reuses_sampling_pass):
             return False
+        if self._reuse_decided_for is self.model_wrapped:  # config and wrapping only: decided once
+            return bool(self.reused_sampling_pass)
+        self._reuse_decided_for = self.model_wrapped
         why = None
         if args.steps_per_generation * self.num_iterations != 1:
             why = (
@@ -204,13 +208,12 @@ class NSPGRPOTrainer(GRPOTrainer):
             )
         elif fsdp2_owner_of_lm_head(self.model_wrapped) is not None:
             why = "the model is sharded by FSDP2"
-        if self.reused_sampling_pass is None:
-            if why is None:
-                logger.info(
-                    "the %s engine's sampling pass also serves the loss (nsp_reuse_sampling_pass)", self.engine.name
-                )
-            else:
-                logger.info("nsp_reuse_sampling_pass does not apply: %s; the loss runs its own pass", why)
+        if why is None:
+            logger.info(
+                "the %s engine's sampling pass also serves the loss (nsp_reuse_sampling_pass)", self.engine.name
+            )
+        else:
+            logger.info("nsp_reuse_sampling_pass does not apply: %s; the loss runs its own pass", why)
         self.reused_sampling_pass = why is None
         return why is None
 
@@ -376,7 +379,7 @@ class NSPGRPOTrainer(GRPOTrainer):
         # whose pass was used, or a call with another model, runs its own pass
         sampling_pass = inputs.pop(SAMPLING_PASS_KEY, None)
         if sampling_pass is not None and not sampling_pass.usable_by(model):
-            if not sampling_pass.used and not getattr(self, "_warned_unused_pass", False):
+            if not sampling_pass.used and not self._warned_unused_pass:
                 self._warned_unused_pass = True
                 logger.warning(
                     "the sampling pass kept for the loss could not be used (the loss got another model object than "
@@ -452,30 +455,36 @@ def split_by_documents(batch: dict[str, Any], num_splits: int) -> list[dict[str,
 
 
 def check_model_hidden_states(model: torch.nn.Module, device: torch.device | None = None) -> None:
-    """Fail early if the model cannot expose last-layer hidden states (needed by the cosine / hybrid rewards).
+    """Fail early if the model cannot expose last-layer hidden states (needed by the cosine / hybrid rewards)."""
+    problem = hidden_states_problem(model, device)
+    if problem is not None:
+        raise ValueError(f"{problem}. Use nsp_reward='exact' or pass reward_funcs that do not read hidden states.")
+
+
+def hidden_states_problem(model: torch.nn.Module, device: torch.device | None = None) -> str | None:
+    """Why the model cannot expose last-layer hidden states, or None if it can.
 
     The probe forward runs only where the weights already are on ``device`` (the run's device): under FSDP and
     DeepSpeed the model is still on the CPU when the trainer is built, and GPU-only kernels (fla) cannot run there;
     then only the structure is checked here."""
     base = unwrap(model)
-    backbone = backbone_of(base)
-    fix = "Use nsp_reward='exact' or pass reward_funcs that do not read hidden states."
-    if backbone is base:
-        raise ValueError(
+    if backbone_of(base) is base:
+        return (
             f"{type(base).__name__} has no separate backbone (`base_model`), so its last-layer hidden states cannot be "
-            f"captured for the cosine reward. {fix}"
+            "captured for the cosine reward"
         )
     param = next(base.parameters(), None)
     if param is None or param.device.type == "meta" or hasattr(param, "ds_id"):
-        return  # no weights to run yet (meta device, or partitioned by DeepSpeed ZeRO-3's zero.Init at load time)
+        return None  # no weights to run yet (meta device, or partitioned by DeepSpeed ZeRO-3's zero.Init at load time)
     if device is not None and param.device.type != torch.device(device).type:
-        return  # not placed yet (FSDP / DeepSpeed move the model later)
+        return None  # not placed yet (FSDP / DeepSpeed move the model later)
     probe = torch.zeros((1, 2), dtype=torch.long, device=param.device)
     with torch.no_grad(), capture_last_hidden_state(base) as store:
         base(input_ids=probe)
     hidden = store.get("hidden")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[:2] != probe.shape:
-        raise ValueError(
+        return (
             f"{type(base).__name__}'s backbone does not return last-layer hidden states of shape [batch, length, "
-            f"hidden] (got {type(hidden).__name__}). {fix}"
+            f"hidden] (got {type(hidden).__name__})"
         )
+    return None
