@@ -43,14 +43,6 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 
 
 @dataclass
-class TesttimeModelArguments(ModelArguments):
-    torch_dtype: str = field(
-        default="float32",
-        metadata={"help": "Weights dtype. float32 (default) + mixed_precision bf16: lr 1e-6 updates vanish in bf16."},
-    )
-
-
-@dataclass
 class TesttimeArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Passed to from_pretrained."})
     dataset_name: str | None = field(
@@ -82,7 +74,7 @@ class TesttimeArguments:
     quick: bool = field(default=False, metadata={"help": "Shorten for CI: 3 examples, 8 answer tokens, 1 step."})
 
 
-ARGUMENT_CLASSES = (TesttimeModelArguments, TesttimeArguments, TestTimeConfig)  # parsed by main(), in this order
+ARGUMENT_CLASSES = (ModelArguments, TesttimeArguments, TestTimeConfig)  # parsed by main(), in this order
 
 
 def load_sets(script: TesttimeArguments, cfg: TestTimeConfig) -> dict:

@@ -27,7 +27,13 @@ class ModelArguments:
         default=None, metadata={"help": "Hub id or local path. None: a small random model built from tiny_* options."}
     )
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to the model's."})
-    torch_dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32."})
+    torch_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Weights dtype: float32 (default: fp32 master weights; compute in bf16 with bf16=true, as the "
+            "official release), bfloat16, float16 or auto (the checkpoint's). lr-1e-6 updates vanish in bf16 weights."
+        },
+    )
     tiny_model_type: str = field(
         default="refine_delta_net",
         metadata={

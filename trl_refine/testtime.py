@@ -44,6 +44,7 @@ from trl_refine.config import (
 )
 from trl_refine.losses import CLIP_EPSILON, DUAL_CLIP, masked_token_nll, ppo_clip_loss
 from trl_refine.modeling_utils import ensure_fused_lm_head, score_tokens, unwrap
+from trl_refine.precision import warn_if_updates_vanish
 from trl_refine.rewards import cosine_scores, exact_scores
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutPlan
 from trl_refine.rollout.fsdp_head import fsdp2_owner_of_lm_head
@@ -318,6 +319,7 @@ class TestTimeRefine:
         self._engine: RolloutEngine | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._optimizer_model: int | None = None
+        self._precision_checked_for: int | None = None  # the model whose weight precision was checked (warned once)
         self.history: list[dict[str, Any]] = []
 
     # -- public --------------------------------------------------------------------------------------------------------
@@ -413,6 +415,9 @@ class TestTimeRefine:
     def _get_optimizer(self, model, params) -> torch.optim.Optimizer:
         cfg = self.config
         if self._optimizer is None or self._optimizer_model != id(model):
+            if self._precision_checked_for != id(model):
+                self._precision_checked_for = id(model)
+                warn_if_updates_vanish(model, cfg.learning_rate)
             self._optimizer = torch.optim.AdamW(
                 params,
                 lr=cfg.learning_rate,

@@ -22,6 +22,7 @@ from trl_refine.advantages import group_advantages
 from trl_refine.config import NSPGRPOConfig
 from trl_refine.data import check_tokenizer, tokenize_documents
 from trl_refine.modeling_utils import backbone_of, capture_last_hidden_state, unwrap
+from trl_refine.precision import warn_if_updates_vanish
 from trl_refine.rewards import builtin_reward_funcs, has_custom_rewards, needs_hidden_states
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutPlan
 from trl_refine.rollout.fsdp_head import fsdp2_owner_of_lm_head
@@ -101,6 +102,7 @@ class NSPGRPOTrainer(GRPOTrainer):
             peft_config=peft_config,
         )
         check_trainer_attributes(self)
+        warn_if_updates_vanish(self.model, args.learning_rate)
         self.tokenizer_ = getattr(self.processing_class, "tokenizer", self.processing_class)
         check_tokenizer(self.tokenizer_)
         prep = {
