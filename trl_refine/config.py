@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from trl_refine.grpo_options import check_grpo_options
+
 SELECTION_STRATEGIES = ("entropy", "uniform", "argmax", "argmin")
 REWARDS = ("cosine", "exact", "hybrid")
 GROUPINGS = ("document", "prefix")
@@ -148,6 +150,7 @@ class NSPGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         self._validate_nsp()
+        check_grpo_options(self)
         rows = self.nsp_num_chunks * self.nsp_num_rollouts
         for name in ("num_generations", "num_generations_eval"):
             value = getattr(self, name)

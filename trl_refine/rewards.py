@@ -87,3 +87,32 @@ def needs_hidden_states(reward_funcs: Sequence) -> bool:
 def has_custom_rewards(reward_funcs: Sequence) -> bool:
     """Whether a reward is not one of the built-ins (it gets hidden states whenever the model provides them)."""
     return any(f not in (cosine_reward, hybrid_reward, exact_match_reward) for f in reward_funcs)
+
+
+#: names accepted in ``reward_funcs`` for the built-in rewards
+BUILTIN_REWARDS: dict[str, Callable] = {
+    "cosine": cosine_reward,
+    "exact": exact_match_reward,
+    "exact_match": exact_match_reward,
+    "hybrid": hybrid_reward,
+}
+
+
+def resolve_reward_funcs(reward_funcs):
+    """Map built-in reward names in ``reward_funcs`` (a string or a list) to the functions, before TRL reads a string
+    as a reward-model id and goes to the Hub. Other strings are refused: pass a loaded model or a callable."""
+    if reward_funcs is None:
+        return None
+    single = not isinstance(reward_funcs, (list, tuple))
+    resolved = []
+    for func in [reward_funcs] if single else reward_funcs:
+        if isinstance(func, str):
+            if func not in BUILTIN_REWARDS:
+                raise ValueError(
+                    f"reward_funcs entry {func!r} is not a built-in reward ({', '.join(BUILTIN_REWARDS)}). "
+                    "NSPGRPOTrainer does not download reward models from a name: pass a callable with TRL's reward "
+                    "signature, or load the model (AutoModelForSequenceClassification.from_pretrained) and pass it."
+                )
+            func = BUILTIN_REWARDS[func]
+        resolved.append(func)
+    return resolved[0] if single else resolved

@@ -10,6 +10,7 @@ per group. The loss is ``ntp_coef · CE(document) + nsp_coef · PPO-clip`` where
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -21,9 +22,11 @@ from trl_refine._compat import GRPOTrainer, check_trainer_attributes, unwrap_mod
 from trl_refine.advantages import group_advantages
 from trl_refine.config import NSPGRPOConfig
 from trl_refine.data import check_tokenizer, tokenize_documents
+from trl_refine.model_card import build_model_card
+from trl_refine.model_loading import load_causal_lm
 from trl_refine.modeling_utils import backbone_of, capture_last_hidden_state, unwrap
 from trl_refine.precision import warn_if_updates_vanish
-from trl_refine.rewards import builtin_reward_funcs, has_custom_rewards, needs_hidden_states
+from trl_refine.rewards import builtin_reward_funcs, has_custom_rewards, needs_hidden_states, resolve_reward_funcs
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutPlan
 from trl_refine.rollout.fsdp_head import fsdp2_owner_of_lm_head
 from trl_refine.rollout.registry import build_engine
@@ -85,22 +88,30 @@ class NSPGRPOTrainer(GRPOTrainer):
             )
         if processing_class is not None:
             check_tokenizer(getattr(processing_class, "tokenizer", processing_class))
+        reward_funcs = resolve_reward_funcs(reward_funcs)
         if reward_funcs is None:
             reward_funcs, weights = builtin_reward_funcs(args.nsp_reward)
             if args.reward_weights is None:
                 args.reward_weights = weights
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-        )
+        init_kwargs = args.model_init_kwargs
+        if isinstance(model, str):  # TRL's create_model_from_path cannot resolve Auto-registered model types
+            model = load_causal_lm(model, {"trust_remote_code": args.trust_remote_code, **(init_kwargs or {})})
+            args.model_init_kwargs = None  # used; TRL would warn that they are ignored for an instance
+        try:
+            super().__init__(
+                model=model,
+                reward_funcs=reward_funcs,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                reward_processing_classes=reward_processing_classes,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                peft_config=peft_config,
+            )
+        finally:
+            args.model_init_kwargs = init_kwargs
         check_trainer_attributes(self)
         warn_if_updates_vanish(self.model, args.learning_rate)
         self.tokenizer_ = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -160,6 +171,25 @@ class NSPGRPOTrainer(GRPOTrainer):
         self.reused_sampling_pass: bool | None = None
         self._reuse_decided_for: torch.nn.Module | None = None  # the wrapped model the decision was made for
         self._warned_unused_pass = False
+
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ) -> None:
+        """Write README.md in ``output_dir``: the base model, a quick start that loads our model types, ReFINE's
+        citation (TRL's card names no base model for local checkpoints and its quick start needs the import)."""
+        if not self.is_world_process_zero():
+            return
+        tags = {tags} if isinstance(tags, str) else set(tags or ())
+        card = build_model_card(
+            unwrap(self.model),
+            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            hub_model_id=self.hub_model_id,
+            output_dir=self.args.output_dir,
+            trainer_name=self._name,
+            dataset_name=dataset_name,
+            tags=sorted(tags | set(self._tag_names)),
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     # ------------------------------------------------------------------------------------------------------------------
     # batching

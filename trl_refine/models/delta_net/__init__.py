@@ -21,6 +21,10 @@ from .modeling_delta_net import (
 AutoConfig.register(RefDeltaNetConfig.model_type, RefDeltaNetConfig, exist_ok=True)
 AutoModel.register(RefDeltaNetConfig, RefDeltaNetModel, exist_ok=True)
 AutoModelForCausalLM.register(RefDeltaNetConfig, RefDeltaNetForCausalLM, exist_ok=True)
+# saved checkpoints carry this code and an ``auto_map``: they load anywhere with trust_remote_code=True
+RefDeltaNetConfig.register_for_auto_class()
+RefDeltaNetModel.register_for_auto_class("AutoModel")
+RefDeltaNetForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "RefDeltaNetConfig",

@@ -30,6 +30,10 @@ from .state import (
 AutoConfig.register(LaCTConfig.model_type, LaCTConfig, exist_ok=True)
 AutoModel.register(LaCTConfig, LaCTModel, exist_ok=True)
 AutoModelForCausalLM.register(LaCTConfig, LaCTForCausalLM, exist_ok=True)
+# saved checkpoints carry this code and an ``auto_map``: they load anywhere with trust_remote_code=True
+LaCTConfig.register_for_auto_class()
+LaCTModel.register_for_auto_class("AutoModel")
+LaCTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "LaCTCache",
