@@ -119,14 +119,19 @@ def test_code_similarity_hand_values():
     # LCS("abcd", "abce") = 3 -> 2 * 3 / 8 = 0.75
     assert indel_ratio("abcd", "abce") == pytest.approx(0.75)
     # LCS("kitten", "sitting") = "ittn" = 4 -> 8 / 13 = 0.615 -> fuzz.ratio 62
-    assert fuzz_ratio("kitten", "sitting") == 62
+    assert fuzz_ratio("kitten", "sitting", backend="levenshtein") == 62
     assert fuzz_ratio("", "") == 100 and fuzz_ratio("", "a") == 0
     # the first line without `, # or // is compared
     assert code_sim_score("# a comment\n\tx = f(y)\nmore", "\tx = f(y)") == 1.0
     assert code_sim_score("\n\nreturn a", "return b") == pytest.approx(fuzz_ratio("return a", "return b") / 100)
-    assert code_sim_score("// only\n```", "x = 1") == 0.0  # no code line at all -> "" (THUDM)
-    assert code_sim_score("x = 1", "x = 1", backend="difflib") == 1.0
-    assert 0.0 < code_sim_score("x = 10", "x = 1", backend="difflib") < 1.0
+    assert code_sim_score("// only\n```", "x = 1", variant="thudm") == 0.0  # no code line -> "" (THUDM)
+    # the release keeps the whole response when no line qualifies
+    assert code_sim_score("# x = 1", "# x = 1") == 1.0
+    assert code_sim_score("# x = 1", "# x = 1", variant="thudm") == 0.0
+    assert code_sim_score("x = 1", "x = 1") == 1.0
+    assert 0.0 < code_sim_score("x = 10", "x = 1") < 1.0
+    with pytest.raises(ValueError, match="thudm"):
+        code_sim_score("a", "b", variant="levenshtein")
 
 
 def test_classification_retrieval_count_hand_values():
@@ -193,10 +198,13 @@ def test_longbench_gold_scores_one_and_wrong_scores_zero(task):
     assert set(df["task"]) == {task}
     gold_scores = [longbench_score(task, a[0], a) for a in answers]
     if task == "lcc":
-        # LongBench skips lines containing `, # or //: a gold line with such a character scores 0 against itself
+        # a gold line containing `, # or // is skipped: THUDM compares "" and scores 0, the release compares the whole
+        # response and scores 1
         commented = [any(c in a[0] for c in ("`", "#", "//")) for a in answers]
         assert sum(commented) == 4
-        assert all(s == 0.0 if c else s == 1.0 for s, c in zip(gold_scores, commented))
+        assert gold_scores == [1.0] * len(answers)
+        thudm = [longbench_score(task, a[0], a, code_sim="thudm") for a in answers]
+        assert all(s == 0.0 if c else s == 1.0 for s, c in zip(thudm, commented))
     elif task == "samsum":
         # the prediction is stripped, the gold is not: a gold with a trailing space has one more "sentence" (an
         # empty word) in the rouge package's split, so it scores a bit under 1 against itself (as in LongBench)
@@ -212,23 +220,84 @@ def test_longbench_gold_scores_one_and_wrong_scores_zero(task):
             assert longbench_score(task, b[0], a) == (1.0 if a[0] == b[0] else 0.0)
 
 
-# ------------------------------------------------------------------------------- cross-check, if the packages exist
+# ------------------------------------------------------------------- our scores equal the packages' (the release's)
 
 
-def test_rouge_matches_the_rouge_package_if_installed():
-    rouge = pytest.importorskip("rouge")
+def fuzzywuzzy_without_levenshtein():
+    """``fuzzywuzzy.fuzz`` as the release's environment imports it: python-Levenshtein absent -> difflib.
+    ``sys.modules`` is restored afterwards, so later importers get the python-Levenshtein build again."""
+    import importlib
+    import sys
+    import warnings
+
+    saved = {m: mod for m, mod in sys.modules.items() if m.startswith("fuzzywuzzy") or m == "Levenshtein"}
+    for name in saved:
+        del sys.modules[name]
+    sys.modules["Levenshtein"] = None  # the import fails, as when it is not installed
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.import_module("fuzzywuzzy.fuzz")
+    finally:
+        for name in [m for m in sys.modules if m.startswith("fuzzywuzzy") or m == "Levenshtein"]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def release_code_line(response: str) -> str:
+    """The line the release compares: the first without `, # or //, else the whole response."""
+    for line in response.lstrip("\n").split("\n"):
+        if "`" not in line and "#" not in line and "//" not in line:
+            return line
+    return response
+
+
+def code_pairs():
+    import random
+
+    rng = random.Random(0)
+    pairs = [("kitten", "sitting"), ("\t\tZ_.add_edge(e_u, e_v)", "Z_.add_edge(u, v)"), ("abc", "xyz"), ("", "a")]
+    alphabet = "ab c(){}=_.\n#/`xyz"
+    for _ in range(2000):
+        pairs.append(tuple("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 120))) for _ in range(2)))
+    if LONGBENCH_FILES["lcc"].exists():
+        df = pd.read_parquet(LONGBENCH_FILES["lcc"])
+        golds = [list(a)[0] for a in df["answers"]]
+        pairs += list(zip(golds, golds[1:])) + [(g[: len(g) // 2] + "\n# tail", g) for g in golds]
+    return pairs
+
+
+def test_code_sim_release_variant_equals_fuzzywuzzy_with_difflib():
+    fuzz = fuzzywuzzy_without_levenshtein()
+    assert fuzz.SequenceMatcher.__module__ == "difflib"
+    for pred, gold in code_pairs():
+        assert fuzz_ratio(pred, gold) == fuzz.ratio(pred, gold)
+        assert code_sim_score(pred, gold) == fuzz.ratio(release_code_line(pred), gold) / 100
+
+
+def test_code_sim_thudm_variant_equals_fuzzywuzzy_with_python_levenshtein():
+    pytest.importorskip("Levenshtein")
+    from fuzzywuzzy import fuzz
+
+    assert fuzz.SequenceMatcher.__module__ != "difflib"
+    differ = 0
+    for pred, gold in code_pairs():
+        assert fuzz_ratio(pred, gold, backend="levenshtein") == fuzz.ratio(pred, gold)
+        differ += fuzz_ratio(pred, gold, backend="difflib") != fuzz.ratio(pred, gold)
+    assert differ > 0  # the two variants are different functions: the choice matters
+
+
+def test_rouge_l_equals_the_rouge_package():
+    import rouge
+
     ref = rouge.Rouge()
     pairs = [
         ("the cat sat on the mat", "the cat is on the mat"),
         ("Emilia is angry. William apologizes.", "Emilia is still angry."),
         ("a b c. d e. f", "f e d. c b a. a"),
     ]
+    if LONGBENCH_FILES["samsum"].exists():
+        golds = [list(a)[0] for a in pd.read_parquet(LONGBENCH_FILES["samsum"])["answers"]]
+        pairs += list(zip(golds, golds[1:]))
     for hyp, gold in pairs:
-        assert rouge_l_score(hyp, gold) == pytest.approx(ref.get_scores([hyp], [gold], avg=True)["rouge-l"]["f"])
-
-
-def test_fuzz_matches_fuzzywuzzy_if_installed():
-    fuzz = pytest.importorskip("fuzzywuzzy.fuzz")
-    pytest.importorskip("Levenshtein")
-    for a, b in [("kitten", "sitting"), ("\t\tZ_.add_edge(e_u, e_v)", "Z_.add_edge(u, v)"), ("abc", "xyz")]:
-        assert fuzz_ratio(a, b) == fuzz.ratio(a, b)
+        assert rouge_l_score(hyp, gold) == ref.get_scores([hyp], [gold], avg=True)["rouge-l"]["f"]

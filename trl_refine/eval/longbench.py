@@ -2,8 +2,10 @@
 
 The metric definitions follow THUDM/LongBench (``LongBench/metrics.py`` and ``eval.py``), which is what the ReFINE
 release scores with (``verl/utils/reward_score/longbench.py``, "taken and slightly modified from THUDM/LongBench").
-Nothing here needs the network or a third-party package: the ``rouge`` package's ROUGE-L and ``fuzzywuzzy``'s
-``fuzz.ratio`` are re-implemented in plain Python (see :func:`rouge_l_score` and :func:`fuzz_ratio`).
+ROUGE-L is the ``rouge`` package's (as the release), code similarity is ``fuzzywuzzy.fuzz.ratio`` in one of two
+named variants (:data:`CODE_SIM_VARIANTS`): ``"release"`` (default), the release's environment, where fuzzywuzzy
+0.18 runs without python-Levenshtein and so uses ``difflib.SequenceMatcher``; ``"thudm"``, THUDM LongBench's setup
+with python-Levenshtein (the normalized InDel ratio, computed by rapidfuzz). Nothing needs the network.
 
 Every score is in ``[0, 1]``; tables in :mod:`trl_refine.eval.evaluator` multiply by 100 like the paper does.
 
@@ -28,6 +30,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 __all__ = [
+    "CODE_SIM_VARIANTS",
+    "FUZZ_BACKENDS",
     "FIRST_LINE_TASKS",
     "LONGBENCH_TASK_METRICS",
     "QA_FIRST_LINE_TASKS",
@@ -82,66 +86,29 @@ def qa_f1_score(prediction: str, ground_truth: str) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# ROUGE-L, exactly as the ``rouge`` package (pltrdy/rouge 1.0.1, ``Rouge().get_scores(...)["rouge-l"]["f"]``)
+# ROUGE-L: the ``rouge`` package (pltrdy/rouge 1.0.1), as LongBench and the release call it
 # --------------------------------------------------------------------------------------------------------------
 
-
-def _rouge_sentences(text: str) -> list[str]:
-    # rouge.Rouge.get_scores: split on ".", drop empty pieces, collapse whitespace inside each piece.
-    return [" ".join(piece.split()) for piece in text.split(".") if len(piece) > 0]
-
-
-def _recon_lcs(x: Sequence[str], y: Sequence[str]) -> list[str]:
-    """One longest common subsequence of ``x`` and ``y`` (the one ``rouge``'s back-tracking picks)."""
-    n, m = len(x), len(y)
-    table = [[0] * (m + 1) for _ in range(n + 1)]
-    for i in range(1, n + 1):
-        xi = x[i - 1]
-        row, prev = table[i], table[i - 1]
-        for j in range(1, m + 1):
-            if xi == y[j - 1]:
-                row[j] = prev[j - 1] + 1
-            else:
-                row[j] = prev[j] if prev[j] > row[j - 1] else row[j - 1]
-    out: list[str] = []
-    i, j = n, m
-    while i > 0 and j > 0:  # iterative version of rouge's recursive _recon, same tie-breaking
-        if x[i - 1] == y[j - 1]:
-            out.append(x[i - 1])
-            i, j = i - 1, j - 1
-        elif table[i - 1][j] > table[i][j - 1]:
-            i -= 1
-        else:
-            j -= 1
-    out.reverse()
-    return out
+_ROUGE = None
 
 
 def rouge_l_score(prediction: str, reference: str) -> float:
-    """ROUGE-L F of the ``rouge`` package (what LongBench's ``rouge_score`` returns).
+    """ROUGE-L F of the ``rouge`` package: ``Rouge().get_scores([prediction], [reference], avg=True)["rouge-l"]["f"]``,
+    0.0 when the package raises (an empty text), as LongBench's ``rouge_score`` and the release do.
 
-    The package computes *summary-level* ROUGE-L with its default ``exclusive=True``: texts are split into
-    sentences on ``"."``, words are split on single spaces, and both the word counts and the union-LCS are counted
-    over **distinct** words (sets). So ``"the cat sat on the mat"`` vs ``"the cat is on the mat"`` scores 0.8, not
-    the textbook 5/6. Case-sensitive, no punctuation removal other than the sentence split. An empty text (no
-    sentence) makes the package raise, which LongBench turns into 0.0; this returns 0.0 directly.
+    The package computes *summary-level* ROUGE-L with ``exclusive=True``: sentences split on ``"."``, words on single
+    spaces, distinct words counted, so ``"the cat sat on the mat"`` vs ``"the cat is on the mat"`` scores 0.8, not the
+    textbook 5/6. Case-sensitive.
     """
-    hyp = _rouge_sentences(prediction)
-    ref = _rouge_sentences(reference)
-    if not hyp or not ref:
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge import Rouge
+
+        _ROUGE = Rouge()
+    try:
+        return float(_ROUGE.get_scores([prediction], [reference], avg=True)["rouge-l"]["f"])
+    except Exception:  # the package raises on texts with no words; LongBench and the release score those 0
         return 0.0
-    hyp_words = [s.split(" ") for s in hyp]
-    ref_words = [s.split(" ") for s in ref]
-    m = len({w for ws in ref_words for w in ws})
-    n = len({w for ws in hyp_words for w in ws})
-    union: set[str] = set()
-    for rw in ref_words:
-        for hw in hyp_words:
-            union.update(_recon_lcs(rw, hw))
-    llcs = len(union)
-    r_lcs = llcs / m
-    p_lcs = llcs / n
-    return 2.0 * ((p_lcs * r_lcs) / (p_lcs + r_lcs + 1e-8))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -252,67 +219,63 @@ def count_score(prediction: str, ground_truth: str) -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _lcs_length(a: str, b: str) -> int:
-    """Length of the longest common (character) subsequence, bit-parallel (Hyyrö 2004); exact."""
-    if len(a) < len(b):
-        a, b = b, a
-    if not b:
-        return 0
-    masks: dict[str, int] = {}
-    for i, ch in enumerate(a):
-        masks[ch] = masks.get(ch, 0) | (1 << i)
-    full = (1 << len(a)) - 1
-    v = full
-    for ch in b:
-        u = v & masks.get(ch, 0)
-        v = ((v + u) | (v - u)) & full
-    return len(a) - v.bit_count()
-
-
 def indel_ratio(a: str, b: str) -> float:
-    """Normalized InDel similarity ``2 * LCS(a, b) / (len(a) + len(b))`` in [0, 1].
+    """Normalized InDel similarity ``1 - indel_distance / (len(a) + len(b))`` = ``2·LCS / (len(a) + len(b))``.
 
-    This is ``Levenshtein.ratio`` (python-Levenshtein / rapidfuzz), i.e. what ``fuzzywuzzy.fuzz.ratio`` computes
-    when python-Levenshtein is installed (LongBench's setup).
+    This is ``Levenshtein.ratio`` (python-Levenshtein is built on rapidfuzz; computed here by rapidfuzz), what
+    ``fuzzywuzzy.fuzz.ratio`` uses when python-Levenshtein is installed. It is not difflib's ratio.
     """
-    total = len(a) + len(b)
-    if total == 0:
-        return 1.0
-    return 2.0 * _lcs_length(a, b) / total
+    from rapidfuzz.distance import Indel
+
+    return float(Indel.normalized_similarity(a, b))
 
 
-def fuzz_ratio(a: str, b: str, backend: str = "levenshtein") -> int:
-    """``fuzzywuzzy.fuzz.ratio``: an integer 0..100 (100 if equal, 0 if either is empty, else the rounded ratio).
+#: ``fuzz_ratio`` backends: which ratio ``fuzzywuzzy.fuzz.ratio`` ends up using
+FUZZ_BACKENDS = ("difflib", "levenshtein")
 
-    ``backend="levenshtein"`` (default) uses the exact :func:`indel_ratio` (fuzzywuzzy with python-Levenshtein);
-    ``backend="difflib"`` uses ``difflib.SequenceMatcher(None, a, b).ratio()`` (fuzzywuzzy's pure-Python fallback,
-    a heuristic that can differ by a few points).
+
+def fuzz_ratio(a: str, b: str, backend: str = "difflib") -> int:
+    """``fuzzywuzzy.fuzz.ratio``: an integer 0..100 (100 if equal, 0 if either is empty, else ``round(100·ratio)``).
+
+    ``backend="difflib"`` (default): ``difflib.SequenceMatcher(None, a, b).ratio()``, fuzzywuzzy without
+    python-Levenshtein, as in the ReFINE release's requirements (fuzzywuzzy 0.18, no python-Levenshtein). A
+    heuristic (its junk rule), so it can differ from the InDel ratio by many points on long strings.
+    ``backend="levenshtein"``: :func:`indel_ratio`, fuzzywuzzy with python-Levenshtein (THUDM LongBench's setup).
     """
     if a == b:
         return 100
     if not a or not b:
         return 0
-    if backend == "levenshtein":
-        r = indel_ratio(a, b)
-    elif backend == "difflib":
+    if backend == "difflib":
         r = difflib.SequenceMatcher(None, a, b).ratio()
+    elif backend == "levenshtein":
+        r = indel_ratio(a, b)
     else:
-        raise ValueError(f"unknown backend {backend!r}; use 'levenshtein' or 'difflib'")
+        raise ValueError(f"unknown backend {backend!r}; use one of {FUZZ_BACKENDS}")
     return int(round(100 * r))
 
 
-def code_sim_score(prediction: str, ground_truth: str, backend: str = "levenshtein") -> float:
-    """LongBench ``code_sim_score``: the first line of the prediction that contains none of ``` ` ```, ``#``,
-    ``//`` (after removing leading newlines; ``""`` if there is none) compared with :func:`fuzz_ratio`, / 100.
+#: LongBench code-similarity variants: ``release`` (default, the ReFINE release's scoring) and ``thudm``
+CODE_SIM_VARIANTS = ("release", "thudm")
 
-    This follows THUDM. (The ReFINE copy keeps the whole response when every line is a comment, a bug.)
+
+def code_sim_score(prediction: str, ground_truth: str, variant: str = "release") -> float:
+    """LongBench ``code_sim_score``: the first line of the prediction (leading newlines removed) that contains none
+    of ``` ` ```, ``#``, ``//``, compared with :func:`fuzz_ratio`, / 100.
+
+    ``variant="release"`` (default): as the ReFINE release runs it — difflib ratio (its environment has no
+    python-Levenshtein), and when no line qualifies the whole response is compared.
+    ``variant="thudm"``: THUDM LongBench with python-Levenshtein — InDel ratio, and ``""`` (score 0) when no line
+    qualifies.
     """
-    line = ""
+    if variant not in CODE_SIM_VARIANTS:
+        raise ValueError(f"unknown code_sim variant {variant!r}; use one of {CODE_SIM_VARIANTS}")
+    line = prediction if variant == "release" else ""
     for candidate in prediction.lstrip("\n").split("\n"):
         if "`" not in candidate and "#" not in candidate and "//" not in candidate:
             line = candidate
             break
-    return fuzz_ratio(line, ground_truth, backend=backend) / 100
+    return fuzz_ratio(line, ground_truth, backend="difflib" if variant == "release" else "levenshtein") / 100
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -393,8 +356,10 @@ def longbench_score(
     all_classes: Sequence[str] | None = None,
     *,
     postprocess: bool = True,
+    code_sim: str = "release",
 ) -> float:
     """Score one prediction for a LongBench task: post-process, then the max of the task metric over the golds.
+    ``code_sim`` picks the code-similarity variant of lcc / repobench-p (:func:`code_sim_score`).
 
     Predictions are stripped before the QA-F1, ROUGE, classification, retrieval and count metrics (as ReFINE does),
     not before code similarity (which strips leading newlines itself).
@@ -413,18 +378,22 @@ def longbench_score(
     for gold in golds:
         if metric == "classification":
             score = classification_score(prediction, gold, all_classes)
+        elif metric == "code_sim":
+            score = code_sim_score(prediction, gold, variant=code_sim)
         else:
             score = fn(prediction, gold)
         best = max(best, score)
     return float(best)
 
 
-def longbench_scorer(task: str) -> Callable[..., float]:
+def longbench_scorer(task: str, code_sim: str = "release") -> Callable[..., float]:
     """A ``scorer(prediction, answers, all_classes=None) -> float`` for one LongBench task."""
     canonical = _canonical_task(task)
+    if code_sim not in CODE_SIM_VARIANTS:
+        raise ValueError(f"unknown code_sim variant {code_sim!r}; use one of {CODE_SIM_VARIANTS}")
 
     def scorer(prediction: str, answers: str | Sequence[str], all_classes: Sequence[str] | None = None) -> float:
-        return longbench_score(canonical, prediction, answers, all_classes)
+        return longbench_score(canonical, prediction, answers, all_classes, code_sim=code_sim)
 
     scorer.__name__ = f"longbench_{canonical}"
     scorer.metric = LONGBENCH_TASK_METRICS[canonical]  # type: ignore[attr-defined]
@@ -436,10 +405,13 @@ def longbench_task_score(
     predictions: Sequence[str],
     answers: Sequence[Sequence[str]],
     all_classes: Sequence[str] | None = None,
+    code_sim: str = "release",
 ) -> float:
     """Mean score over a dataset (in [0, 1]; LongBench's tables show ``round(100 * mean, 2)``)."""
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions but {len(answers)} answer lists")
     if not predictions:
         raise ValueError("no predictions to score")
-    return sum(longbench_score(task, p, a, all_classes) for p, a in zip(predictions, answers)) / len(predictions)
+    return sum(
+        longbench_score(task, p, a, all_classes, code_sim=code_sim) for p, a in zip(predictions, answers)
+    ) / len(predictions)
