@@ -79,6 +79,25 @@ def check_trainer_attributes(trainer: GRPOTrainer) -> None:
         _fail(f"GRPOTrainer instances lack {missing}")
 
 
+def use_transformers_torch_kernels(model_type: str) -> list[str]:
+    """Make transformers' ``model_type`` modeling module call its own PyTorch reference kernels instead of the
+    package kernels it bound at import (for ``qwen3_next`` and ``kimi_linear`` these are fla's Triton kernels when
+    fla is installed, which fail on a CPU). Relies on transformers' kernel decorator keeping the reference function
+    as ``__wrapped__`` (checked by a drift test). Returns the names it rebound; process-wide, for CPU runs."""
+    import importlib
+    import types
+
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    rebound = []
+    for name, value in list(vars(module).items()):
+        inner = getattr(value, "__wrapped__", None)
+        is_kernel = isinstance(value, types.FunctionType) and isinstance(inner, types.FunctionType)
+        if is_kernel and inner.__module__ == module.__name__ and inner is not value:
+            setattr(module, name, inner)
+            rebound.append(name)
+    return rebound
+
+
 check_trl_api()
 
 __all__ = [
@@ -89,4 +108,5 @@ __all__ = [
     "check_trl_api",
     "nanstd",
     "unwrap_model_for_generation",
+    "use_transformers_torch_kernels",
 ]

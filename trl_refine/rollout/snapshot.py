@@ -99,6 +99,8 @@ class SnapshotEngine(RolloutEngine):
         first = docs.first_valid
         starts = torch.cat([first[:, None], plan.positions + 1], dim=1).tolist()
         ends = torch.cat([plan.positions + 1, torch.full_like(first[:, None], length)], dim=1).tolist()
+        if adapter.packing == "serial":
+            return self._serial_segmented_pass(model, docs, starts, ends)
         copy_states = not torch.is_grad_enabled()
 
         state: State | None = None
@@ -128,8 +130,42 @@ class SnapshotEngine(RolloutEngine):
         doc_hidden = hidden.new_zeros(bsz * length, hidden.size(-1)).index_put((flat_index,), hidden)
         return snapshots, doc_hidden.view(bsz, length, -1)
 
+    def _serial_segmented_pass(self, model, docs: DocumentBatch, starts, ends) -> tuple[list[State], torch.Tensor]:
+        """`segmented_pass` one document per call (adapters that cannot pack rows, e.g. models with attention
+        layers whose recurrent layers do not hold their state across padding): every document makes n+1 calls
+        (`segment_calls` on it alone), B·(n+1) in all whatever the positions. Snapshots of different prefix lengths
+        are concatenated by the adapter (attention K/V left-padded)."""
+        adapter = self.adapter
+        bsz, length = docs.input_ids.shape
+        per_doc: list[list[State]] = []
+        pieces, flat_index = [], []
+        with capture_last_hidden_state(model) as store:
+            for b in range(bsz):
+                state, snaps = None, []
+                for (s,), (e,), num_snapshots in segment_calls([starts[b]], [ends[b]]):
+                    ids = docs.input_ids[b, s:e]
+                    cu = torch.tensor([0, e - s], dtype=torch.int32)
+                    if self.checkpoint_segments and torch.is_grad_enabled():
+                        seg_hidden, state = self._checkpointed_segment(model, ids, cu, e - s, state)
+                    else:
+                        seg_hidden, state = self._segment(model, ids, cu, e - s, state, store)
+                    pieces.append(seg_hidden)
+                    flat_index.append(torch.arange(b * length + s, b * length + e))
+                    snaps.extend([state] * num_snapshots)
+                per_doc.append(snaps)
+        snapshots = [adapter.concat([snaps[j] for snaps in per_doc]) for j in range(len(per_doc[0]))]
+        hidden = torch.cat(pieces)
+        index = torch.cat(flat_index).to(hidden.device)
+        doc_hidden = hidden.new_zeros(bsz * length, hidden.size(-1)).index_put((index,), hidden)
+        return snapshots, doc_hidden.view(bsz, length, -1)
+
     def _segment(self, model, ids, cu, width: int, rows: State | None, store) -> tuple[torch.Tensor, State]:
         """One call over the packed segment ``ids`` [Σ] (boundaries ``cu``); returns [Σ, H] hidden and new states."""
+        if self.adapter.packing == "serial":  # one document: ids [T] continue ``rows`` (one row)
+            cache = self.adapter.build_cache(rows) if rows is not None else self.adapter.empty_cache()
+            extra = self.adapter.continuation_kwargs(rows, 0, width, ids.device)
+            out = model(input_ids=ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+            return store["hidden"][0], self.adapter.snapshot(out.past_key_values)
         cache = None if rows is None else self.adapter.build_cache(rows)
         if self.adapter.packing == "varlen":
             out = model(input_ids=ids[None], cu_seqlens=cu, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -207,12 +243,15 @@ class SnapshotEngine(RolloutEngine):
             sampling_pass = SamplingPass(snapshots, doc_hidden, train_model, _param_versions(train_model))
         with torch.no_grad():
             # a copy (index_select without grad): decoding updates the conv cache in place
-            cache = self.adapter.build_cache(self._branch_rows(snapshots, plan))
+            rows = self._branch_rows(snapshots, plan)
+            cache = self.adapter.build_cache(rows)
             del snapshots  # kept by the sampling pass if it is reused, freed before decoding otherwise
-            ids, logps, hidden = self._decode(model, cache, doc_hidden.detach(), plan, generator, need_hidden)
+            ids, logps, hidden = self._decode(model, cache, rows, doc_hidden.detach(), plan, generator, need_hidden)
         return RolloutOutput(ids, logps, hidden, sampling_pass=sampling_pass)
 
-    def _decode(self, model, cache, doc_hidden: torch.Tensor, plan: RolloutPlan, generator, need_hidden: bool):
+    def _decode(
+        self, model, cache, rows: State, doc_hidden: torch.Tensor, plan: RolloutPlan, generator, need_hidden: bool
+    ):
         """k tokens for every rollout row from its branch ``cache``: the first from the document logits at the prefix
         end, then k-1 decode steps, plus one that only reads the last token's hidden state (skipped without
         ``need_hidden``)."""
@@ -230,7 +269,8 @@ class SnapshotEngine(RolloutEngine):
                 logps.append(torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1))
                 if i == k - 1 and not need_hidden:
                     break  # that call would only give the last token's hidden state
-                out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True)
+                extra = self.adapter.continuation_kwargs(rows, i, 1, tok.device)
+                out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True, **extra)
                 hiddens.append(store["hidden"][:, -1])
                 cache = out.past_key_values
                 logits = out.logits[:, -1].float()
@@ -269,9 +309,13 @@ class SnapshotEngine(RolloutEngine):
         )
         logps, entropy = [first_lp[:, None]], [first_ent[:, None]]
         if k > 1:
-            cache = self.adapter.build_cache(self._branch_rows(snapshots, plan))
+            rows = self._branch_rows(snapshots, plan)
+            cache = self.adapter.build_cache(rows)
+            extra = self.adapter.continuation_kwargs(rows, 0, k - 1, completion_ids.device)
             with capture_last_hidden_state(model) as store:
-                model(input_ids=completion_ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(
+                    input_ids=completion_ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1, **extra
+                )
             hidden = store["hidden"]
             rows = completion_ids.size(0)
             rest_lp, rest_ent = lm_head_logps(

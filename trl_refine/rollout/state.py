@@ -63,6 +63,15 @@ class FlaStateAdapter:
     def snapshot(self, cache) -> State:
         return [dict(layer) for layer in cache]
 
+    def empty_cache(self):
+        """The cache of a call that starts from the empty state (None: the model makes its own)."""
+        return None
+
+    def continuation_kwargs(self, state: State | None, offset: int, width: int, device) -> dict:
+        """Extra model inputs of a call feeding ``width`` new tokens to every row, ``offset`` tokens after the rows
+        of ``state`` (attention masks / positions for models with attention layers; none here)."""
+        return {}
+
     def build_cache(self, state: State):
         from fla.models.utils import Cache
 
@@ -112,8 +121,16 @@ def state_adapter_for(model: torch.nn.Module) -> tuple[FlaStateAdapter | None, s
     model_type = getattr(config, "model_type", None)
     if model_type == "lact_swiglu":
         return LaCTStateAdapter(), ""
+    from trl_refine.rollout.adapters.transformers_hybrid import HYBRID_MODEL_TYPES, TransformersHybridStateAdapter
+
+    if model_type in HYBRID_MODEL_TYPES:
+        sliding = sorted({t for t in getattr(config, "layer_types", None) or () if "sliding" in str(t)})
+        if sliding:
+            return None, f"{model_type} with {', '.join(sliding)} layers (a sliding K/V window is not supported)"
+        return TransformersHybridStateAdapter(config), ""
     if model_type not in FLA_LAYOUT_MODEL_TYPES:
-        return None, f"model_type {model_type!r} has no state adapter (supported: {', '.join(FLA_LAYOUT_MODEL_TYPES)})"
+        supported = ", ".join((*FLA_LAYOUT_MODEL_TYPES, "lact_swiglu", *HYBRID_MODEL_TYPES))
+        return None, f"model_type {model_type!r} has no state adapter (supported: {supported})"
     if getattr(config, "attn", None):
         return None, "hybrid models with attention layers keep a growing KV cache per branch (not supported)"
     return FlaStateAdapter(), ""

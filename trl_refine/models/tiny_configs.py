@@ -1,0 +1,111 @@
+"""Small random-init configs of every model family the snapshot engine serves, for trying a family without a
+checkpoint (the recipes' ``tiny_model_type``) and for the equivalence tests.
+
+Each hybrid has both of its layer kinds (one linear-recurrent layer, then one attention layer, repeating) and a
+dense MLP (mixture-of-experts blocks are turned off: they do not change the cache). Sizes: ``hidden`` with
+``heads`` heads of ``hidden // heads``.
+"""
+
+from __future__ import annotations
+
+#: transformers hybrids (linear-recurrent + attention layers); run on CPU with torch fallbacks
+TRANSFORMERS_HYBRIDS = ("qwen3_next", "kimi_linear", "falcon_h1", "bamba", "granitemoehybrid", "lfm2")
+#: flash-linear-attention families (Triton kernels: GPU only)
+FLA_FAMILIES = ("delta_net", "gated_deltanet", "gla", "gated_deltaproduct", "kda", "mamba2", "rwkv7", "hgrn2")
+
+
+def _alternating(layers: int, recurrent: str, attention: str) -> list[str]:
+    return [recurrent if i % 2 == 0 else attention for i in range(layers)]
+
+
+def tiny_config(
+    model_type: str,
+    *,
+    vocab_size: int,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    pad_token_id: int | None = 0,
+    eos_token_id: int | None = 1,
+):
+    """The config of a small random ``model_type`` model (one of `TRANSFORMERS_HYBRIDS` or `FLA_FAMILIES`)."""
+    head_dim = hidden_size // heads
+    ids = dict(pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=None)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers, **ids)
+    attn = dict(num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1), intermediate_size=2 * hidden_size)
+    mamba = dict(mamba_n_heads=heads * 2, mamba_d_head=head_dim, mamba_d_state=16, mamba_n_groups=1, mamba_d_conv=4)
+    if model_type == "qwen3_next":
+        from transformers import Qwen3NextConfig
+
+        return Qwen3NextConfig(
+            **common, **attn, head_dim=head_dim, linear_num_value_heads=heads, linear_num_key_heads=max(heads // 2, 1),
+            linear_key_head_dim=head_dim, linear_value_head_dim=head_dim, num_experts=0,
+            moe_intermediate_size=hidden_size, shared_expert_intermediate_size=hidden_size,
+            mlp_only_layers=list(range(layers)), layer_types=_alternating(layers, "linear_attention", "full_attention"),
+        )  # fmt: skip
+    if model_type == "kimi_linear":
+        from transformers import KimiLinearConfig
+
+        kda = [i + 1 for i in range(layers) if i % 2 == 0]  # 1-based, as in the released configs
+        full = [i + 1 for i in range(layers) if i % 2 == 1]
+        return KimiLinearConfig(
+            **common, **{**attn, "num_key_value_heads": heads}, head_dim=head_dim, q_lora_rank=None, kv_lora_rank=head_dim,
+            qk_nope_head_dim=head_dim // 2, qk_rope_head_dim=head_dim // 2, v_head_dim=head_dim, num_experts=0,
+            first_k_dense_replace=layers,
+            linear_attn_config={"kda_layers": kda, "full_attn_layers": full, "num_heads": heads, "head_dim": head_dim,
+                                "short_conv_kernel_size": 4},
+        )  # fmt: skip
+    if model_type == "falcon_h1":
+        from transformers import FalconH1Config
+
+        return FalconH1Config(
+            **common, **attn, head_dim=head_dim, mamba_d_ssm=hidden_size, mamba_n_heads=heads * 2,
+            mamba_d_head=hidden_size // (heads * 2), mamba_d_state=16, mamba_n_groups=1, mamba_d_conv=4,
+            mamba_chunk_size=64,
+        )  # fmt: skip
+    if model_type == "bamba":
+        from transformers import BambaConfig
+
+        return BambaConfig(
+            **common, **attn, **mamba, mamba_chunk_size=64, attn_layer_indices=list(range(1, layers, 2))
+        )
+    if model_type == "granitemoehybrid":
+        from transformers import GraniteMoeHybridConfig
+
+        return GraniteMoeHybridConfig(
+            **common, **attn, **mamba, mamba_chunk_size=64, num_local_experts=0,
+            shared_intermediate_size=2 * hidden_size, layer_types=_alternating(layers, "mamba", "attention"),
+        )  # fmt: skip
+    if model_type == "lfm2":
+        from transformers import Lfm2Config
+
+        return Lfm2Config(**common, **attn, layer_types=_alternating(layers, "conv", "full_attention"))
+    if model_type in FLA_FAMILIES:
+        return _fla_config(model_type, common, heads, head_dim)
+    raise ValueError(
+        f"no tiny config for model_type {model_type!r}; choose one of {TRANSFORMERS_HYBRIDS + FLA_FAMILIES}"
+    )
+
+
+def _fla_config(model_type: str, common: dict, heads: int, head_dim: int):
+    import fla.models as fm
+
+    common = {**common, "fuse_cross_entropy": False, "intermediate_size": 2 * common["hidden_size"]}
+    if model_type == "delta_net":
+        return fm.DeltaNetConfig(**common, num_heads=heads)
+    if model_type == "gated_deltanet":
+        return fm.GatedDeltaNetConfig(**common, num_heads=heads, head_dim=head_dim)
+    if model_type == "gla":
+        return fm.GLAConfig(**common, num_heads=heads)
+    if model_type == "gated_deltaproduct":
+        return fm.GatedDeltaProductConfig(**common, num_heads=heads, head_dim=head_dim)
+    if model_type == "kda":
+        return fm.KDAConfig(**common, num_heads=heads, head_dim=head_dim)
+    if model_type == "mamba2":
+        common.pop("intermediate_size")
+        return fm.Mamba2Config(**common, num_heads=heads * 2, head_dim=common["hidden_size"] // heads, state_size=16)
+    if model_type == "rwkv7":
+        return fm.RWKV7Config(**common, head_dim=head_dim)
+    if model_type == "hgrn2":
+        return fm.HGRN2Config(**common, num_heads=heads)
+    raise ValueError(model_type)
