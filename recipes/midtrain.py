@@ -5,7 +5,8 @@
 
 With no arguments it uses recipes/configs/midtrain_default.yaml: a tiny reference DeltaNet built from a config, a
 byte-level tokenizer and synthetic long documents generated offline. Any option of NSPGRPOConfig or of
-MidtrainArguments below or of recipe_utils.ModelArguments (model, random-model options) can be set in the YAML or on
+MidtrainArguments below (TRL's ScriptArguments) or of recipe_utils.ModelArguments (TRL's ModelConfig, random-model
+options) can be set in the YAML or on
 the command line.
 """
 
@@ -16,24 +17,22 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from trl import TrlParser
+from trl import ScriptArguments, TrlParser
 
 from trl_refine import NSPGRPOConfig, NSPGRPOTrainer
 from trl_refine.data import load_any_dataset
-from trl_refine.recipe_utils import ModelArguments, build_model_and_tokenizer
+from trl_refine.recipe_utils import ModelArguments, build_model_and_tokenizer, save_and_publish
 from trl_refine.synthetic import synthetic_documents
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "midtrain_default.yaml")
 
 
 @dataclass
-class MidtrainArguments:
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "parquet/jsonl/json/csv file or folder, or a Hub id. None: synthetic."}
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str | None = field(default=None, metadata={"help": "Optional split to evaluate on."})
+class MidtrainArguments(ScriptArguments):
+    """TRL's `trl.ScriptArguments` (``--dataset_name``: a parquet/jsonl/json/csv file or folder, or a Hub id; None:
+    synthetic documents; ``--dataset_config``, ``--dataset_train_split``, and ``--dataset_test_split``, evaluated
+    when ``eval_strategy`` is not ``no``) plus the recipe's own options."""
+
     max_documents: int | None = field(default=None, metadata={"help": "Use at most this many documents."})
     synthetic_documents: int = field(default=64, metadata={"help": "Synthetic documents (embedded default)."})
     synthetic_chars: int = field(default=1500, metadata={"help": "Characters (= byte tokens) per synthetic document."})
@@ -55,14 +54,15 @@ def main(argv: list[str] | None = None) -> str:
     model, tokenizer = build_model_and_tokenizer(
         model_args, trust_remote_code=getattr(args, "trust_remote_code", False), seed=args.seed
     )
+    evaluate = args.eval_strategy != "no"
     if script.dataset_name is None:
         train = synthetic_documents(script.synthetic_documents, script.synthetic_chars, seed=args.seed)
-        evaluation = synthetic_documents(8, script.synthetic_chars, seed=args.seed + 1) if script.eval_split else None
+        evaluation = synthetic_documents(8, script.synthetic_chars, seed=args.seed + 1) if evaluate else None
     else:
-        train = load_any_dataset(script.dataset_name, script.dataset_split, script.dataset_config)
+        train = load_any_dataset(script.dataset_name, script.dataset_train_split, script.dataset_config)
         evaluation = (
-            load_any_dataset(script.dataset_name, script.eval_split, script.dataset_config)
-            if script.eval_split
+            load_any_dataset(script.dataset_name, script.dataset_test_split, script.dataset_config)
+            if evaluate
             else None
         )
     if script.max_documents is not None:
@@ -72,11 +72,10 @@ def main(argv: list[str] | None = None) -> str:
         model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model(args.output_dir)
+    out = save_and_publish(trainer, tokenizer, dataset_name=script.dataset_name)
     if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(args.output_dir)
-        print(f"\nSaved the trained model to {os.path.abspath(args.output_dir)}")
-        print(f"Load it with: AutoModelForCausalLM.from_pretrained({os.path.abspath(args.output_dir)!r})")
+        print(f"\nSaved the trained model to {out}")
+        print(f"Load it with: AutoModelForCausalLM.from_pretrained({out!r})  (after `import trl_refine`)")
     return args.output_dir
 
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 import datasets
-from trl import TrlParser
+from trl import ScriptArguments, TrlParser
 
 from trl_refine import NSPPostTrainer, PostTrainConfig
 from trl_refine.eval import generate_niah, get_scorer
@@ -36,6 +36,8 @@ from trl_refine.recipe_utils import (
     evaluate_sharded,
     evaluation_context,
     load_one,
+    peft_config_of,
+    save_and_publish,
     split_names,
     write_json,
 )
@@ -44,15 +46,10 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 
 
 @dataclass
-class PosttrainArguments:
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Training data: parquet/jsonl/json/csv file(s) (comma-separated) or a Hub id. None: synthetic."
-        },
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_split: str = field(default="train", metadata={"help": "Split of a Hub dataset to train on."})
+class PosttrainArguments(ScriptArguments):
+    """TRL's `trl.ScriptArguments` (``--dataset_name``: training data, parquet/jsonl/json/csv file(s), comma-separated,
+    or a Hub id, None: synthetic; ``--dataset_config``, ``--dataset_train_split``) plus the recipe's own options."""
+
     eval_dataset_name: str | None = field(
         default=None,
         metadata={
@@ -81,10 +78,6 @@ class PosttrainArguments:
         default=700, metadata={"help": "Synthetic default: prompt length in characters (= byte tokens)."}
     )
     synthetic_task: str = field(default="single", metadata={"help": "Synthetic default: NIAH task family."})
-    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA targets (comma-separated)."})
     quick: bool = field(
         default=False,
         metadata={"help": "Shorten everything for CI: 2 steps, 4 tiny examples, 4 eval examples, 8 answer tokens."},
@@ -119,7 +112,9 @@ def load_data(script: PosttrainArguments, args: PostTrainConfig, tokenizer):
             )
         }
         return train, evals
-    parts = [load_one(name, script.dataset_split, script.dataset_config) for name in split_names(script.dataset_name)]
+    parts = [
+        load_one(name, script.dataset_train_split, script.dataset_config) for name in split_names(script.dataset_name)
+    ]
     train = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if script.eval_dataset_name:
         evals = {
@@ -194,17 +189,7 @@ def main(argv: list[str] | None = None) -> str:
     for ds in evals.values():  # fail on a bad scorer name or missing columns before any work
         if task_of(script, ds) is not None:
             get_scorer(task_of(script, ds))
-    peft_config = None
-    if script.use_peft:
-        from peft import LoraConfig
-
-        targets = script.lora_target_modules
-        peft_config = LoraConfig(
-            r=script.lora_r,
-            lora_alpha=script.lora_alpha,
-            target_modules=targets if targets == "all-linear" else split_names(targets),
-            task_type="CAUSAL_LM",
-        )
+    peft_config = peft_config_of(model_args)
 
     # the trainer validates and tokenizes the data (bad input fails here, before any evaluation)
     trainer = NSPPostTrainer(
@@ -223,10 +208,8 @@ def main(argv: list[str] | None = None) -> str:
         after = {} if script.skip_eval else run_eval(eval_model, tokenizer, evals, script, args, "after")
     t3 = time.perf_counter()
 
-    trainer.save_model(args.output_dir)
+    out = save_and_publish(trainer, tokenizer, dataset_name=script.dataset_name)
     if main_process:
-        tokenizer.save_pretrained(args.output_dir)
-        out = os.path.abspath(args.output_dir)
         if before:
             rows = []
             for label in evals:
@@ -270,7 +253,7 @@ def main(argv: list[str] | None = None) -> str:
             print("\n" + title + table)
             print(f"Report: {os.path.join(out, 'posttrain_report.md')} (predictions in posttrain_report.json)")
         print(f"\nSaved the post-trained model to {out}")
-        print(f"Load it with: AutoModelForCausalLM.from_pretrained({out!r})  (after `import trl_refine.models`)")
+        print(f"Load it with: AutoModelForCausalLM.from_pretrained({out!r})  (after `import trl_refine`)")
         print(f"Total time: {time.perf_counter() - t0:.0f} s (training {t2 - t1:.0f} s)")
     return args.output_dir
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from trl import TrlParser
+from trl import ScriptArguments, TrlParser
 
 from trl_refine.eval import generate_niah, get_scorer
 from trl_refine.posttrain import PostTrainConfig, answer_nll
@@ -34,6 +34,7 @@ from trl_refine.recipe_utils import (
     dataset_label,
     evaluate_sharded,
     load_one,
+    peft_config_of,
     split_names,
     write_json,
 )
@@ -43,14 +44,12 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 
 
 @dataclass
-class TesttimeArguments:
+class TesttimeArguments(ScriptArguments):
+    """TRL's `trl.ScriptArguments` (``--dataset_name``: test sets, parquet/jsonl/json/csv file(s), comma-separated, or
+    Hub ids, None: synthetic; ``--dataset_config``; ``--dataset_test_split``, the split read from Hub datasets and
+    folders) plus the recipe's own options."""
+
     trust_remote_code: bool = field(default=False, metadata={"help": "Passed to from_pretrained."})
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "Test sets: parquet/jsonl/json/csv file(s) (comma-separated) or Hub ids. None: synthetic."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_split: str | None = field(default=None, metadata={"help": "Split of Hub datasets."})
     task: str | None = field(
         default=None,
         metadata={"help": "Scorer (ruler_qa, niah, a LongBench task). None: the 'task' column, else ruler_qa."},
@@ -67,10 +66,6 @@ class TesttimeArguments:
     synthetic_examples: int = field(default=16, metadata={"help": "Synthetic default: test examples."})
     synthetic_context_length: int = field(default=700, metadata={"help": "Synthetic default: prompt characters."})
     synthetic_task: str = field(default="single", metadata={"help": "Synthetic default: NIAH task family."})
-    use_peft: bool = field(default=False, metadata={"help": "Adapt LoRA adapters only (restored after each batch)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA targets (comma-separated)."})
     quick: bool = field(default=False, metadata={"help": "Shorten for CI: 3 examples, 8 answer tokens, 1 step."})
 
 
@@ -88,7 +83,9 @@ def load_sets(script: TesttimeArguments, cfg: TestTimeConfig) -> dict:
         sets = {f"niah_{script.synthetic_task}": ds}
     else:
         sets = {
-            dataset_label(name): load_one(name, script.dataset_split, script.dataset_config)
+            dataset_label(name): load_one(
+                name, None if os.path.isfile(name) else script.dataset_test_split, script.dataset_config
+            )
             for name in split_names(script.dataset_name)
         }
     if script.max_examples is not None:
@@ -143,19 +140,11 @@ def main(argv: list[str] | None = None) -> str:
     t0 = time.perf_counter()
     model, tokenizer = build_model_and_tokenizer(model_args, trust_remote_code=script.trust_remote_code, seed=cfg.seed)
     model.to(state.device)
-    if script.use_peft:
-        from peft import LoraConfig, get_peft_model
+    peft_config = peft_config_of(model_args)  # LoRA adapters only, restored after each batch
+    if peft_config is not None:
+        from peft import get_peft_model
 
-        targets = script.lora_target_modules
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=script.lora_r,
-                lora_alpha=script.lora_alpha,
-                target_modules=targets if targets == "all-linear" else split_names(targets),
-                task_type="CAUSAL_LM",
-            ),
-        )
+        model = get_peft_model(model, peft_config)
     sets = load_sets(script, cfg)
     for ds in sets.values():
         if script.task is not None or "task" not in ds.column_names:

@@ -37,7 +37,7 @@ def test_bf16_weights_at_lr_1e6_warn_and_barely_move(tmp_path, byte_tokenizer, c
     with caplog.at_level(logging.WARNING, logger="trl_refine"):
         moved = one_step(tmp_path, byte_tokenizer, model)
     assert caplog.text.count("round away") == 1
-    assert "torch_dtype=float32" in caplog.text and "bf16=True" in caplog.text
+    assert "dtype=float32" in caplog.text and "bf16=True" in caplog.text
     assert moved < 0.5, f"{moved:.1%} of the bf16 weights changed: the warning's premise is wrong"
 
 
@@ -54,12 +54,12 @@ def test_rule_threshold():
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_recipe_configs_keep_fp32_master_weights(path):
     cfg = yaml.safe_load(path.read_text()) or {}
-    assert cfg.get("torch_dtype", "float32") == "float32", f"{path.name}: load fp32 weights, compute in bf16"
+    assert cfg.get("dtype", "float32") == "float32", f"{path.name}: load fp32 weights, compute in bf16"
 
 
 def test_model_arguments_default_to_fp32_and_readme_quickstart_too():
     from trl_refine.recipe_utils import ModelArguments
 
-    assert ModelArguments().torch_dtype == "float32"
+    assert ModelArguments().dtype == "float32"
     readme = (ROOT / "README.md").read_text()
-    assert "--torch_dtype bfloat16" not in readme
+    assert "--dtype bfloat16" not in readme and "torch_dtype" not in readme

@@ -56,5 +56,5 @@ def test_model_arguments_reject_bad_values():
 
     with pytest.raises(ValueError, match="tiny_model_type='llama'; choose one of refine_delta_net"):
         ModelArguments(tiny_model_type="llama")
-    with pytest.raises(ValueError, match="torch_dtype='fp8'"):
-        ModelArguments(torch_dtype="fp8")
+    with pytest.raises(ValueError, match="dtype='fp8'"):
+        ModelArguments(dtype="fp8")

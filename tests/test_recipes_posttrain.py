@@ -108,7 +108,7 @@ def test_paper_configs_parse_with_the_official_values(model):
     )
     assert (args.ntp_coef, args.nsp_coef, args.max_answer_length, args.nsp_num_chunks) == (1.0, 0.2, 32, 8)
     assert args.documents_per_device * args.gradient_accumulation_steps * 8 == 16  # official mini-batch on 8 GPUs
-    assert script.eval_dataset_name and model_args.torch_dtype == "float32"
+    assert script.eval_dataset_name and model_args.dtype == "float32"
 
     ttt = load_recipe("testtime")
     model_args, script, cfg = TrlParser(ttt.ARGUMENT_CLASSES).parse_args_and_config(

@@ -36,7 +36,7 @@ def lost_update_problem(model: torch.nn.Module, learning_rate: float) -> str | N
             return (
                 f"trainable weights are {name} and learning_rate={learning_rate:g} is below their resolution "
                 f"(mean |w| {typical:.3g} × eps {torch.finfo(dtype).eps:g} = {resolution:.3g}): most updates round "
-                f"away and the weights barely move. Load the model in float32 (torch_dtype=float32 / "
+                f"away and the weights barely move. Load the model in float32 (dtype=float32 / "
                 f"dtype=torch.float32) and train with bf16 autocast (bf16=True, or mixed_precision='bf16'), as the "
                 "official release does"
             )

@@ -14,26 +14,21 @@ from typing import Any
 
 import datasets
 import torch
+from trl import ModelConfig
+
+from trl_refine.model_loading import load_causal_lm
 
 TINY_MODEL_TYPES = ("refine_delta_net", "delta_net", "gated_deltanet", "lact_swiglu")
 
 
 @dataclass
-class ModelArguments:
-    """The model options every recipe takes. Without ``model_name_or_path`` a small randomly initialised model is
-    built from a config (``tiny_*``) with ``ByT5Tokenizer()``: nothing is downloaded."""
+class ModelArguments(ModelConfig):
+    """TRL's `trl.ModelConfig` (``--model_name_or_path``, ``--dtype``, ``--model_revision``, ``--attn_implementation``,
+    ``--use_peft``, ``--lora_r``, ...) plus what the recipes add. Without ``model_name_or_path`` a small randomly
+    initialised model is built from a config (``tiny_*``) with ``ByT5Tokenizer()``: nothing is downloaded.
+    ``dtype`` defaults to float32: fp32 master weights, bf16 compute with ``bf16=true`` (the official release)."""
 
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Hub id or local path. None: a small random model built from tiny_* options."}
-    )
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to the model's."})
-    torch_dtype: str = field(
-        default="float32",
-        metadata={
-            "help": "Weights dtype: float32 (default: fp32 master weights; compute in bf16 with bf16=true, as the "
-            "official release), bfloat16, float16 or auto (the checkpoint's). lr-1e-6 updates vanish in bf16 weights."
-        },
-    )
     tiny_model_type: str = field(
         default="refine_delta_net",
         metadata={
@@ -50,10 +45,21 @@ class ModelArguments:
     )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.tiny_model_type not in TINY_MODEL_TYPES:
             raise ValueError(f"tiny_model_type={self.tiny_model_type!r}; choose one of {', '.join(TINY_MODEL_TYPES)}")
-        if self.torch_dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"torch_dtype={self.torch_dtype!r}; choose auto, bfloat16, float16 or float32")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype={self.dtype!r}; choose auto, bfloat16, float16 or float32")
+
+
+def peft_config_of(model_args: ModelArguments):
+    """TRL's `get_peft_config` (None without ``use_peft``), targeting every linear layer unless
+    ``lora_target_modules`` is given: our model types have no PEFT default."""
+    from trl import get_peft_config
+
+    if model_args.use_peft and not model_args.lora_target_modules:
+        model_args.lora_target_modules = "all-linear"
+    return get_peft_config(model_args)
 
 
 def tiny_model_config(args: ModelArguments, tokenizer):
@@ -99,17 +105,22 @@ def build_model_and_tokenizer(args: ModelArguments, *, trust_remote_code: bool =
 
     import trl_refine.models  # noqa: F401  (registers refine_delta_net and lact_swiglu)
 
-    dtype = args.torch_dtype if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.model_name_or_path is None:
         tokenizer = ByT5Tokenizer()
         config = tiny_model_config(args, tokenizer)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
         return (model if dtype == "auto" else model.to(dtype)), tokenizer
-    with contextlib.suppress(ImportError):  # fla registers its models with the Auto classes
-        import fla  # noqa: F401
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
+    model = load_causal_lm(
+        args.model_name_or_path,
+        {
+            "dtype": dtype,
+            "revision": args.model_revision,
+            "attn_implementation": args.attn_implementation,
+            "trust_remote_code": trust_remote_code,
+            "device_map": None,  # the trainer places the model (and shards it under FSDP / DeepSpeed)
+        },
     )
     tokenizer = AutoTokenizer.from_pretrained(
         args.tokenizer_name_or_path or args.model_name_or_path, trust_remote_code=trust_remote_code
@@ -117,6 +128,19 @@ def build_model_and_tokenizer(args: ModelArguments, *, trust_remote_code: bool =
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def save_and_publish(trainer, tokenizer, dataset_name: str | None = None) -> str:
+    """Save the model, its tokenizer and model card (base model, quick start, ReFINE citation) in ``output_dir``, and
+    push them to the Hub with ``--push_to_hub`` (every process calls this: saving is collective under FSDP)."""
+    args = trainer.args
+    trainer.save_model(args.output_dir)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(args.output_dir)
+        trainer.create_model_card(dataset_name=dataset_name)
+    if args.push_to_hub:
+        trainer.push_to_hub(dataset_name=dataset_name)
+    return os.path.abspath(args.output_dir)
 
 
 def split_names(value: str | None) -> list[str]:
