@@ -7,6 +7,7 @@ repeated ``n·G`` times contiguously), so ``per_device_train_batch_size`` is ``d
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -18,6 +19,31 @@ REWARDS = ("cosine", "exact", "hybrid")
 GROUPINGS = ("document", "prefix")
 ENGINES = ("auto", "generic", "snapshot")
 SHORT_DOCUMENT_POLICIES = ("error", "drop")
+DIVERGENCE_POLICIES = ("stop", "skip")
+#: TRL's GRPO loss types (`GRPOTrainer._compute_loss`) and advantage scalings
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+#: fields checked for their type at construction (a wrong type would otherwise fail deep inside the trainer)
+INT_FIELDS = ("nsp_num_chunks", "nsp_rollout_length", "nsp_num_rollouts", "nsp_margin", "nsp_prompt_tail_tokens")
+OPTIONAL_INT_FIELDS = (
+    "nsp_smoothing_width",
+    "nsp_max_length",
+    "documents_per_device",
+    "nsp_generic_rows_per_call",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+)
+FINITE_FLOAT_FIELDS = (
+    "ntp_coef",
+    "nsp_coef",
+    "nsp_selection_temperature",
+    "learning_rate",
+    "weight_decay",
+    "epsilon",
+    "max_grad_norm",
+)
+OPTIONAL_FINITE_FLOAT_FIELDS = ("delta", "epsilon_high")
 
 
 def default_smoothing_width(rollout_length: int) -> int:
@@ -30,6 +56,60 @@ def min_document_length(num_chunks: int, rollout_length: int, margin: int) -> in
     tokens, and ``max(k, margin)`` tokens after the last position (the official clamp keeps ``margin`` at both
     ends)."""
     return margin + num_chunks * rollout_length + max(rollout_length, margin)
+
+
+def check_field_types(config) -> None:
+    """Integers where integers are expected and finite numbers for every coefficient, rate and temperature."""
+    for name in INT_FIELDS + OPTIONAL_INT_FIELDS:
+        value = getattr(config, name, None)
+        if value is None and name in OPTIONAL_INT_FIELDS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    for name in FINITE_FLOAT_FIELDS + OPTIONAL_FINITE_FLOAT_FIELDS:
+        value = getattr(config, name, None)
+        if value is None and name in OPTIONAL_FINITE_FLOAT_FIELDS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+        if not math.isfinite(value):
+            raise ValueError(f"{name}={value} is not a finite number; set a finite value.")
+
+
+def check_batch_ranges(config) -> None:
+    """Sizes that must be positive, and a centred (odd) smoothing window."""
+    for name in (
+        "documents_per_device",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "nsp_generic_rows_per_call",
+    ):
+        value = getattr(config, name, None)
+        if value is not None and value < 1:
+            fix = "use 1 or more" if name == "documents_per_device" else "leave it unset (set documents_per_device)"
+            raise ValueError(f"{name} must be >= 1, got {value}; {fix}.")
+    width = config.nsp_smoothing_width
+    if width is not None and width % 2 == 0:
+        raise ValueError(
+            f"nsp_smoothing_width={width} is even: the moving average is centred on each position, so its width must "
+            f"be odd. Use {width + 1}, 1 (no smoothing), or None (the official k or k+1)."
+        )
+
+
+def check_grpo_choices(config) -> None:
+    """TRL fields whose wrong values would only fail at the first loss computation (or silently)."""
+    if config.loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={config.loss_type!r} is not one of {', '.join(LOSS_TYPES)} (official: 'bnpo').")
+    if config.scale_rewards not in SCALE_REWARDS:
+        raise ValueError(
+            f"scale_rewards={config.scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)} (or True / False)."
+        )
+    if isinstance(config.num_iterations, bool) or not isinstance(config.num_iterations, int):
+        raise TypeError(f"num_iterations must be an integer, got {config.num_iterations!r}.")
+    if config.num_iterations < 1:
+        raise ValueError(
+            f"num_iterations must be >= 1 (1 = one update per generation batch), got {config.num_iterations}."
+        )
 
 
 @dataclass
@@ -117,6 +197,13 @@ class NSPGRPOConfig(GRPOConfig):
             "help": "Prefix tokens decoded into the `prompts` text given to rewards and logs (full ids: prefix_ids)."
         },
     )
+    nsp_on_divergence: str = field(
+        default="stop",
+        metadata={
+            "help": "A non-finite loss, gradient or entropy: 'stop' the run before anything is saved (naming the step "
+            "and the last good checkpoint), or 'skip' the optimizer step (the weights stay as they were)."
+        },
+    )
 
     # ---- TRL fields whose defaults differ for ReFINE -----------------------------------------------------------------
     num_generations: int | None = field(
@@ -149,6 +236,8 @@ class NSPGRPOConfig(GRPOConfig):
     remove_unused_columns: bool | None = field(default=False, metadata={"help": "Must stay False."})
 
     def __post_init__(self):
+        check_field_types(self)
+        check_batch_ranges(self)
         self._validate_nsp()
         check_grpo_options(self)
         rows = self.nsp_num_chunks * self.nsp_num_rollouts
@@ -194,6 +283,7 @@ class NSPGRPOConfig(GRPOConfig):
         self.remove_unused_columns = False
         self.mask_truncated_completions = False  # rollouts never end with EOS; masking would zero them all
         super().__post_init__()
+        check_grpo_choices(self)
 
     # -----------------------------------------------------------------------------------------------------------------
     @property
@@ -222,6 +312,7 @@ class NSPGRPOConfig(GRPOConfig):
         choice("nsp_group_by", GROUPINGS)
         choice("nsp_engine", ENGINES)
         choice("nsp_short_documents", SHORT_DOCUMENT_POLICIES)
+        choice("nsp_on_divergence", DIVERGENCE_POLICIES)
         for name in ("nsp_num_chunks", "nsp_rollout_length", "nsp_num_rollouts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
