@@ -32,6 +32,8 @@ REQUIRED_METHODS: dict[str, tuple[str, ...]] = {
     ),
     "_prepare_inputs": ("self", "generation_batch"),
     "_generate_and_score_completions": ("self", "inputs"),
+    # transformers.Trainer's: the all-reduced gradient norm, checked by the divergence guard
+    "_get_grad_norm": ("self", "model", "grad_norm"),
 }
 
 #: private attributes set by GRPOTrainer.__init__ that we read or write

@@ -20,8 +20,15 @@ from datasets import Dataset, IterableDataset
 import trl_refine.models  # noqa: F401  (registers the reference models with the Auto classes)
 from trl_refine._compat import GRPOTrainer, check_trainer_attributes, unwrap_model_for_generation
 from trl_refine.advantages import group_advantages
+from trl_refine.checkpoints import (
+    RefineSettingsCallback,
+    check_resume_settings,
+    refine_settings,
+    resolve_resume_checkpoint,
+)
 from trl_refine.config import NSPGRPOConfig
 from trl_refine.data import check_tokenizer, tokenize_documents
+from trl_refine.guards import DivergenceGuard
 from trl_refine.model_card import build_model_card
 from trl_refine.model_loading import load_causal_lm
 from trl_refine.modeling_utils import backbone_of, capture_last_hidden_state, unwrap
@@ -166,6 +173,15 @@ class NSPGRPOTrainer(GRPOTrainer):
                 "activation (gradient) checkpointing makes HF models drop their recurrent cache in training, which breaks the "
                 f"{self.engine.name} engine. Set activation_checkpointing=False or nsp_engine='generic'."
             )
+        if args.nsp_on_divergence == "skip" and deepspeed is not None:
+            raise ValueError(
+                "nsp_on_divergence='skip' drops a step's gradients before the optimizer step, which DeepSpeed's "
+                "engine does not allow. Use nsp_on_divergence='stop' (the default) with DeepSpeed."
+            )
+        #: stops or skips non-finite steps before they reach the weights or a checkpoint (trl_refine.guards)
+        self.divergence_guard = DivergenceGuard(args.nsp_on_divergence, self.accelerator)
+        self.add_callback(self.divergence_guard)
+        self.add_callback(RefineSettingsCallback(refine_settings(self)))
         self._nsp_precomputed: tuple[torch.Tensor, torch.Tensor | None] | None = None
         #: whether training generations let the loss reuse the engine's sampling pass (None: not yet decided)
         self.reused_sampling_pass: bool | None = None
@@ -284,7 +300,7 @@ class NSPGRPOTrainer(GRPOTrainer):
         ):
             scan = self.engine.scan(unwrapped, docs)
             positions = select_positions(
-                scan.entropy,
+                torch.nan_to_num(scan.entropy, nan=0.0, posinf=0.0, neginf=0.0),  # non-finite: the guard stops below
                 docs.attention_mask,
                 num_chunks=n,
                 rollout_length=k,
@@ -374,6 +390,7 @@ class NSPGRPOTrainer(GRPOTrainer):
         metrics["nsp/entropy_selected"].append((totals[2] / totals[3]).item())
         metrics["nsp/entropy_document"].append((totals[4] / totals[5].clamp(min=1)).item())
         if mode == "train":
+            self.divergence_guard.observe(self.state, "the entropy of the model's predictions", totals[2] + totals[4])
             self.state.num_input_tokens_seen += int(totals[6].item()) + int(totals[1].item())
         metrics["num_tokens"] = [self.state.num_input_tokens_seen]
 
@@ -445,9 +462,29 @@ class NSPGRPOTrainer(GRPOTrainer):
         loss = args.ntp_coef * ntp_loss / scale + args.nsp_coef * policy_loss
 
         metrics = self._metrics[mode]
-        metrics["ntp_loss"].append(self.accelerator.gather(ntp_loss.detach()).mean().item())
-        metrics["nsp/policy_loss"].append(self.accelerator.gather(policy_loss.detach() * scale).mean().item())
+        ntp_mean = self.accelerator.gather(ntp_loss.detach()).mean().item()
+        policy_mean = self.accelerator.gather(policy_loss.detach() * scale).mean().item()
+        if mode == "train":
+            self.divergence_guard.observe(self.state, "the NTP loss", ntp_mean)
+            self.divergence_guard.observe(self.state, "the policy (PPO-clip) loss", policy_mean)
+        metrics["ntp_loss"].append(ntp_mean)
+        metrics["nsp/policy_loss"].append(policy_mean)
         return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm (all-reduced, before clipping), checked by the divergence guard."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.divergence_guard.observe(self.state, "the gradient norm", grad_norm)
+        return grad_norm
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`, with ``resume_from_checkpoint`` = ``True`` / ``"last"`` resuming from the newest complete
+        checkpoint of ``output_dir`` (incomplete ones, from a run killed during a save, are skipped), and a resume
+        with changed ReFINE settings refused or warned about (`trl_refine.checkpoints`)."""
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None:
+            check_resume_settings(checkpoint, refine_settings(self))
+        return super().train(checkpoint, *args, **kwargs)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
         """Inside `compute_loss`, hand TRL's loss the engine's log-probs instead of recomputing them."""
