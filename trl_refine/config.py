@@ -17,7 +17,7 @@ from trl_refine.grpo_options import check_grpo_options
 SELECTION_STRATEGIES = ("entropy", "uniform", "argmax", "argmin")
 REWARDS = ("cosine", "exact", "hybrid")
 GROUPINGS = ("document", "prefix")
-ENGINES = ("auto", "generic", "snapshot")
+ENGINES = ("auto", "generic", "snapshot", "onepass")
 SHORT_DOCUMENT_POLICIES = ("error", "drop")
 DIVERGENCE_POLICIES = ("stop", "skip")
 #: TRL's GRPO loss types (`GRPOTrainer._compute_loss`) and advantage scalings
@@ -173,7 +173,10 @@ class NSPGRPOConfig(GRPOConfig):
     )
     nsp_engine: str = field(
         default="auto",
-        metadata={"help": "Rollout engine: auto (snapshot when the model supports it), generic, snapshot."},
+        metadata={
+            "help": "Rollout engine: auto (snapshot when the model supports it), generic, snapshot, onepass (the "
+            "snapshot engine with one document pass instead of n+1 segments; models with supports_state_positions)."
+        },
     )
     nsp_segment_checkpointing: bool = field(
         default=False,

@@ -109,7 +109,7 @@ class TestTimeConfig:
         default="batch",
         metadata={"help": "batch: restore the weights after each batch (default); never: keep adapting (official)."},
     )
-    nsp_engine: str = field(default="auto", metadata={"help": "Rollout engine: auto, generic, snapshot."})
+    nsp_engine: str = field(default="auto", metadata={"help": "Rollout engine: auto, generic, snapshot, onepass."})
     nsp_generic_rows_per_call: int | None = field(
         default=None, metadata={"help": "Generic engine: rollout rows per no-grad call (memory cap)."}
     )

@@ -233,3 +233,54 @@ def test_reused_sampling_pass_matches_two_passes_fla_delta_net(dtype):
     assert res["rollout_ids_equal_fraction"] >= (1.0 if dtype == torch.float32 else 0.9)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert res["doc_logps_rel"] < tol and res["rollout_logps_rel"] < tol and res["grad_rel"] < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onepass_vs_snapshot_reference_delta_net(dtype):
+    """The one-pass engine (one document pass returning the states at the positions) against the snapshot engine
+    (n+1 segment calls), on the GPU, reference DeltaNet (the model that declares supports_state_positions)."""
+    from trl_refine.models.delta_net import RefDeltaNetConfig, RefDeltaNetForCausalLM
+    from trl_refine.rollout import OnePassEngine
+
+    torch.manual_seed(0)
+    cfg = tiny_fla_config("delta_net", fuse_cross_entropy=False)
+    model = RefDeltaNetForCausalLM(
+        RefDeltaNetConfig(**{k: v for k, v in cfg.to_dict().items() if k in RefDeltaNetConfig().to_dict()})
+    ).to(DEV, dtype)
+    ensure_fused_lm_head(model)
+    docs = docs_batch((400, 257, 330))
+    n, g, k = 4, 2, 5
+    snap, onepass = SnapshotEngine(), OnePassEngine()
+    with torch.no_grad():
+        scan = snap.scan(model, docs)
+        pos = select_positions(
+            scan.entropy, docs.attention_mask, num_chunks=n, rollout_length=k, margin=20,
+            generator=torch.Generator(device=DEV).manual_seed(0),
+        )  # fmt: skip
+    plan = RolloutPlan(pos, g, k)
+    adv = torch.linspace(-1, 1, plan.num_rows, device=DEV)
+    outs = []
+    for engine in (snap, onepass):
+        with torch.no_grad():
+            out = engine.generate(model, docs, plan, torch.Generator(device=DEV).manual_seed(1))
+        model.zero_grad()
+        fwd = engine.forward_train(model, docs, plan, outs[0][0].completion_ids if outs else out.completion_ids)
+        m = docs.label_mask()
+        (-(fwd.doc_logps * m).sum() / m.sum() - (adv[:, None] * fwd.rollout_logps).mean()).backward()
+        outs.append((out, fwd, torch.cat([p.grad.float().flatten() for p in model.parameters()])))
+    (out_s, fwd_s, grad_s), (out_o, fwd_o, grad_o) = outs
+    res = {
+        "rollout_ids_equal_fraction": (out_s.completion_ids == out_o.completion_ids).float().mean().item(),
+        "doc_logps_rel": rel(fwd_o.doc_logps, fwd_s.doc_logps),
+        "rollout_logps_rel": rel(fwd_o.rollout_logps, fwd_s.rollout_logps),
+        "grad_rel": rel(grad_o, grad_s),
+        "grad_cos": cos(grad_o, grad_s),
+    }
+    if res["rollout_ids_equal_fraction"] == 1.0:
+        res["old_logps_rel"] = rel(out_o.old_logps, out_s.old_logps)
+        res["hidden_rel"] = rel(out_o.hidden_states, out_s.hidden_states)
+    record(f"onepass_vs_snapshot_reference_delta_net_{str(dtype).split('.')[-1]}", **res)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    if dtype == torch.float32:
+        assert res["rollout_ids_equal_fraction"] == 1.0 and res["old_logps_rel"] < tol
+    assert res["doc_logps_rel"] < tol and res["rollout_logps_rel"] < tol and res["grad_rel"] < tol

@@ -89,6 +89,12 @@ class SnapshotEngine(RolloutEngine):
     def scan(self, model, docs: DocumentBatch) -> ScanOutput:
         return teacher_forced_scan(model, docs)
 
+    def document_pass(self, model, docs: DocumentBatch, plan: RolloutPlan) -> tuple[list[State], torch.Tensor]:
+        """The pass over the documents that sampling and the loss branch from: the n snapshots (each a state with B
+        rows, the state after the prefix ending at chunk j's position) and the [B, L, H] last hidden states. Here
+        the segmented pass; the one-pass engine (`trl_refine.rollout.onepass`) computes the same in one call."""
+        return self.segmented_pass(model, docs, plan)
+
     def segmented_pass(self, model, docs: DocumentBatch, plan: RolloutPlan) -> tuple[list[State], torch.Tensor]:
         """Run the n+1 segments of every document (packed per segment, always n+1 model calls, see
         `segment_calls`). Returns the n snapshots (each a state with B rows: the state after the prefix ending at chunk
@@ -234,12 +240,12 @@ class SnapshotEngine(RolloutEngine):
         sampling_pass = None
         if train_model is None:
             with torch.no_grad():
-                snapshots, doc_hidden = self.segmented_pass(model, docs, plan)
+                snapshots, doc_hidden = self.document_pass(model, docs, plan)
         else:
             # the loss forward's document pass, run now: same segments and weights (no optimizer step comes between
             # sampling and the loss when a generation batch serves one micro-step), so forward_train reuses it
             with torch.enable_grad():
-                snapshots, doc_hidden = self.segmented_pass(train_model, docs, plan)
+                snapshots, doc_hidden = self.document_pass(train_model, docs, plan)
             sampling_pass = SamplingPass(snapshots, doc_hidden, train_model, _param_versions(train_model))
         with torch.no_grad():
             # a copy (index_select without grad): decoding updates the conv cache in place
@@ -290,7 +296,7 @@ class SnapshotEngine(RolloutEngine):
     ) -> TrainForward:
         k = plan.rollout_length
         if sampling_pass is None:
-            snapshots, doc_hidden = self.segmented_pass(model, docs, plan)
+            snapshots, doc_hidden = self.document_pass(model, docs, plan)
         else:
             if not sampling_pass.usable_by(model):
                 raise ValueError(

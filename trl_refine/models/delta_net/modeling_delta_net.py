@@ -19,6 +19,7 @@ fla itself is imported lazily (only when a cache is needed), because ``import fl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -135,8 +136,12 @@ def delta_rule_chunkwise(
     scale: float | None = None,
     use_qk_l2norm: bool = False,
     chunk_size: int = CHUNK_SIZE,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    state_counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunkwise (WY / UT-transform) delta rule; same contract as :func:`delta_rule_recurrent`, exact in fp32.
+
+    ``state_counts`` [B, n] (0..T): also return the states after the first ``state_counts[b, j]`` tokens of row
+    b, [B, n, H, K, V] fp32, from the same pass (see `_states_after`); differentiable like the final state.
 
     Within a chunk starting from state ``S0`` the pseudo-values ``U = beta * (V - S_{t-1}^T k_t)`` solve
     ``(I + tril(diag(beta) K K^T, -1)) U = diag(beta) (V - K S0)``, so ``U = Ũ - W S0`` with ``Ũ, W`` from one
@@ -169,13 +174,40 @@ def delta_rule_chunkwise(
     qk = (q @ k.transpose(-1, -2)).tril()
 
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(q.dtype)
-    outputs = []
+    outputs, boundaries = [], [S]
     for n in range(n_chunks):
         u = u_tilde[:, :, n] - w[:, :, n] @ S
         outputs.append(q[:, :, n] @ S + qk[:, :, n] @ u)
         S = S + k[:, :, n].transpose(-1, -2) @ u
+        boundaries.append(S)
     o = torch.stack(outputs, dim=2).reshape(B, H, n_chunks * C, V)[:, :, :T].transpose(1, 2)
-    return o.to(out_dtype), S
+    if state_counts is None:
+        return o.to(out_dtype), S
+    return o.to(out_dtype), S, _states_after(torch.stack(boundaries, dim=2), k, w, u_tilde, state_counts)
+
+
+def _states_after(
+    boundaries: torch.Tensor, k: torch.Tensor, w: torch.Tensor, u_tilde: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """States after ``counts`` [B, n] tokens, from the chunk-boundary states ``boundaries`` [B, H, N+1, K, V] and the
+    chunks' WY factors (``k``, ``w`` [B, H, N, C, K], ``u_tilde`` [B, H, N, C, V]).
+
+    The state after ``c * C + r`` tokens is the boundary state ``S_c`` plus the first r tokens of chunk c:
+    ``S_c + K[:r]^T (Ũ[:r] - W[:r] S_c)``. The chunk's triangular system makes its first r pseudo-values depend
+    on its first r tokens only, so this is the full-chunk formula with the rows from r on masked: fixed shapes.
+    """
+    bsz, n = counts.shape
+    chunk = k.size(3)
+    c = torch.div(counts, chunk, rounding_mode="floor")
+    rem = counts - c * chunk
+    row = torch.arange(bsz, device=counts.device)[:, None].expand(bsz, n)
+    s_c = boundaries.transpose(1, 2)[row, c]  # [B, n, H, K, V]
+    cc = c.clamp(max=k.size(2) - 1)  # c = N only when rem = 0 (nothing of chunk N is read)
+    k_c, w_c, u_c = (x.transpose(1, 2)[row, cc] for x in (k, w, u_tilde))  # [B, n, H, C, *]
+    keep = (torch.arange(chunk, device=counts.device) < rem[..., None]).to(k.dtype)  # [B, n, C]
+    keep = keep[:, :, None, :, None]
+    u = u_c - w_c @ s_c
+    return s_c + (k_c * keep).transpose(-1, -2) @ u
 
 
 def delta_rule(
@@ -186,8 +218,12 @@ def delta_rule(
     initial_state: torch.Tensor | None = None,
     scale: float | None = None,
     use_qk_l2norm: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Delta rule: the recurrence for short inputs (decoding), the chunkwise form otherwise."""
+    state_counts: torch.Tensor | None = None,
+):
+    """Delta rule: the recurrence for short inputs (decoding), the chunkwise form otherwise (always with
+    ``state_counts``, which then adds a third output, see :func:`delta_rule_chunkwise`)."""
+    if state_counts is not None:
+        return delta_rule_chunkwise(q, k, v, beta, initial_state, scale, use_qk_l2norm, state_counts=state_counts)
     if q.shape[1] <= RECURRENT_MAX_LEN:
         return delta_rule_recurrent(q, k, v, beta, initial_state, scale, use_qk_l2norm)
     return delta_rule_chunkwise(q, k, v, beta, initial_state, scale, use_qk_l2norm)
@@ -247,6 +283,33 @@ class _Packing:
         return out.index_put((self.src_mask,), y[self.valid])
 
 
+class PositionStates:
+    """Request and result of a forward that also returns every layer's cache state at given positions.
+
+    ``counts`` [N, n]: for each (packed) row, the numbers of its tokens after which the states are wanted. Each
+    layer writes ``layers[layer_idx] = {"recurrent_state": [N, n, H, K, V] fp32, "conv_state": (q, k, v) each
+    [N, n, D, W] or None}`` (fla's cache layout with a chunk dim after the batch dim)."""
+
+    def __init__(self, counts: torch.Tensor):
+        self.counts = counts
+        self.layers: dict[int, dict[str, Any]] = {}
+
+    @classmethod
+    def for_positions(cls, positions: torch.Tensor, packing: _Packing | None) -> PositionStates:
+        """From ``positions`` [B, n] (input coordinates, the last token to include) of an unpacked or
+        ``attention_mask``-packed call."""
+        if packing is None:
+            return cls(positions + 1)
+        if packing.src_mask is None:
+            raise ValueError("state_positions cannot be combined with cu_seqlens (pass one document per row)")
+        counts = packing.src_mask.long().cumsum(-1).gather(1, positions)
+        return cls(counts)
+
+    def as_states(self) -> list[dict[str, Any]]:
+        """Per layer, in layer order."""
+        return [self.layers[i] for i in sorted(self.layers)]
+
+
 # ============================================================================ modules
 class RMSNorm(nn.Module):
     """fla's ``RMSNorm`` (``fla.modules.RMSNorm``): computed in fp32, returned in the input dtype.
@@ -300,7 +363,8 @@ class ShortConvolution(nn.Conv1d):
     ``forward(x [N, L, D], cache [N, D, W] | None, n_valid [N] | None)`` returns ``(y [N, L, D], new_cache)``.
     ``y[t] = act(sum_j w[:, j] * x[t - W + 1 + j])`` where positions before the first token come from the cache
     (slots ``1..W-1``; slot ``W-1`` is the newest). ``new_cache`` holds the last ``W`` inputs up to each row's last
-    valid token (all ``L`` tokens when ``n_valid`` is None) and is a fresh tensor.
+    valid token (all ``L`` tokens when ``n_valid`` is None) and is a fresh tensor. With ``state_counts`` [N, n] a
+    third output holds the caches after ``state_counts[:, j]`` tokens, [N, n, D, W].
     """
 
     def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False, activation: str | None = "silu"):
@@ -316,8 +380,12 @@ class ShortConvolution(nn.Conv1d):
         self.activation = activation
 
     def forward(  # type: ignore[override]
-        self, x: torch.Tensor, cache: torch.Tensor | None = None, n_valid: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        x: torch.Tensor,
+        cache: torch.Tensor | None = None,
+        n_valid: torch.Tensor | None = None,
+        state_counts: torch.Tensor | None = None,
+    ):
         N, L, D = x.shape
         W = self.kernel_size[0]
         xt = x.transpose(1, 2)
@@ -340,7 +408,13 @@ class ShortConvolution(nn.Conv1d):
         else:
             idx = n_valid[:, None] + torch.arange(W, device=x.device)[None, :]
             new_cache = full.gather(-1, idx[:, None, :].expand(N, D, W))
-        return y, new_cache
+        if state_counts is None:
+            return y, new_cache
+        # the caches after state_counts[:, j] tokens: the last W inputs up to there, [N, n, D, W]
+        n = state_counts.size(1)
+        idx = state_counts[..., None] + torch.arange(W, device=x.device)
+        states = full[:, None].expand(N, n, D, W + L).gather(-1, idx[:, :, None, :].expand(N, n, D, W))
+        return y, new_cache, states
 
 
 def _elu_p1(x: torch.Tensor) -> torch.Tensor:
@@ -391,8 +465,10 @@ class RefDeltaNetAttention(nn.Module):
         hidden_states: torch.Tensor,
         past_key_values: Any = None,
         packing: _Packing | None = None,
+        position_states: PositionStates | None = None,
     ) -> torch.Tensor:
         q_len = hidden_states.shape[1]
+        counts = position_states.counts if position_states is not None else None
         state = _layer_state(past_key_values, self.layer_idx)
         recurrent_state = state.get("recurrent_state") if state is not None else None
         conv_states = state.get("conv_state") if state is not None else None
@@ -405,9 +481,15 @@ class RefDeltaNetAttention(nn.Module):
         new_conv_states = None
         if self.use_short_conv:
             conv_q, conv_k, conv_v = conv_states if conv_states is not None else (None, None, None)
-            q, conv_q = self.q_conv1d(q, conv_q, n_valid)
-            k, conv_k = self.k_conv1d(k, conv_k, n_valid)
-            v, conv_v = self.v_conv1d(v, conv_v, n_valid)
+            if counts is None:
+                q, conv_q = self.q_conv1d(q, conv_q, n_valid)
+                k, conv_k = self.k_conv1d(k, conv_k, n_valid)
+                v, conv_v = self.v_conv1d(v, conv_v, n_valid)
+            else:
+                q, conv_q, at_q = self.q_conv1d(q, conv_q, n_valid, counts)
+                k, conv_k, at_k = self.k_conv1d(k, conv_k, n_valid, counts)
+                v, conv_v, at_v = self.v_conv1d(v, conv_v, n_valid, counts)
+                conv_at = (at_q, at_k, at_v)
             new_conv_states = (conv_q, conv_k, conv_v)
         else:
             if self.qk_activation == "silu":
@@ -433,9 +515,20 @@ class RefDeltaNetAttention(nn.Module):
         if packing is not None:
             beta = beta * packing.valid[..., None].to(beta.dtype)  # padding never touches the state
 
-        o, recurrent_state = delta_rule(
-            q, k, v, beta, initial_state=recurrent_state, use_qk_l2norm=(self.qk_norm == "l2")
-        )
+        if counts is None:
+            o, recurrent_state = delta_rule(
+                q, k, v, beta, initial_state=recurrent_state, use_qk_l2norm=(self.qk_norm == "l2")
+            )
+        else:
+            o, recurrent_state, recurrent_at = delta_rule(
+                q, k, v, beta, recurrent_state, use_qk_l2norm=(self.qk_norm == "l2"), state_counts=counts
+            )
+            position_states.layers[self.layer_idx] = {
+                "recurrent_state": recurrent_at,
+                "attn_state": None,
+                "conv_state": conv_at if self.use_short_conv else None,
+                "ffn_state": None,
+            }
 
         if past_key_values is not None:
             past_key_values.update(
@@ -495,10 +588,16 @@ class RefDeltaNetBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         past_key_values: Any = None,
         packing: _Packing | None = None,
+        position_states: PositionStates | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.attn(self.attn_norm(hidden_states), past_key_values=past_key_values, packing=packing)
+        hidden_states = self.attn(
+            self.attn_norm(hidden_states),
+            past_key_values=past_key_values,
+            packing=packing,
+            position_states=position_states,
+        )
         if self.config.fuse_norm:
             hidden_states, residual = self.mlp_norm(hidden_states, residual, True)
         else:
@@ -509,6 +608,18 @@ class RefDeltaNetBlock(GradientCheckpointingLayer):
 
 
 # ============================================================================ models
+@dataclass
+class RefDeltaNetModelOutput(BaseModelOutputWithPast):
+    #: per layer, the cache state after each of ``state_positions`` (see `PositionStates`), or None
+    position_states: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class RefDeltaNetCausalLMOutput(CausalLMOutputWithPast):
+    #: per layer, the cache state after each of ``state_positions`` (see `PositionStates`), or None
+    position_states: list[dict[str, Any]] | None = None
+
+
 class RefDeltaNetPreTrainedModel(PreTrainedModel):
     config_class = RefDeltaNetConfig
     base_model_prefix = "model"
@@ -560,6 +671,7 @@ class RefDeltaNetModel(RefDeltaNetPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        state_positions: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> tuple | BaseModelOutputWithPast:
         output_hidden_states = (
@@ -590,23 +702,27 @@ class RefDeltaNetModel(RefDeltaNetPreTrainedModel):
             )
 
         packing = _Packing.build(attention_mask, cu_seqlens, batch_size, q_len)
+        position_states = None if state_positions is None else PositionStates.for_positions(state_positions, packing)
 
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = layer(hidden_states, past_key_values=past_key_values, packing=packing)
+            hidden_states = layer(
+                hidden_states, past_key_values=past_key_values, packing=packing, position_states=position_states
+            )
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
 
         if not return_dict:
             return tuple(x for x in (hidden_states, past_key_values, all_hidden_states) if x is not None)
-        return BaseModelOutputWithPast(
+        return RefDeltaNetModelOutput(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values,
             hidden_states=all_hidden_states,
             attentions=None,
+            position_states=None if position_states is None else position_states.as_states(),
         )
 
 
@@ -614,6 +730,9 @@ class RefDeltaNetForCausalLM(RefDeltaNetPreTrainedModel, GenerationMixin):
     """Causal LM head on :class:`RefDeltaNetModel` (fla's ``DeltaNetForCausalLM``; same state-dict keys)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+    #: ``forward(state_positions=...)`` returns every layer's cache state after those positions, from the same pass
+    #: (``position_states``; the one-pass engine, trl_refine.rollout.onepass)
+    supports_state_positions = True
 
     def __init__(self, config: RefDeltaNetConfig):
         super().__init__(config)
@@ -660,6 +779,7 @@ class RefDeltaNetForCausalLM(RefDeltaNetPreTrainedModel, GenerationMixin):
         num_items_in_batch: int | torch.Tensor | None = None,
         shift_labels: torch.LongTensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        state_positions: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> tuple | CausalLMOutputWithPast:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -672,6 +792,7 @@ class RefDeltaNetForCausalLM(RefDeltaNetPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             return_dict=True,
             cu_seqlens=cu_seqlens,
+            state_positions=state_positions,
         )
         hidden_states = outputs.last_hidden_state
         has_labels = labels is not None or shift_labels is not None
@@ -705,16 +826,18 @@ class RefDeltaNetForCausalLM(RefDeltaNetPreTrainedModel, GenerationMixin):
         if not return_dict:
             output = tuple(x for x in (logits, outputs.past_key_values, outputs.hidden_states) if x is not None)
             return (loss, *output) if loss is not None else output
-        return CausalLMOutputWithPast(
+        return RefDeltaNetCausalLMOutput(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=None,
+            position_states=outputs.position_states,
         )
 
 
 __all__ = [
+    "PositionStates",
     "RefDeltaNetAttention",
     "RefDeltaNetBlock",
     "RefDeltaNetForCausalLM",
