@@ -6,6 +6,8 @@ import logging
 
 from datasets import Dataset, IterableDataset
 
+from trl_refine.conversational import documents_from_messages
+
 logger = logging.getLogger("trl_refine")
 
 
@@ -34,6 +36,7 @@ def tokenize_documents(
     A dataset that already has ``input_ids`` and no ``column`` is used as is (truncated). Too-short documents raise
     (``short_documents="error"``) or are dropped with a log line (``"drop"``).
     """
+    dataset = documents_from_messages(dataset, tokenizer, column=column, name=name)  # TRL's `messages` format
     columns = dataset.column_names
     if columns is not None and column not in columns and "input_ids" not in columns:
         raise ValueError(

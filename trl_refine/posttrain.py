@@ -32,6 +32,7 @@ from accelerate.utils import DistributedType
 from datasets import Dataset, IterableDataset
 
 from trl_refine.config import NSPGRPOConfig
+from trl_refine.conversational import prompts_from_messages
 from trl_refine.data import check_tokenizer
 from trl_refine.losses import masked_token_nll
 from trl_refine.modeling_utils import score_tokens
@@ -238,8 +239,10 @@ def prepare_posttrain_dataset(
     ``"drop"`` policies such examples are dropped with a warning (the same ones on every rank); with
     ``long_examples="truncate"`` long prompts lose their middle (column ``prompt_truncated`` marks them).
     """
-    columns = dataset.column_names
     prompt_col, answer_col = args.document_column, args.answer_column
+    # TRL's conversational prompts (chat template) and prompt-completion format
+    dataset = prompts_from_messages(dataset, tokenizer, prompt_column=prompt_col, answer_column=answer_col, name=name)
+    columns = dataset.column_names
     if columns is not None:
         missing = [c for c in (prompt_col, answer_col) if c not in columns]
         if missing:
