@@ -230,12 +230,20 @@ def test_sharded_evaluation_under_fsdp2_keeps_the_ranks_in_step(dist, decoding):
 
 
 def test_shard_indices():
+    from types import SimpleNamespace
+
     from trl_refine.recipe_utils import shard_indices
 
-    assert [shard_indices(5, r, 2, equal=False) for r in range(2)] == [([0, 1, 2], 3), ([3, 4], 2)]
-    assert [shard_indices(5, r, 2, equal=True) for r in range(2)] == [([0, 1, 2], 3), ([3, 4, 4], 2)]
-    assert [shard_indices(1, r, 3, equal=True) for r in range(3)] == [([0], 1), ([0], 0), ([0], 0)]
-    assert [shard_indices(1, r, 2, equal=False) for r in range(2)] == [([0], 1), ([], 0)]
+    def shards(n, world, equal):  # accelerate's split for each rank of a `world`-process run
+        return [
+            shard_indices(n, SimpleNamespace(num_processes=world, process_index=r), equal=equal) for r in range(world)
+        ]
+
+    assert shards(5, 2, equal=False) == [([0, 1, 2], 3), ([3, 4], 2)]
+    assert shards(5, 2, equal=True) == [([0, 1, 2], 3), ([3, 4, 4], 2)]
+    assert shards(1, 3, equal=True) == [([0], 1), ([0], 0), ([0], 0)]
+    assert shards(1, 2, equal=False) == [([0], 1), ([], 0)]
+    assert shards(7, 3, equal=True) == [([0, 1, 2], 3), ([3, 4, 6], 2), ([5, 6, 6], 2)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

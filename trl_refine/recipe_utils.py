@@ -207,19 +207,23 @@ def evaluation_context(trainer):
         yield model
 
 
-def shard_indices(num_examples: int, rank: int, world: int, *, equal: bool) -> tuple[list[int], int]:
-    """Contiguous shard of ``range(num_examples)`` for ``rank``: ``(indices, real)``. With ``equal`` every rank gets
-    ``ceil(num_examples / world)`` indices, the shard's last example repeated as padding after its ``real`` ones (so
-    every rank makes the same calls); otherwise ``datasets``' contiguous split (sizes differ by at most one)."""
+def shard_indices(num_examples: int, state=None, *, equal: bool) -> tuple[list[int], int]:
+    """This process's contiguous shard of ``range(num_examples)``, by accelerate's ``split_between_processes``:
+    ``(indices, real)``. With ``equal`` every process gets the same number of indices (accelerate's padding repeats
+    the last example after the ``real`` ones, so every process makes the same calls). ``state``: the
+    `accelerate.PartialState` (default: the current one)."""
+    from accelerate import PartialState
+
+    state = state if state is not None else PartialState()
+    if num_examples == 0:
+        return [], 0
+    everything = list(range(num_examples))
+    with PartialState.split_between_processes(state, everything) as mine:
+        real = len(mine)
     if not equal:
-        per, extra = divmod(num_examples, world)
-        start = rank * per + min(rank, extra)
-        stop = start + per + (rank < extra)
-        return list(range(start, stop)), stop - start
-    per = -(-num_examples // world)
-    real = list(range(min(rank * per, num_examples), min((rank + 1) * per, num_examples)))
-    pad = real[-1] if real else num_examples - 1
-    return real + [pad] * (per - len(real)), len(real)
+        return list(mine), real
+    with PartialState.split_between_processes(state, everything, apply_padding=True) as padded:
+        return list(padded), real
 
 
 def evaluate_sharded(
@@ -241,7 +245,7 @@ def evaluate_sharded(
         return evaluate(model, tokenizer, dataset, task, **kwargs)
     if lockstep is None:
         lockstep = parameters_sharded()
-    indices, real = shard_indices(len(dataset), rank, world, equal=lockstep)
+    indices, real = shard_indices(len(dataset), equal=lockstep)
     shard = dataset.select(indices)
     kwargs = {**kwargs, "keep_predictions": True}
     if lockstep:
@@ -316,7 +320,7 @@ def answer_nll_sharded(model, tokenizer, dataset: datasets.Dataset, args, *, loc
     rank, world = _process_info()
     if lockstep is None:
         lockstep = parameters_sharded()
-    indices, real = shard_indices(len(dataset), rank, world, equal=lockstep)
+    indices, real = shard_indices(len(dataset), equal=lockstep)
     local = answer_nll(model, tokenizer, dataset.select(indices[:real]), args) if real else {"nll": 0.0, "tokens": 0.0}
     if len(indices) > real:  # padding under FSDP / ZeRO-3: the same number of forwards on every process
         answer_nll(model, tokenizer, dataset.select(indices[real:]), args)
