@@ -27,6 +27,7 @@ from trl import ScriptArguments, TrlParser
 
 from trl_refine import NSPPostTrainer, PostTrainConfig
 from trl_refine.eval import generate_niah, get_scorer
+from trl_refine.eval.plot import plot_runs
 from trl_refine.recipe_utils import (
     ModelArguments,
     answer_nll_sharded,
@@ -250,8 +251,15 @@ def main(argv: list[str] | None = None) -> str:
                     "after": after,
                 },
             )
+            runs = {
+                stage: {label: res[label]["result"] for label in evals}
+                for stage, res in (("before", before), ("after", after))
+            }
+            plot_runs(runs, os.path.join(out, "posttrain_report.png"), f"Post-training ({args.posttrain_mode})")
             print("\n" + title + table)
-            print(f"Report: {os.path.join(out, 'posttrain_report.md')} (predictions in posttrain_report.json)")
+            print(
+                f"Report: {os.path.join(out, 'posttrain_report.md')} (plot .png; predictions in posttrain_report.json)"
+            )
         print(f"\nSaved the post-trained model to {out}")
         print(f"Load it with: AutoModelForCausalLM.from_pretrained({out!r})  (after `import trl_refine`)")
         print(f"Total time: {time.perf_counter() - t0:.0f} s (training {t2 - t1:.0f} s)")

@@ -25,6 +25,7 @@ import torch
 from trl import ScriptArguments, TrlParser
 
 from trl_refine.eval import generate_niah, get_scorer
+from trl_refine.eval.plot import plot_runs
 from trl_refine.posttrain import PostTrainConfig, answer_nll
 from trl_refine.recipe_utils import (
     ModelArguments,
@@ -226,8 +227,10 @@ def main(argv: list[str] | None = None) -> str:
             os.path.join(out, "testtime_report.json"),
             {"config": cfg.__dict__, "results": results, "answer_nll": nlls, "seconds": t1 - t0},
         )
+        runs = {run: results[run] for run in ("without", "with") if results[run]}
+        plot_runs(runs, os.path.join(out, "testtime_report.png"), f"Test-time ReFINE ({cfg.steps} step(s) per batch)")
         print("\n" + title + table)
-        print(f"Report: {os.path.join(out, 'testtime_report.md')} (predictions in testtime_report.json)")
+        print(f"Report: {os.path.join(out, 'testtime_report.md')} (plot .png; predictions in testtime_report.json)")
         print(f"Total time: {t1 - t0:.0f} s")
     return script.output_dir
 

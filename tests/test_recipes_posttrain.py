@@ -41,6 +41,8 @@ def test_posttrain_default_quick_runs_and_writes_the_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Saved the post-trained model to" in printed and "| metric | before | after | Δ |" in printed
     table = (out / "posttrain_report.md").read_text()
+    assert (out / "posttrain_report.png").stat().st_size > 0  # the before/after chart
+    assert "Reinforced Fast Weights" in (out / "README.md").read_text()  # the model card
     assert "niah_single: string_match_all" in table and "answer NLL" in table
     report = json.loads((out / "posttrain_report.json").read_text())
     assert report["posttrain_mode"] == "nested" and report["global_step"] == 2 and report["inner_optimizer_steps"] == 2

@@ -30,10 +30,13 @@ from trl_refine.eval.longbench import (
     retrieval_score,
     rouge_l_score,
 )
+from trl_refine.eval.metrics import load_metric, metric_path
 from trl_refine.eval.niah import NIAH_TASKS, essay_sentences, generate_niah, niah_accuracy, niah_score
 from trl_refine.eval.ruler import load_qa_dataset, postprocess_ruler_response, ruler_qa_accuracy, ruler_qa_score
 
 __all__ = [
+    "load_metric",
+    "metric_path",
     "LONGBENCH_TASK_METRICS",
     "NIAH_TASKS",
     "TREC_CLASSES",

@@ -44,8 +44,10 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
+from trl_refine.conversational import prompts_from_messages
 from trl_refine.eval.longbench import LONGBENCH_TASK_METRICS, longbench_scorer
 from trl_refine.eval.niah import niah_score, normalize_niah_task
+from trl_refine.eval.plot import plot_scores, result_spread
 from trl_refine.eval.ruler import load_qa_dataset, ruler_qa_score
 
 __all__ = [
@@ -343,8 +345,10 @@ def generate_answers(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def as_eval_dataset(dataset: Any, split: str | None = None) -> datasets.Dataset:
+def as_eval_dataset(dataset: Any, split: str | None = None, tokenizer: Any = None) -> datasets.Dataset:
     """Turn ``dataset`` into a validated :class:`datasets.Dataset` with ``prompt`` and ``answer``/``answers``.
+    With ``tokenizer``, TRL's conversational format is taken too: a ``prompt`` of messages goes through the chat
+    template (with the generation prompt), a ``completion`` gives the ``answer`` (`trl_refine.conversational`).
 
     Accepts a ``Dataset``, a ``DatasetDict`` (with ``split``), a local parquet/jsonl/json/csv path or directory or
     hub id, a pandas ``DataFrame``, a list of dicts or a dict of lists. Raises ``ValueError`` for an empty dataset
@@ -371,6 +375,8 @@ def as_eval_dataset(dataset: Any, split: str | None = None) -> datasets.Dataset:
         ds = datasets.Dataset.from_pandas(dataset, preserve_index=False)
     else:
         raise TypeError(f"unsupported dataset type {type(dataset).__name__}")
+    if tokenizer is not None:
+        ds = prompts_from_messages(ds, tokenizer)
 
     missing = []
     if "prompt" not in ds.column_names:
@@ -544,7 +550,7 @@ def evaluate(
         ``{"name", "task", "metric", "score" (mean in [0, 1]), "num_examples", "per_task", "adapted",
         "max_new_tokens", "length_column", "batch_size", "seconds", "examples" (if keep_predictions)}``.
     """
-    ds = as_eval_dataset(dataset, split=split)
+    ds = as_eval_dataset(dataset, split=split, tokenizer=tokenizer)
     if max_examples is not None:
         if max_examples < 1:
             raise ValueError("max_examples must be >= 1")
@@ -722,31 +728,35 @@ def _markdown(labels: list[str], tasks: list[str], table: dict[str, dict[str, fl
     return "\n".join(lines) + "\n"
 
 
-def _plot(labels, tasks, table, path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
+def _single_spread(result: Any) -> float | None:
+    spread = result_spread(result)
+    return next(iter(spread.values())) if len(spread) == 1 else None
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except Exception:  # not installed, or no usable backend
+
+def _runs_errors(results: Any, labels: list[str]) -> dict[str, dict[str, float]]:
+    """Standard errors over the examples for each (run, task) whose result kept its examples."""
+    if _is_result(results):
+        return {labels[0]: result_spread(results)}
+    if not isinstance(results, Mapping) or "rows" in results:
+        return {}
+    if labels == ["score"]:  # task -> result
+        runs = {"score": results}
+    else:
+        runs = {str(k): v for k, v in results.items() if isinstance(v, Mapping) and not _is_result(v)}
+        runs.update({str(k): {str(k): v} for k, v in results.items() if _is_result(v)})
+    errors = {}
+    for label, run in runs.items():
+        errors[label] = {str(t): se for t, r in run.items() if (se := _single_spread(r)) is not None}
+    return errors
+
+
+def _plot(labels, tasks, table, path: Path, title: str, errors=None) -> Path | None:
+    try:
+        import matplotlib  # noqa: F401  (a dependency; kept optional for minimal installs)
+    except ImportError:
         warnings.warn("matplotlib is not available: skipping the plot (pip install matplotlib)", stacklevel=3)
         return None
-    width = 0.8 / max(len(labels), 1)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(tasks) + 1.5), 3.5))
-    for j, lab in enumerate(labels):
-        xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(tasks))]
-        ys = [100 * (table[lab].get(t) or 0.0) for t in tasks]
-        ax.bar(xs, ys, width=width, label=lab)
-    ax.set_xticks(range(len(tasks)))
-    ax.set_xticklabels(tasks, rotation=30, ha="right")
-    ax.set_ylabel("score (×100)")
-    ax.set_title(title)
-    if len(labels) > 1:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plot_scores(labels, tasks, table, path, title, errors)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -796,5 +806,6 @@ def write_report(
     json_path.write_text(json.dumps(_jsonable(payload), indent=2, ensure_ascii=False) + "\n")
     md_path = out / f"{name}.md"
     md_path.write_text(_markdown(labels, tasks, table, title))
-    png_path = _plot(labels, tasks, table, out / f"{name}.png", title) if plot else None
+    errors = _runs_errors(results, labels)
+    png_path = _plot(labels, tasks, table, out / f"{name}.png", title, errors) if plot else None
     return {"json": json_path, "markdown": md_path, "plot": png_path}
