@@ -255,7 +255,16 @@ def main(argv: list[str] | None = None) -> str:
                 stage: {label: res[label]["result"] for label in evals}
                 for stage, res in (("before", before), ("after", after))
             }
-            plot_runs(runs, os.path.join(out, "posttrain_report.png"), f"Post-training ({args.posttrain_mode})")
+            nll = {
+                stage: {label: res[label]["answer_nll"] for label in evals}
+                for stage, res in (("before", before), ("after", after))
+            }
+            plot_runs(
+                runs,
+                os.path.join(out, "posttrain_report.png"),
+                f"Post-training ({args.posttrain_mode})",
+                extra=("answer NLL (nats/token, lower is better)", nll),
+            )
             print("\n" + title + table)
             print(
                 f"Report: {os.path.join(out, 'posttrain_report.md')} (plot .png; predictions in posttrain_report.json)"

@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> str:
             {"config": cfg.__dict__, "results": results, "answer_nll": nlls, "seconds": t1 - t0},
         )
         runs = {run: results[run] for run in ("without", "with") if results[run]}
-        plot_runs(runs, os.path.join(out, "testtime_report.png"), f"Test-time ReFINE ({cfg.steps} step(s) per batch)")
+        extra = ("answer NLL (nats/token, lower is better)", {r: nlls[r] for r in runs}) if script.answer_nll else None
+        plot_runs(runs, os.path.join(out, "testtime_report.png"), f"Test-time ReFINE ({cfg.steps} step(s))", extra)
         print("\n" + title + table)
         print(f"Report: {os.path.join(out, 'testtime_report.md')} (plot .png; predictions in testtime_report.json)")
         print(f"Total time: {t1 - t0:.0f} s")

@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+import trl_refine._warnings  # noqa: F401  (first: silences known harmless warnings)
 from trl_refine.config import NSPGRPOConfig
 from trl_refine.posttrain import NSPPostTrainer, PostTrainConfig
 from trl_refine.rewards import cosine_reward, exact_match_reward, hybrid_reward

@@ -34,6 +34,28 @@ def result_spread(result: Any) -> dict[str, float]:
     return {task: se for task, scores in by_task.items() if (se := standard_error(scores)) is not None}
 
 
+def _bars(ax, labels, tasks, table, errors, scale: float, digits: int) -> None:
+    width = 0.8 / max(len(labels), 1)
+    top = 0.0
+    for j, lab in enumerate(labels):
+        xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(tasks))]
+        values = [table[lab].get(t) for t in tasks]
+        ys = [scale * (v or 0.0) for v in values]
+        err = [scale * ERROR_BAR_SE * errors.get(lab, {}).get(t, 0.0) for t in tasks]
+        bars = ax.bar(xs, ys, width=width, label=lab, yerr=err if any(err) else None, capsize=3)
+        for bar, v, e in zip(bars, values, err):
+            text = "n/a" if v is None else f"{scale * v:.{digits}f}"
+            x = bar.get_x() + bar.get_width() / 2
+            ax.annotate(text, (x, bar.get_height() + e), ha="center", va="bottom", fontsize=8, xytext=(0, 2),
+                        textcoords="offset points")  # fmt: skip
+            top = max(top, bar.get_height() + e)
+    ax.set_ylim(0, max(10.0 if scale == 100 else 1.0, top * 1.15))
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, rotation=20 if len(tasks) > 2 else 0, ha="right" if len(tasks) > 2 else "center")
+    if len(labels) > 1:
+        ax.legend()
+
+
 def plot_scores(
     labels: Sequence[str],
     tasks: Sequence[str],
@@ -41,9 +63,11 @@ def plot_scores(
     path: str | Path,
     title: str,
     errors: Mapping[str, Mapping[str, float]] | None = None,
+    extra: tuple[str, Mapping[str, Mapping[str, float | None]]] | None = None,
 ) -> Path:
     """Grouped bars (×100) of ``table[label][task]``, each bar labelled with its value (a zero is a visible "0.0",
-    a missing score "n/a"), with ±``ERROR_BAR_SE``·SE error bars where ``errors[label][task]`` is known."""
+    a missing score "n/a"), with ±``ERROR_BAR_SE``·SE error bars where ``errors[label][task]`` is known.
+    ``extra = (y label, {label: {task: value}})`` adds a second panel of raw values (e.g. the answer NLL)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -52,37 +76,21 @@ def plot_scores(
     if not tasks:
         raise ValueError("nothing to plot: no tasks")
     errors = errors or {}
-    width = 0.8 / max(len(labels), 1)
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.4 * len(tasks) * max(1, len(labels)) / 2 + 2.0), 3.8))
-    top = 0.0
-    for j, lab in enumerate(labels):
-        xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(tasks))]
-        values = [table[lab].get(t) for t in tasks]
-        ys = [100 * (v or 0.0) for v in values]
-        err = [100 * ERROR_BAR_SE * errors.get(lab, {}).get(t, 0.0) for t in tasks]
-        bars = ax.bar(xs, ys, width=width, label=lab, yerr=err if any(err) else None, capsize=3)
-        for bar, v, e in zip(bars, values, err):
-            text = "n/a" if v is None else f"{100 * v:.1f}"
-            ax.annotate(
-                text,
-                (bar.get_x() + bar.get_width() / 2, bar.get_height() + e),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                xytext=(0, 2),
-                textcoords="offset points",
-            )
-            top = max(top, bar.get_height() + e)
-    ax.set_ylim(0, max(10.0, top * 1.15))
-    ax.set_xticks(range(len(tasks)))
-    ax.set_xticklabels(tasks, rotation=20 if len(tasks) > 2 else 0, ha="right" if len(tasks) > 2 else "center")
+    panels = 2 if extra is not None else 1
+    width = max(4.5, 1.4 * len(tasks) * max(1, len(labels)) / 2 + 2.0)
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, 3.8), squeeze=False)
+    ax = axes[0][0]
+    _bars(ax, labels, tasks, table, errors, 100.0, 1)
     ylabel = "score (×100)"
-    if any(errors.get(lab) for lab in labels):
+    if any(v for lab in labels for v in errors.get(lab, {}).values()):
         ylabel += f"\nbars: ±{ERROR_BAR_SE}·SE over examples"
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    if len(labels) > 1:
-        ax.legend()
+    if extra is not None:
+        extra_label, extra_table = extra
+        _bars(axes[0][1], labels, tasks, extra_table, {}, 1.0, 3)
+        axes[0][1].set_ylabel(extra_label)
+        axes[0][1].set_title(extra_label.split(" (")[0])
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
@@ -90,8 +98,14 @@ def plot_scores(
     return path
 
 
-def plot_runs(runs: Mapping[str, Mapping[str, Any]], path: str | Path, title: str) -> Path:
-    """``runs``: {run label: {task: evaluate result}} (e.g. {"before": ..., "after": ...}) -> the bar chart."""
+def plot_runs(
+    runs: Mapping[str, Mapping[str, Any]],
+    path: str | Path,
+    title: str,
+    extra: tuple[str, Mapping[str, Mapping[str, float | None]]] | None = None,
+) -> Path:
+    """``runs``: {run label: {task: evaluate result or score}} (e.g. {"before": ..., "after": ...}) -> the bar
+    chart, error bars from the results' examples; ``extra`` as in `plot_scores`."""
     labels = list(runs)
     tasks: list[str] = []
     table: dict[str, dict[str, float | None]] = {}
@@ -105,4 +119,4 @@ def plot_runs(runs: Mapping[str, Mapping[str, Any]], path: str | Path, title: st
             spread = result_spread(result)
             if len(spread) == 1:
                 errors[lab][task] = next(iter(spread.values()))
-    return plot_scores(labels, tasks, table, path, title, errors)
+    return plot_scores(labels, tasks, table, path, title, errors, extra)
