@@ -183,17 +183,23 @@ def seed_everything(seed: int) -> None:
 
 
 def ntp_train(model, docs: list[list[int]], *, steps: int | None, batch: int, lr: float, warmup: int, device: str,
-              seed: int, cpu_seconds: float | None = None, weight_decay: float = 0.0, log_every: int = 50,
-              on_eval=None, eval_every: int | None = None) -> dict[str, Any]:
+              seed: int, cpu_seconds: float | None = None, max_seconds: float | None = None,
+              weight_decay: float = 0.0, log_every: int = 50, on_eval=None, eval_every: int | None = None
+              ) -> dict[str, Any]:
     """Plain next-token training (pretraining, and the equal-time NTP arm): AdamW, linear warmup, clip 1.0,
-    fp32 weights (+ bf16 autocast on CUDA). Stops after ``steps`` or after ``cpu_seconds`` of process CPU time."""
+    fp32 weights (+ bf16 autocast on CUDA). Stops after ``steps``, ``cpu_seconds`` of process CPU time or
+    ``max_seconds`` of wall time, whichever comes first."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
     rng = random.Random(seed)
     order: list[int] = []
     pad = 0
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     step, history = 0, []
-    while (steps is None or step < steps) and (cpu_seconds is None or time.process_time() - t_cpu < cpu_seconds):
+    while (
+        (steps is None or step < steps)
+        and (cpu_seconds is None or time.process_time() - t_cpu < cpu_seconds)
+        and (max_seconds is None or time.perf_counter() - t_wall < max_seconds)
+    ):
         if len(order) < batch:
             perm = list(range(len(docs)))
             rng.shuffle(perm)
@@ -225,6 +231,12 @@ def ntp_train(model, docs: list[list[int]], *, steps: int | None, batch: int, lr
 def phase_pretrain(cfg: dict, out: str, device: str, held: HeldOut, tok) -> None:
     path = os.path.join(out, "pretrain", "base")
     if os.path.exists(os.path.join(path, "result.json")):
+        result = read_json(os.path.join(path, "result.json"))
+        if result.get("eval_device") != device:  # e.g. pretrained on a GPU, arms on CPUs: the base is scored there
+            model = load_model(path, device)
+            result.setdefault("eval_by_device", {})[result.get("eval_device", "?")] = result["eval"]
+            result["eval"], result["eval_device"] = evaluate_model(model, tok, held, device), device
+            write_json(os.path.join(path, "result.json"), result)
         return
     p = cfg["pretrain"]
     seed_everything(p["seed"])
@@ -247,10 +259,12 @@ def phase_pretrain(cfg: dict, out: str, device: str, held: HeldOut, tok) -> None
     log.info("pretraining %s (%.2fM params) on %d documents", cfg["model"].get("kind", "refine_delta_net"),
              n_params / 1e6, len(docs))
     train = ntp_train(model, docs, steps=p["max_steps"], batch=p["batch"], lr=p["lr"], warmup=p["warmup"],
-                      device=device, seed=p["seed"], on_eval=on_eval, eval_every=p["eval_every"])
+                      device=device, seed=p["seed"], on_eval=on_eval, eval_every=p["eval_every"],
+                      max_seconds=p.get("max_seconds"))
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    result = {"params": n_params, "train": train, "validation_curve": curve, "eval": evaluate_model(model, tok, held, device)}
+    result = {"params": n_params, "train": train, "validation_curve": curve, "eval_device": device,
+              "eval": evaluate_model(model, tok, held, device)}
     write_json(os.path.join(path, "result.json"), result)
 
 
@@ -516,17 +530,18 @@ def main(argv: list[str] | None = None) -> str:
     tok = tokenizer()
     held = HeldOut(cfg, tok) if set(phases) - {"report"} else None
 
-    def pick(all_arms):
-        return [x for x in all_arms if a.arms is None or x in a.arms.split(",")]
+    def pick(phase, all_arms):
+        wanted = a.arms.split(",") if a.arms else cfg[phase].get("arms", all_arms)
+        return [x for x in all_arms if x in wanted]
 
     if "pretrain" in phases:
         phase_pretrain(cfg, a.out, device, held, tok)
     if "midtrain" in phases:
-        phase_midtrain(cfg, a.out, device, held, tok, pick(MIDTRAIN_ARMS), seeds)
+        phase_midtrain(cfg, a.out, device, held, tok, pick("midtrain", MIDTRAIN_ARMS), seeds)
     if "posttrain" in phases:
-        phase_posttrain(cfg, a.out, device, held, tok, pick(POSTTRAIN_ARMS), seeds)
+        phase_posttrain(cfg, a.out, device, held, tok, pick("posttrain", POSTTRAIN_ARMS), seeds)
     if "testtime" in phases:
-        phase_testtime(cfg, a.out, device, held, tok, pick(TESTTIME_ARMS), seeds)
+        phase_testtime(cfg, a.out, device, held, tok, pick("testtime", TESTTIME_ARMS), seeds)
     return phase_report(cfg, a.out) if "report" in phases else ""
 
 
