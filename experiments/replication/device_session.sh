@@ -8,7 +8,7 @@ T0=$(date +%s); LIMIT=${LIMIT:-520}
 left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 . benchmarks/gpu_env.sh || exit 1
 export REPLICATION_DATA=$PWD/shared_data HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-mkdir -p ~/.triton && tar xzf triton_autotune.tgz -C ~/.triton 2>/dev/null
+export TRITON_CACHE_DIR=/tmp/triton_cache; mkdir -p $TRITON_CACHE_DIR; tar xzf triton_autotune.tgz -C $TRITON_CACHE_DIR 2>/dev/null
 W=/tmp/rep; mkdir -p $W; R="python3 experiments/replication/replicate.py"; C=experiments/replication/configs
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
 for c in delta_net gated_deltanet lact; do
