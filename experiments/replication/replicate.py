@@ -15,6 +15,7 @@ The protocol (held-out sets, seeds, budgets, metrics) is in README.md beside thi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -72,8 +73,10 @@ def new_model(cfg: dict, tok, device: str):
 
         heads = common.pop("num_heads")
         chunk = m.get("lact_chunk_size", 256)
-        return _init(LaCTConfig(**common, num_attn_heads=heads, num_lact_heads=heads, lact_chunk_size=chunk,
-                                window_size=chunk), device)
+        return _init(
+            LaCTConfig(**common, num_attn_heads=heads, num_lact_heads=heads, lact_chunk_size=chunk, window_size=chunk),
+            device,
+        )
     else:
         raise ValueError(f"model.kind={kind!r}: use refine_delta_net, fla_delta_net, fla_gated_deltanet, lact_swiglu")
     return _init(config_class(**common), device)
@@ -86,13 +89,12 @@ def _init(config, device):
 
 
 def load_model(path: str, device: str):
-    import trl_refine.models  # noqa: F401
     from transformers import AutoModelForCausalLM
 
-    try:
+    import trl_refine.models  # noqa: F401
+
+    with contextlib.suppress(ImportError):
         import fla  # noqa: F401  (registers fla's model types when present)
-    except ImportError:
-        pass
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
 
 
@@ -111,7 +113,11 @@ def padded(batch: list[list[int]], pad: int, device: str) -> tuple[torch.Tensor,
 
 
 def autocast(device: str):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else torch.autocast("cpu", enabled=False)
+    )
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -122,10 +128,12 @@ class HeldOut:
         e = cfg["eval"]
         self.grid = tasks.eval_grid(lengths=e["lengths"], depths=e["depths"], per_cell=e["per_cell"], seed=e["seed"])
         t = cfg["testtime"]
-        self.testtime = tasks.eval_grid(lengths=e["lengths"], depths=e["depths"], per_cell=t["per_cell"],
-                                        seed=e["seed"] + 1)
-        docs = tasks.mixed_examples(e["ntp_documents"], split="held_out", seed=e["seed"] + 2,
-                                    lengths=cfg["data"]["train_lengths"])
+        self.testtime = tasks.eval_grid(
+            lengths=e["lengths"], depths=e["depths"], per_cell=t["per_cell"], seed=e["seed"] + 1
+        )
+        docs = tasks.mixed_examples(
+            e["ntp_documents"], split="held_out", seed=e["seed"] + 2, lengths=cfg["data"]["train_lengths"]
+        )
         self.ntp_docs = encode_documents([d["prompt"] + " " + tasks.answer_text(d["answer"]) for d in docs], tok)
         self.batch_size = e.get("batch_size", 8)
 
@@ -151,8 +159,9 @@ def task_scores(model, tok, ds, device: str, batch_size: int, adapt=None) -> dic
 
     model.eval()
     with autocast(device):
-        res = evaluate(model, tok, ds, "niah", max_new_tokens=40, batch_size=batch_size, adapt=adapt,
-                       show_progress=False)
+        res = evaluate(
+            model, tok, ds, "niah", max_new_tokens=40, batch_size=batch_size, adapt=adapt, show_progress=False
+        )
     by: dict[str, dict[str, list[float]]] = {"task": {}, "length": {}, "depth": {}}
     for ex, row in zip(res["examples"], ds):
         for key, value in (("task", row["task"]), ("length", row["length"]), ("depth", row["depth"])):
@@ -182,10 +191,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def ntp_train(model, docs: list[list[int]], *, steps: int | None, batch: int, lr: float, warmup: int, device: str,
-              seed: int, cpu_seconds: float | None = None, max_seconds: float | None = None,
-              weight_decay: float = 0.0, log_every: int = 50, on_eval=None, eval_every: int | None = None
-              ) -> dict[str, Any]:
+def ntp_train(
+    model,
+    docs: list[list[int]],
+    *,
+    steps: int | None,
+    batch: int,
+    lr: float,
+    warmup: int,
+    device: str,
+    seed: int,
+    cpu_seconds: float | None = None,
+    max_seconds: float | None = None,
+    weight_decay: float = 0.0,
+    log_every: int = 50,
+    on_eval=None,
+    eval_every: int | None = None,
+) -> dict[str, Any]:
     """Plain next-token training (pretraining, and the equal-time NTP arm): AdamW, linear warmup, clip 1.0,
     fp32 weights (+ bf16 autocast on CUDA). Stops after ``steps``, ``cpu_seconds`` of process CPU time or
     ``max_seconds`` of wall time, whichever comes first."""
@@ -200,13 +222,17 @@ def ntp_train(model, docs: list[list[int]], *, steps: int | None, batch: int, lr
         and (cpu_seconds is None or time.process_time() - t_cpu < cpu_seconds)
         and (max_seconds is None or time.perf_counter() - t_wall < max_seconds)
     ):
-        if len(order) < batch:
-            perm = list(range(len(docs)))
-            rng.shuffle(perm)
-            order += perm
-        idx, order = order[:batch], order[batch:]
+        if callable(docs):  # a stream: fresh documents every step
+            chosen = docs(batch)
+        else:
+            if len(order) < batch:
+                perm = list(range(len(docs)))
+                rng.shuffle(perm)
+                order += perm
+            idx, order = order[:batch], order[batch:]
+            chosen = [docs[i] for i in idx]
         model.train()
-        ids, mask = padded([docs[i] for i in idx], pad, device)
+        ids, mask = padded(chosen, pad, device)
         labels = ids.masked_fill(mask == 0, -100)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
@@ -224,8 +250,12 @@ def ntp_train(model, docs: list[list[int]], *, steps: int | None, batch: int, lr
             log.info("ntp step %d loss %.4f", step, loss.item())
         if on_eval is not None and eval_every and step % eval_every == 0 and on_eval(step):
             break
-    return {"steps": step, "wall_s": time.perf_counter() - t_wall, "cpu_s": time.process_time() - t_cpu,
-            "history": history}
+    return {
+        "steps": step,
+        "wall_s": time.perf_counter() - t_wall,
+        "cpu_s": time.process_time() - t_cpu,
+        "history": history,
+    }
 
 
 def phase_pretrain(cfg: dict, out: str, device: str, held: HeldOut, tok) -> None:
@@ -241,12 +271,35 @@ def phase_pretrain(cfg: dict, out: str, device: str, held: HeldOut, tok) -> None
     p = cfg["pretrain"]
     seed_everything(p["seed"])
     model = new_model(cfg, tok, device)
-    examples = tasks.mixed_examples(p["documents"], split="train", seed=p["seed"], lengths=cfg["data"]["train_lengths"],
-                                    qa_fraction=cfg["data"]["qa_fraction"], essay_fraction=cfg["data"]["essay_fraction"])
-    docs = encode_documents(tasks.documents(examples)["text"], tok)
+    lengths = p.get("lengths", cfg["data"]["train_lengths"])
+    if p.get("stream"):  # distinct documents every step (nothing to memorise), dense retrieval ones among them
+        stream = tasks.pretraining_stream(
+            p["seed"],
+            lengths=lengths,
+            dense_fraction=p["dense_fraction"],
+            qa_fraction=cfg["data"]["qa_fraction"],
+            essay_fraction=cfg["data"]["essay_fraction"],
+        )
+
+        def docs(n: int) -> list[list[int]]:
+            return encode_documents([next(stream) for _ in range(n)], tok)
+    else:
+        examples = tasks.mixed_examples(
+            p["documents"],
+            split="train",
+            seed=p["seed"],
+            lengths=lengths,
+            qa_fraction=cfg["data"]["qa_fraction"],
+            essay_fraction=cfg["data"]["essay_fraction"],
+        )
+        docs = encode_documents(tasks.documents(examples)["text"], tok)
     # the stopping rule reads a *validation* set from the train text (never the held-out grid)
-    val = tasks.qa_dataset(tasks.mixed_examples(p["val_examples"], split="train", seed=p["seed"] + 999,
-                                                lengths=cfg["data"]["train_lengths"]), train=False)
+    val = tasks.qa_dataset(
+        tasks.mixed_examples(
+            p["val_examples"], split="train", seed=p["seed"] + 999, lengths=cfg["data"]["train_lengths"]
+        ),
+        train=False,
+    )
     curve = []
 
     def on_eval(step: int) -> bool:
@@ -256,15 +309,29 @@ def phase_pretrain(cfg: dict, out: str, device: str, held: HeldOut, tok) -> None
         return score >= p["stop_val_score"]
 
     n_params = sum(x.numel() for x in model.parameters())
-    log.info("pretraining %s (%.2fM params) on %d documents", cfg["model"].get("kind", "refine_delta_net"),
-             n_params / 1e6, len(docs))
-    train = ntp_train(model, docs, steps=p["max_steps"], batch=p["batch"], lr=p["lr"], warmup=p["warmup"],
-                      device=device, seed=p["seed"], on_eval=on_eval, eval_every=p["eval_every"],
-                      max_seconds=p.get("max_seconds"))
+    log.info("pretraining %s (%.2fM params)", cfg["model"].get("kind", "refine_delta_net"), n_params / 1e6)
+    train = ntp_train(
+        model,
+        docs,
+        steps=p["max_steps"],
+        batch=p["batch"],
+        lr=p["lr"],
+        warmup=p["warmup"],
+        device=device,
+        seed=p["seed"],
+        on_eval=on_eval,
+        eval_every=p["eval_every"],
+        max_seconds=p.get("max_seconds"),
+    )
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    result = {"params": n_params, "train": train, "validation_curve": curve, "eval_device": device,
-              "eval": evaluate_model(model, tok, held, device)}
+    result = {
+        "params": n_params,
+        "train": train,
+        "validation_curve": curve,
+        "eval_device": device,
+        "eval": evaluate_model(model, tok, held, device),
+    }
     write_json(os.path.join(path, "result.json"), result)
 
 
@@ -303,9 +370,14 @@ def phase_midtrain(cfg: dict, out: str, device: str, held: HeldOut, tok, arms, s
     from trl_refine import NSPGRPOConfig, NSPGRPOTrainer
 
     m = cfg["midtrain"]
-    examples = tasks.mixed_examples(m["documents"], split="train", seed=m["data_seed"],
-                                    lengths=cfg["data"]["train_lengths"], qa_fraction=cfg["data"]["qa_fraction"],
-                                    essay_fraction=cfg["data"]["essay_fraction"])
+    examples = tasks.mixed_examples(
+        m["documents"],
+        split="train",
+        seed=m["data_seed"],
+        lengths=cfg["data"]["train_lengths"],
+        qa_fraction=cfg["data"]["qa_fraction"],
+        essay_fraction=cfg["data"]["essay_fraction"],
+    )
     train_docs = tasks.documents(examples)
     for seed in seeds:
         for arm in arms:
@@ -320,10 +392,24 @@ def phase_midtrain(cfg: dict, out: str, device: str, held: HeldOut, tok, arms, s
                 if not os.path.exists(ref):
                     raise RuntimeError(f"ntp_equal_time needs {ref}: run the refine_cosine arm first")
                 budget = read_json(ref)["train"]["cpu_s"]
-                info = ntp_train(model, encode_documents(train_docs["text"], tok), steps=None, batch=1, lr=m["lr"],
-                                 warmup=0, device=device, seed=seed, cpu_seconds=budget,
-                                 weight_decay=0.0)
-                train = {"steps": info["steps"], "wall_s": info["wall_s"], "cpu_s": info["cpu_s"], "log": info["history"]}
+                info = ntp_train(
+                    model,
+                    encode_documents(train_docs["text"], tok),
+                    steps=None,
+                    batch=1,
+                    lr=m["lr"],
+                    warmup=0,
+                    device=device,
+                    seed=seed,
+                    cpu_seconds=budget,
+                    weight_decay=0.0,
+                )
+                train = {
+                    "steps": info["steps"],
+                    "wall_s": info["wall_s"],
+                    "cpu_s": info["cpu_s"],
+                    "log": info["history"],
+                }
             else:
                 reward = {"ntp": "cosine", "refine_cosine": "cosine", "refine_exact": "exact"}[arm]
                 args = NSPGRPOConfig(
@@ -338,20 +424,33 @@ def phase_midtrain(cfg: dict, out: str, device: str, held: HeldOut, tok, arms, s
                 t_wall, t_cpu = time.perf_counter(), time.process_time()  # the optimisation alone
                 trainer.train()
                 model = trainer.model
-                train = {"steps": trainer.state.global_step, "wall_s": time.perf_counter() - t_wall,
-                         "cpu_s": time.process_time() - t_cpu, "log": trainer.state.log_history}
+                train = {
+                    "steps": trainer.state.global_step,
+                    "wall_s": time.perf_counter() - t_wall,
+                    "cpu_s": time.process_time() - t_cpu,
+                    "log": trainer.state.log_history,
+                }
             log.info("midtrain %s seed %d: %d steps in %.0f s", arm, seed, train["steps"], train["wall_s"])
-            write_json(path, {"arm": arm, "seed": seed, "train": train, "eval": evaluate_model(model, tok, held, device)})
+            write_json(
+                path, {"arm": arm, "seed": seed, "train": train, "eval": evaluate_model(model, tok, held, device)}
+            )
 
 
 def phase_posttrain(cfg: dict, out: str, device: str, held: HeldOut, tok, arms, seeds) -> None:
     from trl_refine import NSPPostTrainer, PostTrainConfig
 
     p = cfg["posttrain"]
-    train = tasks.qa_dataset(tasks.mixed_examples(p["examples"], split="train", seed=p["data_seed"],
-                                                  lengths=cfg["data"]["train_lengths"],
-                                                  qa_fraction=cfg["data"]["qa_fraction"],
-                                                  essay_fraction=cfg["data"]["essay_fraction"]), train=True)
+    train = tasks.qa_dataset(
+        tasks.mixed_examples(
+            p["examples"],
+            split="train",
+            seed=p["data_seed"],
+            lengths=cfg["data"]["train_lengths"],
+            qa_fraction=cfg["data"]["qa_fraction"],
+            essay_fraction=cfg["data"]["essay_fraction"],
+        ),
+        train=True,
+    )
     for seed in seeds:
         for arm in arms:
             path = result_path(out, "posttrain", arm, seed)
@@ -360,17 +459,36 @@ def phase_posttrain(cfg: dict, out: str, device: str, held: HeldOut, tok, arms, 
             seed_everything(seed)
             model = load_model(base_path(out), device)
             common = _grpo_common(p, device, seed, os.path.join(out, "tmp", f"post-{arm}-{seed}"))
-            args = PostTrainConfig(**common, posttrain_mode=arm, nsp_reward=p["nsp_reward"], ntp_coef=p["ntp_coef"],
-                                   nsp_coef=p["nsp_coef"], sft_coef=1.0, max_answer_length=48,
-                                   max_length=p["max_length"], weight_decay=0.0)
+            args = PostTrainConfig(
+                **common,
+                posttrain_mode=arm,
+                nsp_reward=p["nsp_reward"],
+                ntp_coef=p["ntp_coef"],
+                nsp_coef=p["nsp_coef"],
+                sft_coef=1.0,
+                max_answer_length=48,
+                max_length=p["max_length"],
+                weight_decay=0.0,
+            )
             trainer = NSPPostTrainer(model, args=args, train_dataset=train, processing_class=tok)
             t_wall, t_cpu = time.perf_counter(), time.process_time()  # the optimisation alone
             trainer.train()
-            info = {"steps": trainer.state.global_step, "wall_s": time.perf_counter() - t_wall,
-                    "cpu_s": time.process_time() - t_cpu, "log": trainer.state.log_history}
+            info = {
+                "steps": trainer.state.global_step,
+                "wall_s": time.perf_counter() - t_wall,
+                "cpu_s": time.process_time() - t_cpu,
+                "log": trainer.state.log_history,
+            }
             log.info("posttrain %s seed %d: %d steps in %.0f s", arm, seed, info["steps"], info["wall_s"])
-            write_json(path, {"arm": arm, "seed": seed, "train": info,
-                              "eval": evaluate_model(trainer.model, tok, held, device, ntp=False)})
+            write_json(
+                path,
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "train": info,
+                    "eval": evaluate_model(trainer.model, tok, held, device, ntp=False),
+                },
+            )
 
 
 def phase_testtime(cfg: dict, out: str, device: str, held: HeldOut, tok, arms, seeds) -> None:
@@ -386,16 +504,28 @@ def phase_testtime(cfg: dict, out: str, device: str, held: HeldOut, tok, arms, s
             model = load_model(base_path(out), device)
             adapter = None
             if arm != "none":
-                adapter = TestTimeRefine(TestTimeConfig(
-                    steps=t["steps"], learning_rate=t["lr"], nsp_reward="exact", ntp_coef=1.0,
-                    nsp_coef=0.0 if arm == "sft" else t["nsp_coef"], nsp_num_chunks=t["nsp_num_chunks"],
-                    nsp_rollout_length=t["nsp_rollout_length"], nsp_margin=t["nsp_margin"], reset="batch", seed=seed,
-                    mixed_precision="bf16" if device.startswith("cuda") else None,
-                ))
+                adapter = TestTimeRefine(
+                    TestTimeConfig(
+                        steps=t["steps"],
+                        learning_rate=t["lr"],
+                        nsp_reward="exact",
+                        ntp_coef=1.0,
+                        nsp_coef=0.0 if arm == "sft" else t["nsp_coef"],
+                        nsp_num_chunks=t["nsp_num_chunks"],
+                        nsp_rollout_length=t["nsp_rollout_length"],
+                        nsp_margin=t["nsp_margin"],
+                        reset="batch",
+                        seed=seed,
+                        mixed_precision="bf16" if device.startswith("cuda") else None,
+                    )
+                )
             t_wall, t_cpu = time.perf_counter(), time.process_time()
             scores = task_scores(model, tok, held.testtime, device, batch_size=1, adapt=adapter)
-            info = {"steps_per_prompt": 0 if arm == "none" else t["steps"], "wall_s": time.perf_counter() - t_wall,
-                    "cpu_s": time.process_time() - t_cpu}
+            info = {
+                "steps_per_prompt": 0 if arm == "none" else t["steps"],
+                "wall_s": time.perf_counter() - t_wall,
+                "cpu_s": time.process_time() - t_cpu,
+            }
             log.info("testtime %s seed %d: %.1f in %.0f s", arm, seed, scores["all"], info["wall_s"])
             write_json(path, {"arm": arm, "seed": seed, "train": info, "eval": scores})
 
@@ -419,6 +549,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mu, (math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
 
 
+BASELINE_ARM = {"midtrain": "ntp", "posttrain": "sft", "testtime": "none"}
+
 PHASE_METRICS = {
     "midtrain": ("niah_avg", "doc_qa", "heldout_ntp_loss"),
     "posttrain": ("niah_avg", "doc_qa"),
@@ -428,11 +560,13 @@ PHASE_METRICS = {
 
 def phase_report(cfg: dict, out: str) -> str:
     base = read_json(os.path.join(base_path(out), "result.json"))
-    lines = [f"# Replication results: {cfg['name']}\n",
-             f"Base model: {cfg['model'].get('kind', 'refine_delta_net')} {base['params'] / 1e6:.2f}M params, "
-             f"pretrained {base['train']['steps']} steps ({base['train']['wall_s']:.0f} s). "
-             f"Base on the held-out grid: NIAH avg {base['eval']['niah_avg']:.1f}, doc-QA {base['eval']['doc_qa']:.1f}, "
-             f"held-out NTP loss {base['eval']['heldout_ntp_loss']:.4f}.\n"]
+    lines = [
+        f"# Replication results: {cfg['name']}\n",
+        f"Base model: {cfg['model'].get('kind', 'refine_delta_net')} {base['params'] / 1e6:.2f}M params, "
+        f"pretrained {base['train']['steps']} steps ({base['train']['wall_s']:.0f} s). "
+        f"Base on the held-out grid: NIAH avg {base['eval']['niah_avg']:.1f}, doc-QA {base['eval']['doc_qa']:.1f}, "
+        f"held-out NTP loss {base['eval']['heldout_ntp_loss']:.4f}.\n",
+    ]
     summary: dict[str, Any] = {"base": base["eval"], "phases": {}}
     for phase, arms in (("midtrain", MIDTRAIN_ARMS), ("posttrain", POSTTRAIN_ARMS), ("testtime", TESTTIME_ARMS)):
         metrics = PHASE_METRICS[phase]
@@ -440,7 +574,11 @@ def phase_report(cfg: dict, out: str) -> str:
         rows, phase_sum = [], {}
         for arm in arms:
             folder = os.path.join(out, phase, arm)
-            runs = [read_json(os.path.join(folder, f)) for f in sorted(os.listdir(folder))] if os.path.isdir(folder) else []
+            runs = (
+                [read_json(os.path.join(folder, f)) for f in sorted(os.listdir(folder))]
+                if os.path.isdir(folder)
+                else []
+            )
             if not runs:
                 continue
             cells, arm_sum = [], {"seeds": [r["seed"] for r in runs]}
@@ -452,8 +590,15 @@ def phase_report(cfg: dict, out: str) -> str:
             steps = [r["train"].get("steps", r["train"].get("steps_per_prompt")) for r in runs]
             wall = [r["train"]["wall_s"] for r in runs]
             arm_sum["steps"], arm_sum["wall_s"] = steps, wall
-            rows.append([arm, str(len(runs)), *cells, "/".join(str(s) for s in sorted(set(steps))),
-                         f"{sum(wall) / len(wall):.0f}"])
+            rows.append(
+                [
+                    arm,
+                    str(len(runs)),
+                    *cells,
+                    "/".join(str(s) for s in sorted(set(steps))),
+                    f"{sum(wall) / len(wall):.0f}",
+                ]
+            )
             phase_sum[arm] = arm_sum
         if not rows:
             continue
@@ -462,6 +607,7 @@ def phase_report(cfg: dict, out: str) -> str:
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines += comparisons(phase, phase_sum, metrics)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
@@ -469,6 +615,32 @@ def phase_report(cfg: dict, out: str) -> str:
     plot(summary, os.path.join(out, "report.png"), cfg["name"])
     print(text)
     return text
+
+
+def comparisons(phase: str, phase_sum: dict, metrics: tuple[str, ...]) -> list[str]:
+    """Each arm against the phase's baseline arm: difference of means, and whether it exceeds the seed spread
+    (|difference| > std_arm + std_baseline; the protocol's rule, fixed in advance)."""
+    base = BASELINE_ARM[phase]
+    if base not in phase_sum:
+        return []
+    out = [f"\nAgainst `{base}` (difference of means; `beyond spread` = |difference| > sum of the two stds):\n"]
+    for arm, s in phase_sum.items():
+        if arm == base:
+            continue
+        parts = []
+        for metric in metrics:
+            if metric not in s or metric not in phase_sum[base] or not s[metric]["values"]:
+                continue
+            d = s[metric]["mean"] - phase_sum[base][metric]["mean"]
+            spread = s[metric]["std"] + phase_sum[base][metric]["std"]
+            beyond = abs(d) > spread if len(s[metric]["values"]) > 1 else None
+            s.setdefault("vs_baseline", {})[metric] = {"difference": d, "beyond_spread": beyond}
+            fmt = f"{d:+.4f}" if "loss" in metric else f"{d:+.1f}"
+            parts.append(
+                f"{metric} {fmt} ({'beyond spread' if beyond else 'within spread' if beyond is not None else 'one seed'})"
+            )
+        out.append(f"* `{arm}`: " + "; ".join(parts))
+    return out
 
 
 def plot(summary: dict, path: str, title: str) -> None:
@@ -481,21 +653,32 @@ def plot(summary: dict, path: str, title: str) -> None:
         log.warning("matplotlib is not installed: no plot (pip install matplotlib)")
         return
     phases = list(summary["phases"])
-    fig, axes = plt.subplots(1, max(1, len(phases)), figsize=(4.2 * max(1, len(phases)), 3.4))
-    axes = [axes] if len(phases) <= 1 else list(axes)
-    for ax, phase in zip(axes, phases):
+    metrics = ("niah_avg", "doc_qa", "heldout_ntp_loss")
+    labels = {"niah_avg": "NIAH avg (×100)", "doc_qa": "doc-QA (×100)", "heldout_ntp_loss": "held-out NTP loss"}
+    fig, axes = plt.subplots(
+        len(metrics), max(1, len(phases)), figsize=(4.2 * max(1, len(phases)), 7.5), squeeze=False
+    )
+    for col, phase in enumerate(phases):
         arms = list(summary["phases"][phase])
-        mus = [summary["phases"][phase][a]["niah_avg"]["mean"] for a in arms]
-        sds = [summary["phases"][phase][a]["niah_avg"]["std"] for a in arms]
-        ax.bar(range(len(arms)), mus, yerr=sds, capsize=4, color="#4c72b0")
-        for i, a in enumerate(arms):
-            vals = summary["phases"][phase][a]["niah_avg"]["values"]
-            ax.scatter([i] * len(vals), vals, color="black", s=10, zorder=3)
-        ax.axhline(summary["base"]["niah_avg"], color="grey", ls="--", lw=1, label="base")
-        ax.set_xticks(range(len(arms)), arms, rotation=20, fontsize=8)
-        ax.set_title(phase)
-        ax.set_ylabel("held-out NIAH avg (×100)")
-        ax.legend(fontsize=7)
+        for row, metric in enumerate(metrics):
+            ax = axes[row][col]
+            if metric not in summary["phases"][phase][arms[0]]:
+                ax.axis("off")
+                continue
+            mus = [summary["phases"][phase][a][metric]["mean"] for a in arms]
+            sds = [summary["phases"][phase][a][metric]["std"] for a in arms]
+            ax.bar(range(len(arms)), mus, yerr=sds, capsize=4, color="#4c72b0")
+            for i, a in enumerate(arms):
+                vals = summary["phases"][phase][a][metric]["values"]
+                ax.scatter([i] * len(vals), vals, color="black", s=10, zorder=3)
+            if summary["base"].get(metric) is not None:
+                ax.axhline(summary["base"][metric], color="grey", ls="--", lw=1, label="base")
+                ax.legend(fontsize=7)
+            if "loss" in metric:
+                lo = min(m - s for m, s in zip(mus, sds))
+                ax.set_ylim(lo - 0.05 * abs(lo), None)
+            ax.set_xticks(range(len(arms)), arms, rotation=20, fontsize=8)
+            ax.set_title(f"{phase}: {labels[metric]}", fontsize=9)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

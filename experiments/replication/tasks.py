@@ -179,9 +179,7 @@ def qa_dataset(examples: Sequence[dict], *, train: bool) -> datasets.Dataset:
     return datasets.Dataset.from_dict(rows)
 
 
-def eval_grid(
-    *, lengths: list[int], depths: list[float], per_cell: int, seed: int
-) -> datasets.Dataset:
+def eval_grid(*, lengths: list[int], depths: list[float], per_cell: int, seed: int) -> datasets.Dataset:
     """The fixed held-out evaluation set: every NIAH family and doc-QA × length × depth, ``per_cell`` each."""
     pool = passages("held_out")[0]
     out = []
@@ -196,3 +194,59 @@ def eval_grid(
                     else:
                         out.append(niah_example(task, length, ex_seed, pool, depth))
     return qa_dataset(out, train=False)
+
+
+def dense_retrieval_document(seed: int, length: int, pool: Sequence[str]) -> str:
+    """Real text with several RULER needles woven in and, later in the text, questions about them answered in
+    RULER's answer format: every question is a retrieval the next-token loss trains (a denser signal than one
+    question per document). Keys/values come from the same generators as the NIAH sets."""
+    rng = random.Random(f"dense-{length}-{seed}")
+    from trl_refine.eval.niah import _unique_items
+
+    n = rng.randint(3, 6)
+    keys = _unique_items(rng, "words", n, set())
+    values = _unique_items(rng, "numbers", n, set())
+    sentences = re.split(r"(?<=[.!?]) ", _haystack(rng, pool, length))
+    needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)]
+    # needles in the first 60% of the text, each question after its needle
+    events: list[tuple[float, str]] = [(rng.uniform(0.0, 0.6), s) for s in needles]
+    for (at, _), k, v in zip(list(events), keys, values):
+        q = (
+            f"What is the special magic number for {k} mentioned in the provided text? The special magic number for "
+            f"{k} mentioned in the provided text is {v}."
+        )
+        events.append((rng.uniform(at + 0.05, 1.0), q))
+    budget = length - sum(len(s) + 1 for _, s in events)
+    body, kept = [], 0
+    for s in sentences:
+        if kept + len(s) + 1 > max(budget, 0):
+            break
+        body.append(s)
+        kept += len(s) + 1
+    out = list(body)
+    for at, s in sorted(events, key=lambda e: -e[0]):
+        out.insert(round(at * len(body)), s)
+    return " ".join(out)
+
+
+def pretraining_stream(
+    seed: int, *, lengths: Sequence[int], dense_fraction: float, qa_fraction: float, essay_fraction: float
+):
+    """An endless stream of distinct pretraining documents (no document repeats, so nothing is memorised):
+    dense retrieval documents with probability ``dense_fraction``, else prompt+answer of ``mixed_examples``."""
+    pool, essays = passages("train")[0], essay_pool(2 + seed)
+    rng = random.Random(f"stream-{seed}")
+    i = 0
+    while True:
+        i += 1
+        length = rng.choice(list(lengths))
+        hay = essays if rng.random() < essay_fraction else pool
+        if rng.random() < dense_fraction:
+            yield dense_retrieval_document(seed * 1_000_003 + i, length, hay)
+            continue
+        ex_seed = seed * 1_000_003 + i
+        if rng.random() < qa_fraction:
+            e = qa_example(length, ex_seed, hay)
+        else:
+            e = niah_example(rng.choice(NIAH_FAMILIES), length, ex_seed, hay)
+        yield e["prompt"] + " " + answer_text(e["answer"])

@@ -28,8 +28,13 @@ def relative_change(before: str, after: str) -> dict:
     den = sum(float(a[k].pow(2).sum()) for k in common)
     per = {k: float((b[k] - a[k]).norm() / a[k].norm().clamp_min(1e-12)) for k in common}
     moved = sum(1 for v in per.values() if v > 0)
-    return {"tensors": len(common), "tensors_changed": moved, "relative_change": (num / max(den, 1e-30)) ** 0.5,
-            "max_tensor_change": max(per.values()), "nonfinite": any(not torch.isfinite(b[k]).all() for k in common)}
+    return {
+        "tensors": len(common),
+        "tensors_changed": moved,
+        "relative_change": (num / max(den, 1e-30)) ** 0.5,
+        "max_tensor_change": max(per.values()),
+        "nonfinite": any(not torch.isfinite(b[k]).all() for k in common),
+    }
 
 
 if __name__ == "__main__":
