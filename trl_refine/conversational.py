@@ -1,4 +1,5 @@
-"""TRL's conversational format, turned into the plain text our tokenization takes, through the chat template.
+"""TRL's conversational format, turned into the plain text our tokenization takes, through the chat template
+(TRL's own `maybe_apply_chat_template` and `is_conversational`).
 
 * Mid-training: a ``messages`` column (a list of ``{"role", "content"}``) becomes the document text
   (``apply_chat_template(messages, tokenize=False)``).
@@ -14,13 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 from datasets import Dataset, IterableDataset
+from trl import is_conversational, maybe_apply_chat_template
 
 _PREFERENCE_KEYS = ("chosen", "rejected")
 
 
 def is_messages(value: Any) -> bool:
-    """A list of chat messages (``{"role": ..., "content": ...}``), as TRL's ``is_conversational`` checks."""
-    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+    """A list of chat messages (``{"role": ..., "content": ...}``), by TRL's ``is_conversational``."""
+    return is_conversational({"messages": value})
 
 
 def _first_row(dataset: Dataset | IterableDataset) -> dict | None:
@@ -66,7 +68,7 @@ def documents_from_messages(
     _check_template(tokenizer, name)
 
     def render(example):
-        return {column: tokenizer.apply_chat_template(example[source], tokenize=False)}
+        return {column: maybe_apply_chat_template({"messages": example[source]}, tokenizer)["text"]}
 
     drop = [source] if source != column else []
     return dataset.map(render, remove_columns=drop)
@@ -102,9 +104,7 @@ def prompts_from_messages(
     def render(example):
         out = {}
         if prompt_is_chat:
-            out[prompt_column] = tokenizer.apply_chat_template(
-                example[prompt_column], tokenize=False, add_generation_prompt=True
-            )
+            out[prompt_column] = maybe_apply_chat_template({"prompt": example[prompt_column]}, tokenizer)["prompt"]
         if completion_is_answer:
             completion = example["completion"]
             out[answer_column] = (

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-#: field -> (value that means "off", why it is refused and what to do)
+#: field -> (the value that means "off", why it is refused and what to do); None always means off too
 UNSUPPORTED_GENERATION_OPTIONS: dict[str, tuple[Any, str]] = {
     "top_p": (1.0, "ReFINE samples rollouts from the full distribution (the official release); set top_p=1.0"),
     "top_k": (0, "ReFINE samples rollouts from the full distribution (the official release); set top_k=0"),
@@ -40,5 +40,5 @@ def check_grpo_options(config: Any) -> None:
         )
     for name, (off, why) in UNSUPPORTED_GENERATION_OPTIONS.items():
         value = getattr(config, name, off)
-        if value != off and not (off is None and value in ({}, None)):
+        if value is not None and value != off and value != {}:
             raise ValueError(f"{name}={value!r} is not supported: {why}.")
