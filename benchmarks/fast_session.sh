@@ -3,6 +3,7 @@
 # NTP vs the official procedure vs the snapshot engine (reused pass), bf16 weights and fp32 master + bf16 autocast,
 # fla DeltaNet 1.3B at 8K; the one-pass engine vs the snapshot engine on the reference DeltaNet (the model that
 # declares supports_state_positions); the one-pass GPU parity tests. Every step runs under its own time limit.
+# VARIANTS / PRECISIONS override the fla step's variants (default: ntp snapshot_reuse official) and precisions.
 set -u
 R=${R:-/tmp/fast}
 OUT=${OUT:-$R/out}
@@ -25,8 +26,8 @@ step() {  # name limit command...
   grep -v Warning "$OUT/$name.log" | grep -E "^\||^phases|passed|failed|ERROR|Error" | cut -c1-600
 }
 B="python3 benchmarks/bench_engines.py"
-step fla "${FLA_LIMIT:-330}" $B --lengths 8192 --rollouts 1 8 --docs 1 4 --precisions weights amp \
-  --variants ntp snapshot_reuse official --skip-generic-above 65536 --out "$OUT/bench_fla_8k.json"
+step fla "${FLA_LIMIT:-330}" $B --lengths 8192 --rollouts 1 8 --docs 1 4 --precisions ${PRECISIONS:-weights amp} \
+  --variants ${VARIANTS:-ntp snapshot_reuse official} --skip-generic-above 65536 --out "$OUT/bench_fla_8k.json"
 step reference "${REF_LIMIT:-100}" $B --model reference --lengths 8192 --rollouts 8 --docs 1 --precisions weights \
   --variants ntp snapshot_reuse onepass_reuse --repeats 1 --out "$OUT/bench_reference_8k.json"
 step parity "${PARITY_LIMIT:-60}" env TRL_REFINE_GPU_RESULTS="$OUT/gpu_parity_onepass.json" \

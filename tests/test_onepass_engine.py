@@ -143,6 +143,7 @@ def _detach(v):
 
 def test_choosing_the_onepass_engine(caplog):
     assert build_engine("onepass", tiny_delta_net()).name == "onepass"
+    assert OnePassEngine.supports(tiny_llama())[1].endswith("is not fla's delta_net")
     assert build_engine("auto", tiny_delta_net()).name == "snapshot"  # opt-in for now
     with pytest.raises(ValueError, match="cannot run LlamaForCausalLM"):
         build_engine("onepass", tiny_llama())
@@ -166,3 +167,36 @@ def test_trainer_with_the_onepass_engine_logs_what_the_snapshot_engine_logs(tmp_
         ]
     assert logs["onepass"] == pytest.approx(logs["snapshot"], rel=1e-4, abs=1e-6)
     assert rel(weights["onepass"], weights["snapshot"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_fla_delta_net_readout_equals_the_reference_snapshot_engine():
+    """fla's DeltaNet through the one-pass engine (readout tokens in fla's own kernels, run by the Triton interpreter
+    on CPU, fp32) against the snapshot engine on the reference DeltaNet with the same weights: states at the
+    positions, rollouts, log-probs, hidden states and (without short convs, whose backward from a cache the
+    interpreter cannot run) parameter gradients."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("fla")
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, str(root / "tests" / "interpret_scripts" / "fla_onepass.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key, value in res.items():
+        if key.endswith("_equal"):
+            assert value is True, key
+        else:
+            assert value < 1e-5, (key, value)
+    assert "noconv_grad_rel" in res and "conv_conv_state_rel" in res

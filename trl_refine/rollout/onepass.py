@@ -8,9 +8,15 @@ reaches the prefix through them as in the segmented pass. Everything after the d
 rollouts, decoding, the branch call of the loss, reusing the sampling pass) is the snapshot engine's.
 
 A step makes 1 document-pass call where the snapshot engine makes n+1 (per pass), and every shape of the pass is
-fixed by (B, L, n): nothing depends on where the positions fall. Exactness against the snapshot and generic engines
-is tested on CPU in fp32 (`tests/test_onepass_engine.py`). Today the reference DeltaNet
-(`trl_refine.models.delta_net`, pure PyTorch) declares the ability; fla's Triton kernels return only the final state.
+fixed by (B, L, n): nothing depends on where the positions fall. Two providers of the states:
+
+* models that declare ``supports_state_positions`` (the reference DeltaNet, `trl_refine.models.delta_net`, pure
+  PyTorch: chunk-boundary state + masked WY step);
+* fla's ``DeltaNetForCausalLM``, with fla's own kernels: readout tokens spliced in after each position
+  (`trl_refine.rollout.fla_readout`).
+
+Exactness against the snapshot and generic engines is tested on CPU in fp32 (`tests/test_onepass_engine.py`; fla's
+kernels under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 
 from trl_refine.modeling_utils import capture_last_hidden_state, unwrap
 from trl_refine.rollout.base import DocumentBatch, RolloutPlan
+from trl_refine.rollout.fla_readout import fla_readout_support, record_position_states
 from trl_refine.rollout.snapshot import SnapshotEngine
 from trl_refine.rollout.state import State, map_tensors
 
@@ -40,21 +47,27 @@ class OnePassEngine(SnapshotEngine):
     def supports(cls, model) -> tuple[bool, str]:
         base = unwrap(model)
         if not getattr(base, "supports_state_positions", False):
-            return False, (
-                f"{type(base).__name__} does not return its states at given positions from one forward "
-                "(supports_state_positions)"
-            )
+            ok, why = fla_readout_support(model)
+            if not ok:
+                return False, (
+                    f"{type(base).__name__} does not return its states at given positions from one forward "
+                    f"(supports_state_positions), and the fla readout path does not apply: {why}"
+                )
         return super().supports(model)
 
     def document_pass(self, model, docs: DocumentBatch, plan: RolloutPlan) -> tuple[list[State], torch.Tensor]:
         self._adapter(model)
-        with capture_last_hidden_state(model) as store:
-            out = model(
-                input_ids=docs.input_ids,
-                attention_mask=docs.attention_mask,
-                state_positions=plan.positions,
-                logits_to_keep=1,
-            )
-        states = out.position_states  # per layer, tensors [B, n, ...]
+        kwargs = dict(input_ids=docs.input_ids, attention_mask=docs.attention_mask, logits_to_keep=1)
+        if getattr(unwrap(model), "supports_state_positions", False):
+            with capture_last_hidden_state(model) as hidden:
+                states = model(**kwargs, state_positions=plan.positions).position_states
+        else:
+            with (
+                record_position_states(model, docs.attention_mask, plan.positions) as layers,
+                capture_last_hidden_state(model) as hidden,
+            ):
+                model(**kwargs)
+            states = [layers[i] for i in sorted(layers)]
+        # per layer, tensors [B, n, ...] -> one state of B rows per chunk
         snapshots = [map_tensors(states, lambda t, j=j: t[:, j]) for j in range(plan.num_chunks)]
-        return snapshots, store["hidden"]
+        return snapshots, hidden["hidden"]

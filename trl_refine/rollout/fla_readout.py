@@ -1,0 +1,221 @@
+"""States at given positions from one forward of fla's DeltaNet, with fla's own kernels: *readout tokens*.
+
+fla's delta-rule kernels return the final state only. A token with ``k = 0``, ``v = 0`` and ``beta = 0`` leaves the
+state unchanged (``S += k (beta (v - Sᵀk))ᵀ = 0``), and its output is ``Sᵀ q``: with ``q = c·e_i`` it reads row i
+of the state. So K such tokens spliced in right after a position read the whole [K, V] state there, in the same
+kernel call as the document, and fla's backward carries their gradient into the prefix (through the outputs, which
+the kernels differentiate). The cost is n·K extra tokens per document in the delta-rule op only (8 × 128 = 12.5%
+of an 8K document); projections, convolutions, norms and the MLP see the document alone. The conv states at a
+position are the last ``conv_size`` projected inputs (fla's cache layout: slot ``W-1`` is the newest).
+
+While `record_position_states` is active, every fla ``DeltaNet`` layer of the model runs `_forward_with_readout`
+(fla's layer forward, the same projections and kernels, plus the readout) and stores its states by layer index.
+The readout states pass through the kernel's output dtype (bf16 in bf16 models: relative ~4e-3, the precision of
+fla's own chunk-state staging); in fp32 they are exact to rounding.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trl_refine.modeling_utils import unwrap
+
+#: magnitude of the readout queries: l2norm(c·e_i) = e_i / sqrt(1 + eps / c²) is e_i to 1e-12 in the l2 case, and
+#: c·e_i is exact in bf16 (a power of two)
+READOUT_SCALE = 1024.0
+
+
+def fla_readout_support(model: torch.nn.Module) -> tuple[bool, str]:
+    """Whether every token mixer of ``model`` is fla's ``DeltaNet`` layer (the readout path), and why not."""
+    base = unwrap(model)
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) != "delta_net":
+        return False, f"model_type {getattr(config, 'model_type', None)!r} is not fla's delta_net"
+    try:
+        from fla.layers import DeltaNet
+    except ImportError:
+        return False, "fla is not installed"
+    layers = getattr(getattr(base, "model", None), "layers", None) or []
+    if not layers or not all(isinstance(getattr(layer, "attn", None), DeltaNet) for layer in layers):
+        return False, "not every layer's token mixer is fla's DeltaNet (hybrid models are not supported)"
+    return True, ""
+
+
+@dataclass
+class ReadoutLayout:
+    """Where the document tokens and the readout tokens go in the spliced varlen sequence (shared by the layers)."""
+
+    real_flat: torch.Tensor  # [Σ] index of every valid token in the flattened [B·L] input
+    cu_seqlens: torch.Tensor  # [B+1] int32, the documents' valid tokens
+    spliced_cu_seqlens: torch.Tensor  # [B+1] int32, each document with its n·K readout tokens
+    spliced_cu_seqlens_cpu: torch.Tensor
+    real_in_spliced: torch.Tensor  # [Σ] index of every valid token in the spliced sequence
+    readout_in_spliced: torch.Tensor  # [B·n·K] index of readout token (b, j, i)
+    spliced_len: int
+    counts: torch.Tensor  # [B, n] valid tokens up to and including each position
+    doc_offsets: torch.Tensor  # [B] start of each document in the packed valid tokens
+
+    @classmethod
+    def build(cls, attention_mask: torch.Tensor, positions: torch.Tensor, head_k_dim: int) -> ReadoutLayout:
+        bsz, length = attention_mask.shape
+        n = positions.size(1)
+        mask = attention_mask.bool()
+        lens = mask.sum(-1)
+        counts = mask.long().cumsum(-1).gather(1, positions)  # [B, n]
+        if bool((counts[:, 1:] < counts[:, :-1]).any()) or bool((counts < 1).any()):
+            raise ValueError("positions must be non-decreasing along each document and on valid tokens")
+        real_flat = mask.flatten().nonzero().squeeze(-1)
+        offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+        spliced_lens = lens + n * head_k_dim
+        spliced_offsets = torch.cat([lens.new_zeros(1), spliced_lens.cumsum(0)])
+        # token r (0-based among its document's valid tokens) moves right by K for every readout block before it;
+        # the block for count c sits after token c-1 (blocks of equal counts in chunk order)
+        local = mask.long().cumsum(-1) - 1  # [B, L]
+        before = torch.searchsorted(counts.contiguous(), local.contiguous(), right=True)  # blocks with c <= r
+        spliced_index = spliced_offsets[:-1, None] + local + head_k_dim * before
+        real_in_spliced = spliced_index.flatten().index_select(0, real_flat)
+        j = torch.arange(n, device=positions.device)
+        i = torch.arange(head_k_dim, device=positions.device)
+        block_start = spliced_offsets[:-1, None] + counts + head_k_dim * j[None, :]  # [B, n]
+        readout = (block_start[..., None] + i).flatten()
+        spliced_cpu = spliced_offsets.to("cpu", torch.int32)
+        return cls(
+            real_flat=real_flat,
+            cu_seqlens=offsets.to(torch.int32),
+            spliced_cu_seqlens=spliced_offsets.to(torch.int32),
+            spliced_cu_seqlens_cpu=spliced_cpu,
+            real_in_spliced=real_in_spliced,
+            readout_in_spliced=readout,
+            spliced_len=int(spliced_cpu[-1]),
+            counts=counts,
+            doc_offsets=offsets[:-1],
+        )
+
+    def splice(self, x: torch.Tensor, readout: torch.Tensor | None = None) -> torch.Tensor:
+        """[1, Σ, ...] document tokens → [1, Σ', ...] with ``readout`` ([K, ...], repeated per block) or zeros."""
+        out = x.new_zeros(self.spliced_len, *x.shape[2:])
+        out = out.index_copy(0, self.real_in_spliced, x[0])
+        if readout is not None:
+            blocks = self.readout_in_spliced.numel() // readout.size(0)
+            out = out.index_copy(0, self.readout_in_spliced, readout.to(x.dtype).repeat(blocks, *[1] * (x.dim() - 2)))
+        return out[None]
+
+    def conv_windows(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        """The conv caches after each position: the last ``width`` inputs [1, Σ, D] → [B, n, D, W] (zeros before the
+        document's first token)."""
+        w = torch.arange(width, device=x.device)
+        local = self.counts[..., None] - width + w  # [B, n, W]
+        index = (self.doc_offsets[:, None, None] + local).clamp(min=0)
+        windows = x[0].index_select(0, index.flatten()).view(*local.shape, -1)
+        windows = windows * (local >= 0)[..., None].to(windows.dtype)
+        return windows.transpose(-1, -2)
+
+
+def _forward_with_readout(
+    attn, layout: ReadoutLayout, store: dict, hidden_states, attention_mask=None, past_key_values=None, **kwargs
+):
+    """fla's ``DeltaNet.forward`` (fla/layers/delta_net.py, 0.6.0) for a cache-free call over left-padded documents,
+    plus the readout of the states after ``layout``'s positions into ``store[layer_idx]``."""
+    from einops import rearrange
+    from fla.layers.delta_net import elu_p1, sum_norm
+    from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+
+    if past_key_values is not None or kwargs.get("cu_seqlens") is not None:
+        raise ValueError("the readout forward runs over whole documents: no cache, no cu_seqlens")
+    bsz, q_len, _ = hidden_states.shape
+    mode = "fused_recurrent" if q_len <= 64 else attn.mode
+    x = hidden_states.reshape(bsz * q_len, -1).index_select(0, layout.real_flat)[None]
+    cu = layout.cu_seqlens
+    conv_states = None
+    if attn.use_short_conv:
+        xq, xk, xv = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        width = attn.q_conv1d.kernel_size[0]
+        conv_states = tuple(layout.conv_windows(p, width) for p in (xq, xk, xv))
+        q, _ = attn.q_conv1d(x=xq, cache=None, output_final_state=False, cu_seqlens=cu)
+        k, _ = attn.k_conv1d(x=xk, cache=None, output_final_state=False, cu_seqlens=cu)
+        v, _ = attn.v_conv1d(x=xv, cache=None, output_final_state=False, cu_seqlens=cu)
+    else:
+        q, k = attn.q_proj(x), attn.k_proj(x)
+        if attn.qk_activation == "silu":
+            q, k = F.silu(q), F.silu(k)
+        v = F.silu(attn.v_proj(x))
+    q, k = (rearrange(t, "... (h d) -> ... h d", d=attn.head_k_dim) for t in (q, k))
+    v = rearrange(v, "... (h d) -> ... h d", d=attn.head_v_dim)
+    if attn.qk_activation != "silu":
+        if attn.qk_activation == "relu":
+            q, k = q.relu(), k.relu()
+        elif attn.qk_activation == "elu":
+            q, k = elu_p1(q), elu_p1(k)
+        elif attn.qk_activation != "identity":
+            raise NotImplementedError(attn.qk_activation)
+    if attn.qk_norm == "sum":
+        q, k = sum_norm(q).to(q), sum_norm(k).to(k)
+    beta = attn.b_proj(x).sigmoid() if attn.use_beta else torch.ones_like(q[..., 0])
+    if attn.allow_neg_eigval:
+        beta = beta * 2.0
+
+    num_heads, dk = q.shape[-2], attn.head_k_dim
+    eye = torch.eye(dk, device=q.device)[:, None, :].expand(dk, num_heads, dk) * READOUT_SCALE  # [K(i), H, K]
+    args = dict(
+        q=layout.splice(q, eye),
+        k=layout.splice(k),
+        v=layout.splice(v),
+        beta=layout.splice(beta),
+        output_final_state=False,
+        cu_seqlens=layout.spliced_cu_seqlens,
+        use_qk_l2norm_in_kernel=(attn.qk_norm == "l2"),
+    )
+    if mode == "chunk":
+        o, _ = chunk_delta_rule(**args, cu_seqlens_cpu=layout.spliced_cu_seqlens_cpu)
+    elif mode == "fused_recurrent":
+        o, _ = fused_recurrent_delta_rule(**args)
+    else:
+        raise NotImplementedError(f"mode {mode!r}")
+    # the kernels scale q by K^-0.5; an l2-normalised readout query is e_i, otherwise c·e_i
+    factor = dk**-0.5 * (1.0 if attn.qk_norm == "l2" else READOUT_SCALE)
+    n = layout.counts.size(1)
+    readout = o[0].index_select(0, layout.readout_in_spliced).view(bsz, n, dk, num_heads, -1)
+    store[attn.layer_idx] = {
+        "recurrent_state": readout.transpose(2, 3).float() / factor,  # [B, n, H, K, V]: row i of each state
+        "attn_state": None,
+        "conv_state": conv_states,
+        "ffn_state": None,
+    }
+    o = o[:, layout.real_in_spliced]
+    if attn.use_gate:
+        g = rearrange(attn.g_proj(x), "... (h d) -> ... h d", d=attn.head_v_dim)
+        o = attn.o_norm(o, g)
+    else:
+        o = attn.o_norm(o)
+    o = attn.o_proj(rearrange(o, "b t h d -> b t (h d)"))
+    out = o.new_zeros(bsz * q_len, o.size(-1)).index_copy(0, layout.real_flat, o[0]).view(bsz, q_len, -1)
+    return out, None, past_key_values
+
+
+@contextmanager
+def record_position_states(model: torch.nn.Module, attention_mask: torch.Tensor, positions: torch.Tensor):
+    """While active, a forward of ``model`` (fla DeltaNet, whole left-padded documents, no cache) also fills the
+    yielded dict with every layer's states after ``positions`` [B, n] (fla's cache layout, a chunk dim after the
+    batch dim)."""
+    layers = unwrap(model).model.layers
+    layout = ReadoutLayout.build(attention_mask, positions, layers[0].attn.head_k_dim)
+    store: dict[int, dict[str, Any]] = {}
+    patched = []
+    try:
+        for layer in layers:
+            attn = layer.attn
+
+            def forward(*args, _attn=attn, **kwargs):
+                return _forward_with_readout(_attn, layout, store, *args, **kwargs)
+
+            attn.forward = forward
+            patched.append(attn)
+        yield store
+    finally:
+        for attn in patched:
+            del attn.forward
