@@ -137,3 +137,261 @@ def test_recipe_takes_resume_from_checkpoint_last(tmp_path, caplog):
         recipe.main([*argv, "--max_steps", "2", "--resume_from_checkpoint", "last"])
     assert f"resuming from {out / 'checkpoint-1'}" in caplog.text
     assert (out / "checkpoint-2" / "trainer_state.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# data: streams, pre-tokenized ids, too few documents, evaluation prompts
+def _trainer(tmp_path, dataset, tokenizer, **overrides):
+    from conftest import small_config, tiny_llama
+
+    from trl_refine import NSPGRPOTrainer
+
+    args = small_config(tmp_path, nsp_max_length=96, **overrides)
+    return NSPGRPOTrainer(tiny_llama(), args=args, train_dataset=dataset, processing_class=tokenizer)
+
+
+def _streams():
+    from conftest import documents
+    from datasets import Dataset, IterableDataset
+
+    texts = [documents(1)[0], "too short", *documents(3)]
+
+    def rows():
+        yield from ({"text": t} for t in texts)
+
+    return {
+        "from_generator": IterableDataset.from_generator(rows),  # columns unknown
+        "to_iterable_dataset": Dataset.from_dict({"text": texts}).to_iterable_dataset(),
+        "mapped": Dataset.from_dict({"text": texts}).to_iterable_dataset().map(lambda r: {"extra": 1}),
+    }
+
+
+@pytest.mark.parametrize("kind", ["from_generator", "to_iterable_dataset", "mapped"])
+def test_streaming_datasets_are_tokenized_and_short_documents_dropped(tmp_path, byte_tokenizer, kind, caplog):
+    """Streams with unknown columns used to fail with KeyError 'input_ids'; short documents crashed mid-run."""
+    trainer = _trainer(tmp_path, _streams()[kind], byte_tokenizer, max_steps=2, nsp_short_documents="drop")
+    with caplog.at_level("WARNING", logger="trl_refine"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    assert "dropping documents of train_dataset shorter than 36 tokens as they stream in (first: row 1)" in caplog.text
+
+
+def test_streaming_short_document_error_names_the_dataset_row(tmp_path, byte_tokenizer):
+    trainer = _trainer(tmp_path, _streams()["from_generator"], byte_tokenizer, max_steps=2)
+    with pytest.raises(
+        ValueError, match="train_dataset row 1 has 10 tokens, fewer than 36.*nsp_short_documents='drop'"
+    ):
+        trainer.train()
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        ([[5] * 60, [5] * 59 + [384]], r"row 1: has id 384, outside the model's vocabulary of 384"),
+        ([[5] * 60, [5] * 60, [-3] + [5] * 59], r"row 2: has a negative id \(-3\)"),
+        ([[5.0] * 60], r"must hold lists of integer token ids, got arrow type list<item: double>"),
+        ([["a"] * 60], r"must hold lists of integer token ids, got arrow type list<item: string>"),
+    ],
+)
+def test_bad_pretokenized_ids_are_refused_at_construction(tmp_path, byte_tokenizer, ids, message):
+    """Out-of-vocabulary ids used to fail inside torch's embedding (IndexError: index out of range in self)."""
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match=message):
+        _trainer(tmp_path, Dataset.from_dict({"input_ids": ids}), byte_tokenizer)
+
+
+def test_bad_text_rows_and_both_columns(tmp_path, byte_tokenizer, caplog):
+    from conftest import documents
+    from datasets import Dataset
+
+    texts = documents(3)
+    with pytest.raises(ValueError, match=r"train_dataset row 2: 'text' must hold a string .*got NoneType None"):
+        _trainer(tmp_path, Dataset.from_dict({"text": [*texts[:2], None]}), byte_tokenizer)
+    both = Dataset.from_dict({"text": texts, "input_ids": [[7] * 50] * 3})
+    with caplog.at_level("WARNING", logger="trl_refine"):
+        trainer = _trainer(tmp_path, both, byte_tokenizer)
+    assert "has both 'text' and 'input_ids': the 'text' documents are tokenized" in caplog.text
+    assert trainer.train_dataset[0]["input_ids"] != [7] * 50
+
+
+def test_too_few_documents_for_one_batch_and_documents_left_out_per_epoch(tmp_path, byte_tokenizer, caplog):
+    """Fewer documents than one generation batch used to give a 0-step run or a misleading max_steps error."""
+    from conftest import documents
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match=r"has 1 usable document\(s\), fewer than one generation batch of 2"):
+        _trainer(tmp_path, Dataset.from_dict({"text": documents(1)}), byte_tokenizer, documents_per_device=2)
+    with pytest.raises(ValueError, match=r"has 2 usable .* batch of 4 .*steps_per_generation=2"):
+        _trainer(
+            tmp_path,
+            Dataset.from_dict({"text": documents(2)}),
+            byte_tokenizer,
+            documents_per_device=2,
+            gradient_accumulation_steps=2,
+        )
+    with caplog.at_level("WARNING", logger="trl_refine"):
+        _trainer(tmp_path, Dataset.from_dict({"text": documents(5)}), byte_tokenizer, documents_per_device=2)
+    assert "1 document(s) are left out of every epoch" in caplog.text
+
+
+def test_evaluation_refuses_none_prompts():
+    from trl_refine.eval.evaluator import as_eval_dataset
+
+    rows = [{"prompt": "a question", "answer": "x"}, {"prompt": None, "answer": "y"}]
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) of the dataset are not text \(e.g. row 1: None\)"):
+        as_eval_dataset(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reward functions
+@pytest.mark.parametrize(
+    "output, error, message",
+    [
+        (None, TypeError, "reward function 'mine' returned None; it must return one float"),
+        ("0.5", TypeError, "returned a string"),
+        ([0.5, 0.5, 0.5], ValueError, "returned 3 values for 4 rollouts"),
+        ([[0.5]] * 4, TypeError, r"returned list \[0.5\] for rollout 0"),
+        (["a", 1, 2, 3], TypeError, "returned str 'a' for rollout 0"),
+        ("torch2d", ValueError, r"an array of shape \(4, 1\)"),
+        (0.5, TypeError, "returned float 0.5"),
+    ],
+)
+def test_reward_outputs_are_checked_with_the_function_name(output, error, message):
+    import torch
+
+    from trl_refine.reward_checks import check_reward_output
+
+    if output == "torch2d":
+        output = torch.zeros(4, 1)
+    with pytest.raises(error, match=message):
+        check_reward_output("mine", output, 4)
+
+
+def test_good_reward_outputs_pass():
+    import numpy as np
+    import torch
+
+    from trl_refine.reward_checks import check_reward_output
+
+    assert check_reward_output("f", [1, None, 0.5, True], 4) == [1.0, None, 0.5, 1.0]
+    assert check_reward_output("f", torch.tensor([1.0, 2.0]), 2) == [1.0, 2.0]
+    assert check_reward_output("f", np.array([1.0, 2.0], dtype=np.float32), 2) == [1.0, 2.0]
+    assert check_reward_output("f", [torch.tensor(3.0), np.float64(1.0)], 2) == [3.0, 1.0]
+
+
+def test_trainer_names_a_bad_reward_function(tmp_path, byte_tokenizer):
+    """A reward returning None used to fail with "'NoneType' object is not iterable" inside TRL."""
+    from conftest import documents, small_config, tiny_llama
+    from datasets import Dataset
+
+    from trl_refine import NSPGRPOTrainer
+
+    def bad_reward(prompts, completions, completion_ids, **kwargs):
+        return None
+
+    bad_reward.needs_hidden_states = True  # attributes survive the check's wrapper
+    trainer = NSPGRPOTrainer(
+        tiny_llama(),
+        reward_funcs=[bad_reward],
+        args=small_config(tmp_path, max_steps=1, nsp_max_length=96),
+        train_dataset=Dataset.from_dict({"text": documents(2)}),
+        processing_class=byte_tokenizer,
+    )
+    assert trainer.reward_func_names == ["bad_reward"] and trainer._needs_hidden
+    with pytest.raises(TypeError, match="reward function 'bad_reward' returned None"):
+        trainer.train()
+
+
+def test_all_none_rewards_warn_once_briefly(tmp_path, byte_tokenizer, caplog):
+    """TRL's warning printed every keyword argument (hidden states included, ~10 KB) at every step."""
+    from conftest import documents, small_config, tiny_llama
+    from datasets import Dataset
+
+    from trl_refine import NSPGRPOTrainer
+
+    def unsure(prompts, completions, completion_ids, **kwargs):
+        return [None] * len(prompts)
+
+    trainer = NSPGRPOTrainer(
+        tiny_llama(),
+        reward_funcs=[unsure],
+        args=small_config(tmp_path, max_steps=2, nsp_max_length=96),
+        train_dataset=Dataset.from_dict({"text": documents(2)}),
+        processing_class=byte_tokenizer,
+    )
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    ours = [r for r in caplog.records if "no reward function" in r.getMessage()]
+    assert len(ours) == 1 and len(ours[0].getMessage()) < 300
+    assert "scored 4 of 4 rollouts" in ours[0].getMessage()
+    trl = [
+        (r.name, r.getMessage()[:80]) for r in caplog.records if "All reward functions returned None" in r.getMessage()
+    ]
+    assert not trl, trl
+
+
+def test_trl_all_none_message_is_still_the_one_we_silence():
+    """Drift test: the TRL warning `AllNoneRewardWarning` filters out still starts this way."""
+    import inspect
+
+    from trl_refine._compat import GRPOTrainer
+    from trl_refine.reward_checks import AllNoneRewardWarning
+
+    assert AllNoneRewardWarning.TRL_MESSAGE in inspect.getsource(GRPOTrainer._calculate_rewards)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# test-time training
+def _adapter(reward_funcs=None, **overrides):
+    from trl_refine import TestTimeConfig, TestTimeRefine
+
+    config = TestTimeConfig(nsp_num_chunks=4, nsp_margin=8, learning_rate=1e-2, **overrides)
+    return TestTimeRefine(config, reward_funcs=reward_funcs)
+
+
+def _ttt_prompts(num=2):
+    from conftest import documents
+
+    return [d + " Answer:" for d in documents(num, base=1)]
+
+
+def test_test_time_exception_leaves_no_gradients(byte_tokenizer):
+    """An exception between two documents' backward passes used to leave the first one's gradients on the weights."""
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    adapter = _adapter()
+    make_engine = adapter._get_engine
+    calls = []
+
+    def failing_engine(model, pad):
+        engine = make_engine(model, pad)
+        forward_train = engine.forward_train
+
+        def forward_then_fail(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("injected failure in the second document's forward")
+            return forward_train(*args, **kwargs)
+
+        engine.forward_train = forward_then_fail
+        return engine
+
+    adapter._get_engine = failing_engine
+    with pytest.raises(RuntimeError, match="injected failure"), adapter(model, byte_tokenizer, _ttt_prompts(2)):
+        pass
+    assert len(calls) == 2
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_test_time_reward_of_the_wrong_length_is_named(byte_tokenizer):
+    from conftest import tiny_llama
+
+    def short_reward(prompts, completions, completion_ids, **kwargs):
+        return [1.0]
+
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"reward function 'short_reward' returned 1 values for 4 rollouts"):
+        _adapter([short_reward]).adapt(model, byte_tokenizer, _ttt_prompts(1))
+    assert all(p.grad is None for p in model.parameters())

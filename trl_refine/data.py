@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import numbers
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, IterableDataset
 
 from trl_refine.conversational import documents_from_messages
@@ -30,11 +33,14 @@ def tokenize_documents(
     min_length: int,
     short_documents: str = "error",
     name: str = "train_dataset",
+    vocab_size: int | None = None,
 ) -> Dataset | IterableDataset:
     """Add an ``input_ids`` column (right-truncated to ``max_length``) and enforce ``min_length`` valid tokens.
 
-    A dataset that already has ``input_ids`` and no ``column`` is used as is (truncated). Too-short documents raise
-    (``short_documents="error"``) or are dropped with a log line (``"drop"``).
+    A dataset with ``input_ids`` and no ``column`` is used as is (truncated), after checking that its ids are
+    integers in ``[0, vocab_size)``; with both, ``column`` is tokenized (said in a warning). Too-short documents raise
+    (``short_documents="error"``) or are dropped with a log line (``"drop"``). Streams (`IterableDataset`, whose
+    columns may be unknown) get the same treatment row by row as they arrive; errors name the dataset row.
     """
     dataset = documents_from_messages(dataset, tokenizer, column=column, name=name)  # TRL's `messages` format
     columns = dataset.column_names
@@ -43,25 +49,41 @@ def tokenize_documents(
             f"{name} has no column {column!r} (columns: {columns}). Set document_column to the column holding the "
             "documents, or provide pre-tokenized `input_ids`."
         )
-    if columns is not None and column in columns:
+    if columns is not None and column in columns and "input_ids" in columns:
+        logger.warning(
+            "trl_refine: %s has both %r and 'input_ids': the %r documents are tokenized and the given input_ids are "
+            "replaced. Remove one of the two columns to silence this.",
+            name,
+            column,
+            column,
+        )
+    if not isinstance(dataset, Dataset):
+        return _tokenize_stream(dataset, tokenizer, column, max_length, min_length, short_documents, name, vocab_size)
 
-        def encode(batch):
+    if column in dataset.column_names:
+
+        def encode(batch, indices):
             texts = batch[column]
-            if not all(isinstance(t, str) for t in texts):
-                raise ValueError(f"{name}[{column!r}] must hold strings (raw documents).")
+            for i, text in zip(indices, texts):
+                if not isinstance(text, str):
+                    raise ValueError(
+                        f"{name} row {i}: {column!r} must hold a string (a raw document), got {_shown(text)}."
+                    )
             enc = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
             return {"input_ids": enc["input_ids"]}
 
-        kwargs = {"desc": f"Tokenizing {name}"} if isinstance(dataset, Dataset) else {}
-        dataset = dataset.map(encode, batched=True, **kwargs)
-    elif max_length is not None:
-        dataset = dataset.map(lambda row: {"input_ids": list(row["input_ids"])[:max_length]})
-
-    if not isinstance(dataset, Dataset):  # streaming: checked per row when it arrives
-        return dataset
+        dataset = dataset.map(encode, batched=True, with_indices=True, desc=f"Tokenizing {name}")
+        source = "the tokenizer"
+    else:
+        check_token_ids(dataset, name, vocab_size)
+        if max_length is not None:
+            dataset = dataset.map(lambda row: {"input_ids": list(row["input_ids"])[:max_length]})
+        source = "input_ids"
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty.")
-    lengths = [len(ids) for ids in dataset["input_ids"]]
+    if source == "the tokenizer":
+        check_token_ids(dataset, name, vocab_size, tokenized=True)
+    lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
     short = [i for i, n in enumerate(lengths) if n < min_length]
     if short:
         if short_documents == "drop":
@@ -80,6 +102,134 @@ def tokenize_documents(
                 "nsp_margin."
             )
     return dataset
+
+
+def check_documents_per_epoch(dataset: Dataset | IterableDataset, per_batch: int, geometry: str) -> None:
+    """A map-style train dataset must fill one generation batch of ``per_batch`` documents; documents that do not
+    fill the last batch of an epoch are left out of it (TRL's sampler drops them), which is said once."""
+    if not isinstance(dataset, Dataset):
+        return
+    total = len(dataset)
+    if total < per_batch:
+        raise ValueError(
+            f"train_dataset has {total} usable document(s), fewer than one generation batch of {per_batch} "
+            f"({geometry}): no step could run. Add documents, or lower documents_per_device, steps_per_generation "
+            "(default: gradient_accumulation_steps) or the number of processes."
+        )
+    left_out = total % per_batch
+    if left_out:
+        logger.warning(
+            "trl_refine: train_dataset has %d documents and a generation batch takes %d (%s): %d document(s) are left "
+            "out of every epoch (other ones each epoch when shuffled). Use a multiple of %d documents to train on all.",
+            total,
+            per_batch,
+            geometry,
+            left_out,
+            per_batch,
+        )
+
+
+def check_token_ids(dataset: Dataset, name: str, vocab_size: int | None, tokenized: bool = False) -> None:
+    """Pre-tokenized ``input_ids`` must be lists of integers in ``[0, vocab_size)`` (checked with pyarrow, fast)."""
+    ids = dataset.with_format("arrow")["input_ids"]  # honours a select()'s indices, unlike dataset.data
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    kind = ids.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_integer(kind.value_type):
+        raise ValueError(
+            f"{name}['input_ids'] must hold lists of integer token ids, got arrow type {kind}. Convert the column "
+            "(e.g. dataset.cast_column) or give raw text in document_column instead."
+        )
+    flat = pc.list_flatten(ids)
+    if len(flat) == 0:
+        return
+    low, high = pc.min_max(flat).values()
+    low, high = low.as_py(), high.as_py()
+    bad = None
+    if low < 0:
+        bad = f"a negative id ({low})"
+    elif vocab_size is not None and high >= vocab_size:
+        bad = f"id {high}, outside the model's vocabulary of {vocab_size}"
+    if bad is not None:
+        rows = pc.list_parent_indices(ids)
+        where = pc.index(flat, pa.scalar(low if low < 0 else high, flat.type)).as_py()
+        row = int(rows[where].as_py()) if where >= 0 else "?"
+        fix = (
+            "Use the tokenizer that belongs to the model."
+            if tokenized
+            else "Re-tokenize with the model's tokenizer, or give raw text in document_column."
+        )
+        source = "the tokenizer produced" if tokenized else "has"
+        raise ValueError(f"{name} row {row}: {source} {bad}. {fix}")
+
+
+def _tokenize_stream(dataset, tokenizer, column, max_length, min_length, short_documents, name, vocab_size):
+    """`tokenize_documents` for an `IterableDataset`: every row is tokenized (or checked) and length-checked as it
+    arrives; short rows are filtered out with ``short_documents="drop"``."""
+    dropped = [0]
+
+    def prepare(row, index):
+        if isinstance(row.get(column), str):
+            ids = tokenizer(row[column], truncation=max_length is not None, max_length=max_length)["input_ids"]
+        elif column in row and row[column] is not None:
+            raise ValueError(
+                f"{name} row {index}: {column!r} must hold a string (a raw document), got {_shown(row[column])}."
+            )
+        elif row.get("input_ids") is not None:
+            ids = list(row["input_ids"])
+            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+                raise ValueError(f"{name} row {index}: input_ids must be integer token ids, got {_shown(ids)}.")
+            ids = ids[:max_length] if max_length is not None else ids
+        else:
+            raise ValueError(
+                f"{name} row {index} has no {column!r} text and no input_ids (columns: {sorted(row)}). Set "
+                "document_column to the column holding the documents."
+            )
+        bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            raise ValueError(
+                f"{name} row {index}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size}). Use the "
+                "model's tokenizer."
+            )
+        if len(ids) < min_length and short_documents == "error":
+            raise ValueError(
+                f"{name} row {index} has {len(ids)} tokens, fewer than {min_length} (margin + n·k + max(k, margin)). "
+                "Filter the stream, set nsp_short_documents='drop', or lower nsp_num_chunks / nsp_rollout_length / "
+                "nsp_margin."
+            )
+        return {"input_ids": ids}
+
+    def long_enough(row, index):
+        keep = len(row["input_ids"]) >= min_length
+        if not keep:
+            dropped[0] += 1
+            if dropped[0] == 1:
+                logger.warning(
+                    "trl_refine: dropping documents of %s shorter than %d tokens as they stream in (first: row %d)",
+                    name,
+                    min_length,
+                    index,
+                )
+        return keep
+
+    dataset = dataset.map(prepare, with_indices=True)
+    if short_documents == "drop":
+        dataset = dataset.filter(long_enough, with_indices=True)
+    return dataset
+
+
+def _shown(value, limit: int = 80) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def vocab_size_of(model) -> int | None:
+    """Rows of the model's input embedding (token ids must be below it), or None if it cannot be told."""
+    try:
+        return int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, TypeError, NotImplementedError):
+        size = getattr(getattr(model, "config", None), "vocab_size", None)
+        return int(size) if isinstance(size, int) else None
 
 
 def load_any_dataset(name_or_path: str, split: str = "train", config_name: str | None = None):

@@ -45,6 +45,7 @@ from trl_refine.config import (
 from trl_refine.losses import CLIP_EPSILON, DUAL_CLIP, masked_token_nll, ppo_clip_loss
 from trl_refine.modeling_utils import ensure_fused_lm_head, score_tokens, unwrap
 from trl_refine.precision import warn_if_updates_vanish
+from trl_refine.reward_checks import check_reward_output
 from trl_refine.rewards import cosine_scores, exact_scores
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutPlan
 from trl_refine.rollout.fsdp_head import fsdp2_owner_of_lm_head
@@ -384,24 +385,28 @@ class TestTimeRefine:
         device = _device_of(model)
         mbs = cfg.mini_batch_size or len(keep)
         model.eval()  # deterministic forwards (no dropout); gradients still flow
-        with _fused_head(model), self._autocast(device):
-            for step in range(cfg.steps):
-                for start in range(0, len(keep), mbs):
-                    idx = keep[start : start + mbs]
-                    stats["steps"].append(
-                        self._one_step(
-                            model,
-                            tok,
-                            engine,
-                            optimizer,
-                            params,
-                            [encoded[i] for i in idx],
-                            [prompts[i] for i in idx],
-                            pad,
-                            device,
-                            step,
+        try:
+            with _fused_head(model), self._autocast(device):
+                for step in range(cfg.steps):
+                    for start in range(0, len(keep), mbs):
+                        idx = keep[start : start + mbs]
+                        stats["steps"].append(
+                            self._one_step(
+                                model,
+                                tok,
+                                engine,
+                                optimizer,
+                                params,
+                                [encoded[i] for i in idx],
+                                [prompts[i] for i in idx],
+                                pad,
+                                device,
+                                step,
+                            )
                         )
-                    )
+        except BaseException:
+            optimizer.zero_grad(set_to_none=True)  # no half-accumulated gradients left on the parameters
+            raise
         self.history.append(stats)
         return stats
 
@@ -470,7 +475,8 @@ class TestTimeRefine:
         total = torch.zeros(plan.num_rows, dtype=torch.float32, device=truth_ids.device)
         for w, fn in zip(weights, self.reward_funcs):
             values = fn(tails, completions, rollout.completion_ids.tolist(), **kwargs)
-            values = torch.tensor([math.nan if v is None else float(v) for v in values], device=truth_ids.device)
+            values = check_reward_output(getattr(fn, "__name__", type(fn).__name__), values, plan.num_rows)
+            values = torch.tensor([math.nan if v is None else v for v in values], device=truth_ids.device)
             total = total + w * values
         return total
 

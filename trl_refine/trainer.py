@@ -27,12 +27,13 @@ from trl_refine.checkpoints import (
     resolve_resume_checkpoint,
 )
 from trl_refine.config import NSPGRPOConfig
-from trl_refine.data import check_tokenizer, tokenize_documents
+from trl_refine.data import check_documents_per_epoch, check_tokenizer, tokenize_documents, vocab_size_of
 from trl_refine.guards import DivergenceGuard
 from trl_refine.model_card import build_model_card
 from trl_refine.model_loading import load_causal_lm
 from trl_refine.modeling_utils import backbone_of, capture_last_hidden_state, unwrap
 from trl_refine.precision import warn_if_updates_vanish
+from trl_refine.reward_checks import AllNoneRewardWarning, checked_reward_func
 from trl_refine.rewards import builtin_reward_funcs, has_custom_rewards, needs_hidden_states, resolve_reward_funcs
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutPlan
 from trl_refine.rollout.fsdp_head import fsdp2_owner_of_lm_head
@@ -129,8 +130,15 @@ class NSPGRPOTrainer(GRPOTrainer):
             "max_length": args.nsp_max_length,
             "min_length": args.min_document_length,
             "short_documents": args.nsp_short_documents,
+            "vocab_size": vocab_size_of(self.model),
         }
         self.train_dataset = tokenize_documents(self.train_dataset, name="train_dataset", **prep)
+        check_documents_per_epoch(
+            self.train_dataset,
+            args.generation_batch_size // self.num_generations,
+            f"documents_per_device={args.documents_per_device} × {self.accelerator.num_processes} process(es) × "
+            f"steps_per_generation={args.steps_per_generation}",
+        )
         if isinstance(self.eval_dataset, dict):
             self.eval_dataset = {
                 key: tokenize_documents(ds, name=f"eval_dataset[{key!r}]", **prep)
@@ -139,6 +147,9 @@ class NSPGRPOTrainer(GRPOTrainer):
         elif self.eval_dataset is not None:
             self.eval_dataset = tokenize_documents(self.eval_dataset, name="eval_dataset", **prep)
 
+        # custom rewards: output checked (one float or None per rollout), errors name the function
+        self.reward_funcs = [checked_reward_func(f) if has_custom_rewards([f]) else f for f in self.reward_funcs]
+        self._all_none_rewards = AllNoneRewardWarning()
         # hidden states for the rewards: required by the cosine / hybrid rewards (and callables marked
         # `needs_hidden_states`), given to other custom rewards when the model provides them, skipped otherwise
         self._needs_hidden = needs_hidden_states(self.reward_funcs)
@@ -354,6 +365,7 @@ class NSPGRPOTrainer(GRPOTrainer):
         # step 5: advantages over groups (document or prefix) of the gathered rewards
         weights = self.reward_weights.to(rewards_per_func.device)
         unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        self._all_none_rewards.observe(unscorable, self.reward_func_names)
         rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
         rewards[unscorable] = torch.nan
         advantages, group_std = group_advantages(rewards, args.group_size, scale=self.scale_rewards)

@@ -387,6 +387,14 @@ def as_eval_dataset(dataset: Any, split: str | None = None, tokenizer: Any = Non
         raise ValueError(f"dataset is missing required column(s) {missing}; available columns: {ds.column_names}")
     if len(ds) == 0:
         raise ValueError("dataset is empty: nothing to evaluate")
+    not_text = [i for i, p in enumerate(ds["prompt"]) if not isinstance(p, str)]
+    if not_text:
+        first = ds[not_text[0]]["prompt"]
+        raise ValueError(
+            f"{len(not_text)} prompt(s) of the dataset are not text (e.g. row {not_text[0]}: {first!r}); they would be "
+            "scored as the text of that value. Drop or fill those rows (rows: "
+            f"{not_text[:10]}{'...' if len(not_text) > 10 else ''})."
+        )
     return ds
 
 
