@@ -56,3 +56,15 @@ def test_compute_loss_reads_our_log_probs(tmp_path, byte_tokenizer):
     loss.backward()
     assert logps.grad is not None and logps.grad.abs().sum() > 0
     assert tr._nsp_precomputed is not None  # consumed only by our compute_loss wrapper
+
+
+def test_transformers_torch_kernels_drift():
+    """transformers' kernel decorator keeps the PyTorch reference as ``__wrapped__``: after the switch the module
+    calls its own torch functions (what the CPU hybrid tests rely on)."""
+    import importlib
+
+    module = importlib.import_module("transformers.models.qwen3_next.modeling_qwen3_next")
+    _compat.use_transformers_torch_kernels("qwen3_next")
+    for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn"):
+        fn = getattr(module, name)
+        assert fn.__module__ == module.__name__ and not hasattr(fn, "__wrapped__"), name

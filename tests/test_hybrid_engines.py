@@ -5,7 +5,6 @@ import pytest
 import torch
 from test_snapshot_engine import batch, rel
 
-from trl_refine._compat import use_transformers_torch_kernels
 from trl_refine.modeling_utils import ensure_fused_lm_head
 from trl_refine.models.tiny_configs import TRANSFORMERS_HYBRIDS, tiny_config
 from trl_refine.rollout import GenericEngine, RolloutPlan, SnapshotEngine
@@ -17,7 +16,6 @@ VOCAB = 96
 def tiny_hybrid(model_type: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
-    use_transformers_torch_kernels(model_type)  # fla's Triton kernels would be picked on CPU
     torch.manual_seed(seed)
     config = tiny_config(model_type, vocab_size=VOCAB, hidden_size=32, layers=2, heads=2)
     model = AutoModelForCausalLM.from_config(config).float().eval()
@@ -63,3 +61,123 @@ def test_auto_picks_snapshot_for_hybrids(model_type, caplog):
     with caplog.at_level(logging.INFO, logger="trl_refine"):
         assert build_engine("auto", tiny_hybrid(model_type)).name == "snapshot"
     assert "rollout engine = snapshot" in caplog.text
+
+
+def test_hybrid_gradient_flows_through_snapshots():
+    """Detaching the branch states (conv, recurrent and attention K/V) changes the rollout gradient a lot."""
+    model = tiny_hybrid("qwen3_next", seed=2)
+    docs = batch((40, 33), vocab=VOCAB, seed=4)
+    plan = RolloutPlan(torch.tensor([[12, 25], [15, 27]]), 2, 4)
+    snap = SnapshotEngine()
+    with torch.no_grad():
+        comp = snap.generate(model, docs, plan, torch.Generator().manual_seed(0)).completion_ids
+    adv = torch.linspace(-1, 1, plan.num_rows)
+
+    def grad(detach: bool):
+        from trl_refine.rollout.state import map_tensors
+
+        model.zero_grad()
+        original = snap._branch_rows
+        if detach:
+            snap._branch_rows = lambda s, p: map_tensors(original(s, p), torch.Tensor.detach)
+        try:
+            fwd = snap.forward_train(model, docs, plan, comp)
+        finally:
+            snap._branch_rows = original
+        (-(adv[:, None] * fwd.rollout_logps[:, 1:]).mean()).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    assert rel(grad(True), grad(False)) > 0.1
+
+
+def test_mamba_hybrid_refuses_one_token_calls_with_gradients():
+    """transformers' Mamba-2 single-token step writes its state in place: a one-token branch call (k = 2) with
+    gradients fails early with the fix, instead of an autograd error in the backward."""
+    model = tiny_hybrid("bamba")
+    docs = batch((30,), vocab=VOCAB)
+    plan = RolloutPlan(torch.tensor([[10, 20]]), 1, 2)
+    snap = SnapshotEngine()
+    with torch.no_grad():
+        comp = snap.generate(model, docs, plan, torch.Generator().manual_seed(0)).completion_ids
+    with pytest.raises(ValueError, match="rollout length of at least 3"):
+        snap.forward_train(model, docs, plan, comp)
+
+
+def test_unsupported_families_fall_back_with_the_reason(caplog):
+    import logging
+
+    pytest.importorskip("fla")
+    from transformers import AutoModelForCausalLM
+
+    mamba2 = AutoModelForCausalLM.from_config(tiny_config("mamba2", vocab_size=VOCAB, hidden_size=32))
+    with caplog.at_level(logging.INFO, logger="trl_refine"):
+        assert build_engine("auto", mamba2).name == "generic"
+    assert "only continues a cache one token at a time" in caplog.text
+
+    gla = AutoModelForCausalLM.from_config(tiny_config("gla", vocab_size=VOCAB, hidden_size=32))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trl_refine"):
+        assert build_engine("auto", gla).name == "generic"  # adapter present, GPU parity not yet measured
+        assert "not yet measured on a GPU" in caplog.text
+        caplog.clear()
+        assert build_engine("snapshot", gla).name == "snapshot"
+    assert any(r.levelname == "WARNING" and "not yet measured" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("model_type", ["lfm2", "qwen3_next"])
+def test_recipe_tiny_model_of_a_hybrid_gets_the_snapshot_engine(model_type):
+    from trl_refine.recipe_utils import ModelArguments, build_model_and_tokenizer
+
+    args = ModelArguments(tiny_model_type=model_type, tiny_hidden_size=32, tiny_layers=2, tiny_heads=2)
+    model, tokenizer = build_model_and_tokenizer(args)
+    assert model.config.model_type == model_type and model.config.vocab_size == len(tokenizer)
+    assert build_engine("auto", model).name == "snapshot"
+    ids = torch.tensor([tokenizer.encode("a tiny model")])
+    assert torch.isfinite(model(input_ids=ids).logits).all()  # runs on this machine (CPU kernels when no CUDA)
+
+
+def test_hybrid_checkpointed_segments_and_reused_sampling_pass_give_the_same_gradients():
+    model = tiny_hybrid("lfm2")
+    docs = batch((40, 27), vocab=VOCAB, seed=1)
+    plan = RolloutPlan(torch.tensor([[9, 9, 21, 30], [16, 20, 24, 33]]), 2, 3)
+    with torch.no_grad():
+        comp = SnapshotEngine().generate(model, docs, plan, torch.Generator().manual_seed(5)).completion_ids
+
+    def grads(engine, **kw):
+        model.zero_grad()
+        fwd = engine.forward_train(model, docs, plan, comp, **kw)
+        (fwd.doc_logps.sum() + fwd.rollout_logps.sum()).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    plain = grads(SnapshotEngine())
+    assert rel(grads(SnapshotEngine(checkpoint_segments=True)), plain) < 1e-6
+    engine = SnapshotEngine()
+    out = engine.generate(model, docs, plan, torch.Generator().manual_seed(5), train_model=model)
+    assert torch.equal(out.completion_ids, comp)
+    assert rel(grads(engine, sampling_pass=out.sampling_pass), plain) < 1e-6
+
+
+def test_trainer_steps_agree_between_engines_on_a_hybrid(tmp_path, byte_tokenizer):
+    """Two NSPGRPOTrainer steps on lfm2 (short convolutions + attention): the same losses, rewards and exact-match
+    rates with either engine, and the weights move."""
+    from conftest import documents, small_config
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from trl_refine import NSPGRPOTrainer
+
+    ds = Dataset.from_dict({"text": documents(4)})
+    logs = {}
+    for name in ("generic", "snapshot"):
+        torch.manual_seed(1)
+        model = AutoModelForCausalLM.from_config(tiny_config("lfm2", vocab_size=len(byte_tokenizer), hidden_size=32))
+        before = [p.detach().clone() for p in model.parameters()]
+        args = small_config(tmp_path / name, max_steps=2, nsp_engine=name, documents_per_device=2, seed=3)
+        trainer = NSPGRPOTrainer(model, args=args, train_dataset=ds, processing_class=byte_tokenizer)
+        assert trainer.engine.name == name
+        trainer.train()
+        assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+        logs[name] = [
+            v for h in trainer.state.log_history if "loss" in h for v in (h["loss"], h["reward"], h["nsp/exact_match"])
+        ]
+    assert logs["generic"] == pytest.approx(logs["snapshot"], rel=1e-4, abs=1e-6)

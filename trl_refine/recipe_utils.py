@@ -17,8 +17,9 @@ import torch
 from trl import ModelConfig
 
 from trl_refine.model_loading import load_causal_lm
+from trl_refine.models.tiny_configs import FLA_FAMILIES, TRANSFORMERS_HYBRIDS
 
-TINY_MODEL_TYPES = ("refine_delta_net", "delta_net", "gated_deltanet", "lact_swiglu")
+TINY_MODEL_TYPES = ("refine_delta_net", "lact_swiglu", *FLA_FAMILIES, *TRANSFORMERS_HYBRIDS)
 
 
 @dataclass
@@ -33,7 +34,11 @@ class ModelArguments(ModelConfig):
         default="refine_delta_net",
         metadata={
             "help": "Random model when model_name_or_path is None: refine_delta_net (ours, pure PyTorch, runs on "
-            "CPU), delta_net or gated_deltanet (flash-linear-attention, needs a GPU), lact_swiglu (ours)."
+            "CPU), lact_swiglu (ours), a flash-linear-attention family (needs a GPU: "
+            + ", ".join(FLA_FAMILIES)
+            + ") or a transformers hybrid (runs on CPU too: "
+            + ", ".join(TRANSFORMERS_HYBRIDS)
+            + "); docs/models.md tables which engine each gets."
         },
     )
     tiny_hidden_size: int = field(default=64, metadata={"help": "Random model: hidden size."})
@@ -79,6 +84,12 @@ def tiny_model_config(args: ModelArguments, tokenizer):
         heads = common.pop("num_heads")
         # chunk and window scaled down with the model so that short documents cross several fast-weight updates
         return LaCTConfig(**common, num_attn_heads=heads, num_lact_heads=heads, lact_chunk_size=256, window_size=256)
+    if args.tiny_model_type not in ("refine_delta_net", "delta_net", "gated_deltanet"):
+        from trl_refine.models.tiny_configs import tiny_config
+
+        sizes = dict(hidden_size=args.tiny_hidden_size, layers=args.tiny_layers, heads=args.tiny_heads)
+        ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        return tiny_config(args.tiny_model_type, vocab_size=len(tokenizer), **sizes, **ids)
     if args.tiny_model_type == "refine_delta_net":
         from trl_refine.models.delta_net import RefDeltaNetConfig as config_class
     else:

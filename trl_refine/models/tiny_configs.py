@@ -28,7 +28,17 @@ def tiny_config(
     pad_token_id: int | None = 0,
     eos_token_id: int | None = 1,
 ):
-    """The config of a small random ``model_type`` model (one of `TRANSFORMERS_HYBRIDS` or `FLA_FAMILIES`)."""
+    """The config of a small random ``model_type`` model (one of `TRANSFORMERS_HYBRIDS` or `FLA_FAMILIES`).
+
+    Without CUDA, ``qwen3_next`` and ``kimi_linear`` are switched to transformers' PyTorch kernels (with fla
+    installed transformers binds fla's Triton kernels, which need a GPU): `use_transformers_torch_kernels`."""
+    if model_type in ("qwen3_next", "kimi_linear"):
+        import torch
+
+        if not torch.cuda.is_available():
+            from trl_refine._compat import use_transformers_torch_kernels
+
+            use_transformers_torch_kernels(model_type)
     head_dim = hidden_size // heads
     ids = dict(pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=None)
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers, **ids)
@@ -81,6 +91,13 @@ def tiny_config(
 
         return Lfm2Config(**common, **attn, layer_types=_alternating(layers, "conv", "full_attention"))
     if model_type in FLA_FAMILIES:
+        try:
+            import fla  # noqa: F401
+        except ImportError as err:
+            raise ImportError(
+                f"tiny_model_type={model_type!r} needs flash-linear-attention (pip install flash-linear-attention) "
+                "and a GPU; on CPU use refine_delta_net or a transformers hybrid"
+            ) from err
         return _fla_config(model_type, common, heads, head_dim)
     raise ValueError(
         f"no tiny config for model_type {model_type!r}; choose one of {TRANSFORMERS_HYBRIDS + FLA_FAMILIES}"

@@ -43,10 +43,16 @@ def build_engine(
                 f"nsp_engine={name!r} cannot run {type(model).__name__}: {why}. Use nsp_engine='generic'."
             )
         logger.info("trl_refine: rollout engine = %s (forced by nsp_engine)", name)
+        unverified = getattr(FAST_ENGINES[name], "unverified_reason", lambda m: "")(model)
+        if unverified:
+            logger.warning("trl_refine: %s", unverified)
         return FAST_ENGINES[name](pad_token_id=pad_token_id, checkpoint_segments=checkpoint_segments)
     reasons = []
     for engine_name, cls in FAST_ENGINES.items():
         ok, why = cls.supports(model)
+        if ok:  # an engine may run a model it is not yet verified on: only forcing it picks it then
+            why = getattr(cls, "unverified_reason", lambda m: "")(model)
+            ok = not why
         if ok:
             logger.info("trl_refine: rollout engine = %s (auto: %s supports it)", engine_name, type(model).__name__)
             return cls(pad_token_id=pad_token_id, checkpoint_segments=checkpoint_segments)

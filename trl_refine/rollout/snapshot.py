@@ -35,7 +35,7 @@ from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutOutput,
 from trl_refine.rollout.fsdp_head import fsdp2_owner_of_lm_head, hold_lm_head
 from trl_refine.rollout.generic import teacher_forced_scan
 from trl_refine.rollout.sampling import draw_noise, sample_from_logits
-from trl_refine.rollout.state import State, state_adapter_for
+from trl_refine.rollout.state import State, state_adapter_for, unverified_reason
 
 
 @dataclass
@@ -76,6 +76,11 @@ class SnapshotEngine(RolloutEngine):
     def supports(cls, model) -> tuple[bool, str]:
         adapter, why = state_adapter_for(unwrap(model))
         return adapter is not None, why
+
+    @classmethod
+    def unverified_reason(cls, model) -> str:
+        """Why `auto` should not pick this engine for ``model`` although it runs it ('' when nothing stops it)."""
+        return unverified_reason(unwrap(model))
 
     def _adapter(self, model):
         if self.adapter is None:
