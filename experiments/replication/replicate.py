@@ -258,6 +258,24 @@ def ntp_train(
     }
 
 
+class DocumentStream(torch.utils.data.IterableDataset):
+    """`tasks.pretraining_stream` as a dataset; each DataLoader worker draws its own stream (seed, worker)."""
+
+    def __init__(self, p: dict, cfg: dict, lengths):
+        self.p, self.cfg, self.lengths = p, cfg, lengths
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        return tasks.pretraining_stream(
+            self.p["seed"] * 1000 + worker,
+            lengths=self.lengths,
+            dense_fraction=self.p["dense_fraction"],
+            qa_fraction=self.cfg["data"]["qa_fraction"],
+            essay_fraction=self.cfg["data"]["essay_fraction"],
+        )
+
+
 def phase_pretrain(cfg: dict, out: str, device: str, held: HeldOut, tok) -> None:
     path = os.path.join(out, "pretrain", "base")
     if os.path.exists(os.path.join(path, "result.json")):
@@ -273,16 +291,17 @@ def phase_pretrain(cfg: dict, out: str, device: str, held: HeldOut, tok) -> None
     model = new_model(cfg, tok, device)
     lengths = p.get("lengths", cfg["data"]["train_lengths"])
     if p.get("stream"):  # distinct documents every step (nothing to memorise), dense retrieval ones among them
-        stream = tasks.pretraining_stream(
-            p["seed"],
-            lengths=lengths,
-            dense_fraction=p["dense_fraction"],
-            qa_fraction=cfg["data"]["qa_fraction"],
-            essay_fraction=cfg["data"]["essay_fraction"],
+        batches = iter(
+            torch.utils.data.DataLoader(
+                DocumentStream(p, cfg, lengths),
+                batch_size=p["batch"],
+                collate_fn=lambda texts: encode_documents(texts, tok),
+                num_workers=p.get("workers", 0),  # generation keeps up with a GPU only with several workers
+            )
         )
 
         def docs(n: int) -> list[list[int]]:
-            return encode_documents([next(stream) for _ in range(n)], tok)
+            return next(batches)
     else:
         examples = tasks.mixed_examples(
             p["documents"],
@@ -695,6 +714,10 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the YAML's)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: the YAML's, else cpu)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    ap.add_argument("--pretrain_seconds", type=float, default=None, help="override pretrain.max_seconds")
+    ap.add_argument(
+        "--pretrain_workers", type=int, default=None, help="streamed pretraining: document-generating workers"
+    )
     a = ap.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -702,6 +725,10 @@ def main(argv: list[str] | None = None) -> str:
     with open(a.config) as f:
         cfg = yaml.safe_load(f)
     device = a.device or cfg.get("device", "cpu")
+    if a.pretrain_seconds is not None:
+        cfg["pretrain"]["max_seconds"] = a.pretrain_seconds
+    if a.pretrain_workers is not None:
+        cfg["pretrain"]["workers"] = a.pretrain_workers
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else list(cfg["seeds"])
     phases = a.phases.split(",")
     bad = set(phases) - set(PHASES)
