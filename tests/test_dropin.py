@@ -206,3 +206,42 @@ def test_model_card_names_base_model_quick_start_and_refine(tmp_path, byte_token
 
 def test_config_defaults_still_build():
     NSPGRPOConfig(output_dir="unused", use_cpu=True, bf16=False)
+
+
+def test_recipes_push_to_hub_with_the_model_card(tmp_path, byte_tokenizer, monkeypatch):
+    """`--push_to_hub` in a recipe: save_and_publish saves the model, tokenizer and our card, then uploads the folder
+    (the Hub client is replaced by a recorder: nothing leaves the machine)."""
+    from types import SimpleNamespace
+
+    import transformers.trainer
+
+    from trl_refine.recipe_utils import save_and_publish
+
+    calls = []
+
+    class RecordingHub:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id))
+            return SimpleNamespace(repo_id=repo_id)
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path))))
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: RecordingHub())
+    args = small_config(tmp_path, push_to_hub=True, hub_model_id="me/refine-tiny")
+    trainer = NSPGRPOTrainer(
+        tiny_delta_net(),
+        args=args,
+        train_dataset=Dataset.from_dict({"text": documents(4)}),
+        processing_class=byte_tokenizer,
+    )
+    out = save_and_publish(trainer, byte_tokenizer, dataset_name="synthetic")
+    assert calls[0] == ("create_repo", "me/refine-tiny")
+    name, repo, files = calls[-1]
+    assert name == "upload_folder" and repo == "me/refine-tiny"
+    assert {"README.md", "config.json", "model.safetensors", "modeling_delta_net.py", "tokenizer_config.json"} <= set(
+        files
+    )
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert os.path.samefile(out, tmp_path / "out")
+    assert 'from_pretrained("me/refine-tiny")' in card and "synthetic" in card
