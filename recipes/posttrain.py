@@ -26,7 +26,9 @@ import datasets
 from trl import ScriptArguments, TrlParser
 
 from trl_refine import NSPPostTrainer, PostTrainConfig
+from trl_refine.data import load_any_dataset
 from trl_refine.eval import generate_niah, get_scorer
+from trl_refine.eval.evaluator import DECODING_HELP
 from trl_refine.eval.plot import plot_runs
 from trl_refine.recipe_utils import (
     ModelArguments,
@@ -36,7 +38,6 @@ from trl_refine.recipe_utils import (
     dataset_label,
     evaluate_sharded,
     evaluation_context,
-    load_one,
     peft_config_of,
     save_and_publish,
     split_names,
@@ -69,7 +70,11 @@ class PosttrainArguments(ScriptArguments):
             "help": "Scorer name (ruler_qa, niah, a LongBench task). None: each example's 'task' column, else ruler_qa."
         },
     )
-    eval_max_new_tokens: int = field(default=32, metadata={"help": "Greedy answer budget (paper: 32)."})
+    eval_max_new_tokens: int = field(default=32, metadata={"help": "Answer budget (paper: 32)."})
+    eval_decoding: str = field(
+        default="greedy",
+        metadata={"help": DECODING_HELP},
+    )
     eval_batch_size: int = field(default=8, metadata={"help": "Prompts per generation batch."})
     skip_eval: bool = field(default=False, metadata={"help": "Train and save only (no before/after evaluation)."})
     max_train_examples: int | None = field(default=None, metadata={"help": "Train on at most this many examples."})
@@ -114,12 +119,13 @@ def load_data(script: PosttrainArguments, args: PostTrainConfig, tokenizer):
         }
         return train, evals
     parts = [
-        load_one(name, script.dataset_train_split, script.dataset_config) for name in split_names(script.dataset_name)
+        load_any_dataset(name, script.dataset_train_split, script.dataset_config)
+        for name in split_names(script.dataset_name)
     ]
     train = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if script.eval_dataset_name:
         evals = {
-            dataset_label(name): load_one(name, script.eval_split, script.dataset_config)
+            dataset_label(name): load_any_dataset(name, script.eval_split, script.dataset_config)
             for name in split_names(script.eval_dataset_name)
         }
     elif script.skip_eval:
@@ -163,6 +169,8 @@ def run_eval(model, tokenizer, evals, script, args, stage: str) -> dict:
             task_of(script, ds),
             max_new_tokens=script.eval_max_new_tokens,
             batch_size=script.eval_batch_size,
+            decoding=script.eval_decoding,
+            seed=args.seed,
             add_special_tokens=args.prompt_add_special_tokens,
             max_prompt_tokens=max_prompt_tokens(args),
             show_progress=False,
@@ -235,7 +243,7 @@ def main(argv: list[str] | None = None) -> str:
             title = (
                 f"# Post-training ({args.posttrain_mode}), {trainer.state.global_step} steps\n\n"
                 f"Model: {model_args.model_name_or_path or f'random {model_args.tiny_model_type}'}; "
-                f"eval examples: {n_eval}; greedy, ≤ {script.eval_max_new_tokens} new tokens.\n\n"
+                f"eval examples: {n_eval}; {script.eval_decoding} decoding, ≤ {script.eval_max_new_tokens} new tokens.\n\n"
             )
             table = before_after_table(rows)
             with open(os.path.join(out, "posttrain_report.md"), "w") as f:

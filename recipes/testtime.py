@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from trl import ScriptArguments, TrlParser
 
+from trl_refine.data import load_any_dataset
 from trl_refine.eval import generate_niah, get_scorer
+from trl_refine.eval.evaluator import DECODING_HELP
 from trl_refine.eval.plot import plot_runs
 from trl_refine.posttrain import PostTrainConfig, answer_nll
 from trl_refine.recipe_utils import (
@@ -34,7 +36,6 @@ from trl_refine.recipe_utils import (
     combine_across_processes,
     dataset_label,
     evaluate_sharded,
-    load_one,
     peft_config_of,
     split_names,
     write_json,
@@ -56,7 +57,11 @@ class TesttimeArguments(ScriptArguments):
         metadata={"help": "Scorer (ruler_qa, niah, a LongBench task). None: the 'task' column, else ruler_qa."},
     )
     max_examples: int | None = field(default=None, metadata={"help": "Evaluate at most this many per set."})
-    max_new_tokens: int = field(default=32, metadata={"help": "Greedy answer budget (paper: 32)."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Answer budget (paper: 32)."})
+    decoding: str = field(
+        default="greedy",
+        metadata={"help": DECODING_HELP},
+    )
     batch_size: int = field(default=1, metadata={"help": "Prompts per adaptation + generation batch (official: 8)."})
     skip_baseline: bool = field(default=False, metadata={"help": "Do not also answer without adaptation."})
     answer_nll: bool = field(
@@ -84,7 +89,7 @@ def load_sets(script: TesttimeArguments, cfg: TestTimeConfig) -> dict:
         sets = {f"niah_{script.synthetic_task}": ds}
     else:
         sets = {
-            dataset_label(name): load_one(
+            dataset_label(name): load_any_dataset(
                 name, None if os.path.isfile(name) else script.dataset_test_split, script.dataset_config
             )
             for name in split_names(script.dataset_name)
@@ -177,6 +182,8 @@ def main(argv: list[str] | None = None) -> str:
             add_special_tokens=cfg.add_special_tokens,
             max_prompt_tokens=cfg.max_prompt_tokens,
             show_progress=False,
+            decoding=script.decoding,
+            seed=cfg.seed,
         )
         for run, hook in (("without", None), ("with", adapter)):
             if run == "without" and script.skip_baseline:

@@ -68,3 +68,43 @@ def test_transformers_torch_kernels_drift():
     for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn"):
         fn = getattr(module, name)
         assert fn.__module__ == module.__name__ and not hasattr(fn, "__wrapped__"), name
+
+
+def test_private_transformers_accelerate_torch_names_are_present():
+    _compat.check_private_api()
+
+
+@pytest.mark.parametrize(
+    "owner, name",
+    [
+        ("transformers.Trainer", "_clip_grad_norm"),
+        ("transformers.Trainer", "_defer_fsdp_gradient_reduction"),
+        ("accelerate.state.GradientState", "_set_sync_gradients"),
+        ("torch.distributed.fsdp.FSDPModule", "_get_fsdp_state"),
+    ],
+)
+def test_private_name_drift_fails_loudly(monkeypatch, owner, name):
+    import importlib
+
+    module, _, cls = owner.rpartition(".")
+    monkeypatch.delattr(getattr(importlib.import_module(module), cls), name)
+    with pytest.raises(_compat.PrivateAPIDrift, match=name):
+        _compat.check_private_api()
+
+
+def test_no_private_framework_names_outside_compat():
+    """Private names of TRL / transformers / accelerate / torch are used in trl_refine/_compat.py only."""
+    import re
+    from pathlib import Path
+
+    root = Path(_compat.__file__).parent
+    pattern = re.compile(
+        r"\.(_clip_grad_norm|_defer_fsdp_gradient_reduction|_set_sync_gradients|_get_fsdp_state|_fsdp_param_groups?|"
+        r"_auto_reshard_after_forward|_training_state)\b|_fully_shard|from trl\.trainer\.grpo_trainer"
+    )
+    offenders = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if path.name != "_compat.py" and pattern.search(path.read_text())
+    ]
+    assert not offenders, offenders

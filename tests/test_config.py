@@ -12,7 +12,8 @@ def make(**kw):
 def test_defaults_reproduce_official_release():
     c = make()
     assert (c.nsp_num_chunks, c.nsp_rollout_length, c.nsp_num_rollouts, c.nsp_margin) == (8, 5, 1, 20)
-    assert (c.nsp_selection, c.nsp_reward, c.nsp_group_by) == ("entropy", "cosine", "document")
+    assert (c.nsp_selection, c.nsp_reward, c.nsp_group_by, c.group_by) == ("entropy", "cosine", "auto", "document")
+    assert c.nsp_sample_eos is False and c.nsp_add_special_tokens is False and c.nsp_min_length is None
     assert (c.ntp_coef, c.nsp_coef, c.nsp_selection_temperature, c.temperature) == (1.0, 0.2, 1.0, 1.0)
     assert c.smoothing_width == 5 and c.document_column == "text"
     assert c.learning_rate == 1e-6 and c.lr_scheduler_type == "constant" and c.weight_decay == 0.01

@@ -239,6 +239,8 @@ def test_answer_tokens_follow_the_prompt(byte_tokenizer, tmp_path):
     assert byte_tokenizer.decode(p) == "Q? Answer:"
     assert byte_tokenizer.decode(a) == " Par"  # separator, then cut to 4 tokens (no room for EOS)
     p, a = encode_prompt_answer("Q? Answer: ", "Rome", byte_tokenizer, post_config(tmp_path))
+    assert byte_tokenizer.decode(a) == "Rome"  # no EOS by default (official)
+    p, a = encode_prompt_answer("Q? Answer: ", "Rome", byte_tokenizer, post_config(tmp_path, answer_append_eos=True))
     assert a[-1] == byte_tokenizer.eos_token_id and byte_tokenizer.decode(a[:-1]) == "Rome"
     batch = collate_prompt_answer([[5, 6, 7], [8]], [[9, 10], [11]], pad_token_id=0)
     assert batch["sft_input_ids"].tolist() == [[5, 6, 7, 9, 10], [0, 0, 0, 8, 11]]

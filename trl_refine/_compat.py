@@ -1,8 +1,15 @@
-"""The only module that touches TRL's private names.
+"""The only module that touches private names of TRL, transformers, accelerate and torch.
 
 trl-refine subclasses `GRPOTrainer` and reuses some of its private methods (reward calculation, the PPO-clip loss with
 all its loss types, and the log-prob hook that loss calls). These are not semver-protected, so we check them once at
 import and fail loudly, with the supported range, if TRL drifted.
+
+Post-training's nested step makes the calls the HF ``Trainer`` makes at a sync step (``Trainer._clip_grad_norm``,
+``Trainer._defer_fsdp_gradient_reduction``, accelerate's ``GradientState._set_sync_gradients``), and the snapshot
+engine's FSDP2 LM-head hold reads FSDP2's parameter groups (``FSDPModule._get_fsdp_state`` and the state's
+``_fsdp_param_groups``, ``_auto_reshard_after_forward``, a group's ``_training_state`` and
+``torch.distributed.fsdp._fully_shard._fsdp_common.TrainingState``). The wrappers below are the only users;
+`check_private_api` (run by the drift test) says which one moved.
 """
 
 from __future__ import annotations
@@ -102,7 +109,139 @@ def use_transformers_torch_kernels(model_type: str) -> list[str]:
 
 check_trl_api()
 
+
+# ---- transformers / accelerate / torch private names -------------------------------------------------------------
+class PrivateAPIDrift(RuntimeError):
+    pass
+
+
+def _drift(what: str) -> PrivateAPIDrift:
+    import accelerate
+    import torch
+    import transformers
+
+    return PrivateAPIDrift(
+        f"{what} (transformers {transformers.__version__}, accelerate {accelerate.__version__}, torch "
+        f"{torch.__version__}); trl_refine relies on it, see trl_refine/_compat.py. Use the versions in setup.cfg."
+    )
+
+
+def trainer_clip_grad_norm(trainer, model):
+    """``Trainer._clip_grad_norm(model)``: what the Trainer calls before ``optimizer.step()`` at a sync step."""
+    method = getattr(trainer, "_clip_grad_norm", None)
+    if method is None:
+        raise _drift("transformers.Trainer._clip_grad_norm is missing")
+    return method(model)
+
+
+def trainer_defer_fsdp_gradient_reduction(trainer):
+    """``Trainer._defer_fsdp_gradient_reduction()``: the Trainer's ``no_sync`` for FSDP loaded by transformers."""
+    method = getattr(trainer, "_defer_fsdp_gradient_reduction", None)
+    if method is None:
+        raise _drift("transformers.Trainer._defer_fsdp_gradient_reduction is missing")
+    return method()
+
+
+def set_sync_gradients(gradient_state, value: bool) -> None:
+    """accelerate's ``GradientState._set_sync_gradients`` (what ``accelerator.accumulate`` toggles)."""
+    method = getattr(gradient_state, "_set_sync_gradients", None)
+    if method is None:
+        raise _drift("accelerate GradientState._set_sync_gradients is missing")
+    method(value)
+
+
+def is_fsdp_managed_module(model) -> bool:
+    """transformers' ``is_fsdp_managed_module`` (False where this transformers has none)."""
+    try:
+        from transformers.distributed.fsdp import is_fsdp_managed_module as check
+    except ImportError:  # pragma: no cover - other transformers layouts
+        return False
+    return bool(check(model))
+
+
+def fsdp2_state(module):
+    """``FSDPModule._get_fsdp_state()``."""
+    getter = getattr(module, "_get_fsdp_state", None)
+    if getter is None:
+        raise _drift("torch FSDPModule._get_fsdp_state is missing")
+    return getter()
+
+
+def fsdp2_param_groups(module) -> list:
+    """The FSDP2 parameter groups of one ``FSDPModule`` (torch >= 2.12 keeps a list, earlier ones a single group)."""
+    state = fsdp2_state(module)
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [] if group is None else [group]
+    return list(groups)
+
+
+def fsdp2_auto_reshard_after_forward(state):
+    return getattr(state, "_auto_reshard_after_forward", None)
+
+
+def set_fsdp2_auto_reshard_after_forward(state, value) -> None:
+    state._auto_reshard_after_forward = value
+
+
+def fsdp2_training_states(groups) -> list:
+    return [group._training_state for group in groups]
+
+
+def fsdp2_clear_leftover_forward_state(groups) -> None:
+    """Set groups left in FSDP2's FORWARD training state back to IDLE (no model call is running)."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+    except ImportError as err:
+        raise _drift("torch.distributed.fsdp._fully_shard._fsdp_common.TrainingState moved") from err
+    for group in groups:
+        if group._training_state == TrainingState.FORWARD:
+            group._training_state = TrainingState.IDLE
+
+
+def check_private_api() -> None:
+    """Raise `PrivateAPIDrift` if a private transformers / accelerate / torch name we use is gone."""
+    from accelerate.state import GradientState
+    from transformers import Trainer
+
+    for owner, name in (
+        (Trainer, "_clip_grad_norm"),
+        (Trainer, "_defer_fsdp_gradient_reduction"),
+        (GradientState, "_set_sync_gradients"),
+    ):
+        if not callable(getattr(owner, name, None)):
+            raise _drift(f"{owner.__module__}.{owner.__qualname__}.{name} is missing")
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    except ImportError as err:
+        raise _drift(f"torch's FSDP2 internals moved: {err}") from err
+    if not callable(getattr(FSDPModule, "_get_fsdp_state", None)):
+        raise _drift("torch FSDPModule._get_fsdp_state is missing")
+    if not {"FORWARD", "IDLE"} <= set(TrainingState.__members__):
+        raise _drift("torch FSDP2 TrainingState lost FORWARD / IDLE")
+    state = FSDPState()
+    if not hasattr(state, "_fsdp_param_groups") and not hasattr(state, "_fsdp_param_group"):
+        raise _drift("torch FSDPState has neither _fsdp_param_groups nor _fsdp_param_group")
+    if not hasattr(state, "_auto_reshard_after_forward"):
+        raise _drift("torch FSDPState._auto_reshard_after_forward is missing")
+
+
 __all__ = [
+    "PrivateAPIDrift",
+    "check_private_api",
+    "fsdp2_auto_reshard_after_forward",
+    "fsdp2_clear_leftover_forward_state",
+    "fsdp2_param_groups",
+    "fsdp2_state",
+    "fsdp2_training_states",
+    "is_fsdp_managed_module",
+    "set_fsdp2_auto_reshard_after_forward",
+    "set_sync_gradients",
+    "trainer_clip_grad_norm",
+    "trainer_defer_fsdp_gradient_reduction",
     "GRPOTrainer",
     "TRLCompatibilityError",
     "add_fused_lm_head",

@@ -16,7 +16,7 @@ from trl_refine.grpo_options import check_grpo_options
 
 SELECTION_STRATEGIES = ("entropy", "uniform", "argmax", "argmin")
 REWARDS = ("cosine", "exact", "hybrid")
-GROUPINGS = ("document", "prefix")
+GROUPINGS = ("auto", "document", "prefix")
 ENGINES = ("auto", "generic", "snapshot", "onepass")
 SHORT_DOCUMENT_POLICIES = ("error", "drop")
 DIVERGENCE_POLICIES = ("stop", "skip")
@@ -49,6 +49,13 @@ OPTIONAL_FINITE_FLOAT_FIELDS = ("delta", "epsilon_high")
 def default_smoothing_width(rollout_length: int) -> int:
     """The official moving-average width: k if k is odd, else k + 1 (so the window is centred)."""
     return rollout_length if rollout_length % 2 == 1 else rollout_length + 1
+
+
+def resolve_group_by(group_by: str, num_rollouts: int) -> str:
+    """``auto`` (default) is the release's rule: one group per prefix when G > 1, one per document when G = 1."""
+    if group_by == "auto":
+        return "prefix" if num_rollouts > 1 else "document"
+    return group_by
 
 
 def min_document_length(num_chunks: int, rollout_length: int, margin: int) -> int:
@@ -113,14 +120,11 @@ def check_grpo_choices(config) -> None:
 
 
 @dataclass
-class NSPGRPOConfig(GRPOConfig):
-    r"""Configuration for [`NSPGRPOTrainer`] (ReFINE, arXiv 2602.16704).
+class RefineFields:
+    """The knobs of one ReFINE step (selection, rollouts, rewards, advantages, loss weights, engine), shared by
+    `NSPGRPOConfig` (mid- and post-training) and `trl_refine.testtime.TestTimeConfig`, with one validator."""
 
-    Defaults reproduce the official release (mid-training: n=8 positions, k=5 tokens, G=1 rollout per position,
-    entropy selection, cosine reward, group = document, loss = 1.0·NTP + 0.2·PPO-clip, lr 1e-6, constant schedule).
-    """
-
-    # ---- ReFINE ---------------------------------------------------------------------------------------------------
+    # ---- the ReFINE step ---------------------------------------------------------------------------------------------------
     nsp_num_chunks: int = field(
         default=8, metadata={"help": "n: positions per document (one per equal chunk of the valid tokens)."}
     )
@@ -152,35 +156,27 @@ class NSPGRPOConfig(GRPOConfig):
         },
     )
     nsp_group_by: str = field(
-        default="document",
+        default="auto",
         metadata={
-            "help": "GRPO group: 'document' (all n·G rollouts of a document, official) or 'prefix' (G rollouts)."
+            "help": "GRPO group: 'auto' (official: the G rollouts of a prefix when G > 1, the document's n rollouts "
+            "when G = 1), 'document' (all n·G rollouts of a document) or 'prefix' (the G rollouts of a prefix)."
+        },
+    )
+    nsp_sample_eos: bool = field(
+        default=False,
+        metadata={
+            "help": "Let rollouts sample EOS. Default False (official): EOS is masked out of the sampling "
+            "distribution (min_new_tokens = k); old log-probs come from the unmasked distribution either way."
         },
     )
     ntp_coef: float = field(default=1.0, metadata={"help": "Weight of the next-token CE on the whole document."})
     nsp_coef: float = field(default=0.2, metadata={"help": "Weight of the PPO-clip next-sequence term."})
-    document_column: str = field(default="text", metadata={"help": "Dataset column holding the raw documents."})
-    nsp_max_length: int | None = field(
-        default=16384, metadata={"help": "Documents are truncated (right) to this many tokens; None = no limit."}
-    )
-    nsp_short_documents: str = field(
-        default="error",
-        metadata={"help": "Documents shorter than margin + n·k + max(k, margin) tokens: 'error' (default) or 'drop'."},
-    )
-    documents_per_device: int | None = field(
-        default=None,
-        metadata={"help": "Documents per device per micro-step; sets per_device_train_batch_size = this · n · G."},
-    )
     nsp_engine: str = field(
         default="auto",
         metadata={
             "help": "Rollout engine: auto (snapshot when the model supports it), generic, snapshot, onepass (the "
             "snapshot engine with one document pass instead of n+1 segments; models with supports_state_positions)."
         },
-    )
-    nsp_segment_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Snapshot engine: recompute each segment in the backward to save activation memory."},
     )
     nsp_reuse_sampling_pass: bool = field(
         default=True,
@@ -200,12 +196,113 @@ class NSPGRPOConfig(GRPOConfig):
             "help": "Prefix tokens decoded into the `prompts` text given to rewards and logs (full ids: prefix_ids)."
         },
     )
+
+    @property
+    def smoothing_width(self) -> int:
+        return self.nsp_smoothing_width or default_smoothing_width(self.nsp_rollout_length)
+
+    @property
+    def min_document_length(self) -> int:
+        return min_document_length(self.nsp_num_chunks, self.nsp_rollout_length, self.nsp_margin)
+
+    @property
+    def group_by(self) -> str:
+        """The grouping in effect (``auto`` resolved): ``document`` or ``prefix``."""
+        return resolve_group_by(self.nsp_group_by, self.nsp_num_rollouts)
+
+    @property
+    def group_size(self) -> int:
+        """Rollouts per GRPO group."""
+        if self.group_by == "prefix":
+            return self.nsp_num_rollouts
+        return self.nsp_num_chunks * self.nsp_num_rollouts
+
+    def validate_refine(self) -> None:
+        """Checks of the ReFINE step's fields (every config that holds them calls this)."""
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}.")
+
+        choice("nsp_selection", SELECTION_STRATEGIES)
+        choice("nsp_reward", REWARDS)
+        choice("nsp_group_by", GROUPINGS)
+        choice("nsp_engine", ENGINES)
+        for name in ("nsp_num_chunks", "nsp_rollout_length", "nsp_num_rollouts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.nsp_margin < 1:
+            raise ValueError(f"nsp_margin must be >= 1 (a prefix needs at least one token), got {self.nsp_margin}.")
+        if self.nsp_smoothing_width is not None and self.nsp_smoothing_width < 1:
+            raise ValueError("nsp_smoothing_width must be >= 1 (1 disables smoothing) or None for the official rule.")
+        if self.nsp_selection_temperature <= 0:
+            raise ValueError("nsp_selection_temperature must be > 0.")
+        if self.ntp_coef < 0 or self.nsp_coef < 0:
+            raise ValueError("ntp_coef and nsp_coef must be >= 0.")
+        if self.ntp_coef == 0 and self.nsp_coef == 0:
+            raise ValueError("ntp_coef and nsp_coef are both 0: nothing to train. Set at least one > 0.")
+        if self.nsp_group_by == "prefix" and self.nsp_num_rollouts < 2:
+            raise ValueError(
+                "nsp_group_by='prefix' compares the G rollouts of one prefix, so it needs nsp_num_rollouts >= 2 "
+                f"(got {self.nsp_num_rollouts}). Set nsp_num_rollouts=8, or nsp_group_by='auto' (official)."
+            )
+        if self.group_by == "document" and self.nsp_num_chunks * self.nsp_num_rollouts < 2:
+            raise ValueError(
+                "nsp_group_by='document' needs at least 2 rollouts per document: raise nsp_num_chunks or "
+                "nsp_num_rollouts."
+            )
+        if self.nsp_generic_rows_per_call is not None and self.nsp_generic_rows_per_call < 1:
+            raise ValueError("nsp_generic_rows_per_call must be >= 1 or None.")
+        if self.nsp_prompt_tail_tokens < 0:
+            raise ValueError("nsp_prompt_tail_tokens must be >= 0.")
+
+
+@dataclass
+class NSPGRPOConfig(RefineFields, GRPOConfig):
+    r"""Configuration for [`NSPGRPOTrainer`] (ReFINE, arXiv 2602.16704).
+
+    Defaults reproduce the official release (mid-training: n=8 positions, k=5 tokens, G=1 rollout per position,
+    entropy selection, cosine reward, group = document, loss = 1.0·NTP + 0.2·PPO-clip, lr 1e-6, constant schedule).
+    """
+
+    document_column: str = field(default="text", metadata={"help": "Dataset column holding the raw documents."})
+    nsp_max_length: int | None = field(
+        default=16384, metadata={"help": "Documents are truncated (right) to this many tokens; None = no limit."}
+    )
+    nsp_min_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Drop documents with fewer tokens (counted before truncation to nsp_max_length). The paper "
+            "mid-trains on documents of >= 16K tokens (the paper-setting YAMLs set 16384). None = keep every document "
+            "long enough for ReFINE (nsp_short_documents)."
+        },
+    )
+    nsp_add_special_tokens: bool = field(
+        default=False,
+        metadata={
+            "help": "Tokenize documents with the tokenizer's special tokens (BOS/EOS). Default False (official: raw "
+            "text, add_special_tokens=False)."
+        },
+    )
+    nsp_short_documents: str = field(
+        default="error",
+        metadata={"help": "Documents shorter than margin + n·k + max(k, margin) tokens: 'error' (default) or 'drop'."},
+    )
+    documents_per_device: int | None = field(
+        default=None,
+        metadata={"help": "Documents per device per micro-step; sets per_device_train_batch_size = this · n · G."},
+    )
     nsp_on_divergence: str = field(
         default="stop",
         metadata={
             "help": "A non-finite loss, gradient or entropy: 'stop' the run before anything is saved (naming the step "
             "and the last good checkpoint), or 'skip' the optimizer step (the weights stay as they were)."
         },
+    )
+    nsp_segment_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Snapshot engine: recompute each segment in the backward to save activation memory."},
     )
 
     # ---- TRL fields whose defaults differ for ReFINE -----------------------------------------------------------------
@@ -288,56 +385,15 @@ class NSPGRPOConfig(GRPOConfig):
         super().__post_init__()
         check_grpo_choices(self)
 
-    # -----------------------------------------------------------------------------------------------------------------
-    @property
-    def smoothing_width(self) -> int:
-        return self.nsp_smoothing_width or default_smoothing_width(self.nsp_rollout_length)
-
-    @property
-    def min_document_length(self) -> int:
-        return min_document_length(self.nsp_num_chunks, self.nsp_rollout_length, self.nsp_margin)
-
-    @property
-    def group_size(self) -> int:
-        """Rollouts per GRPO group."""
-        if self.nsp_group_by == "prefix":
-            return self.nsp_num_rollouts
-        return self.nsp_num_chunks * self.nsp_num_rollouts
-
     def _validate_nsp(self) -> None:
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}.")
-
-        choice("nsp_selection", SELECTION_STRATEGIES)
-        choice("nsp_reward", REWARDS)
-        choice("nsp_group_by", GROUPINGS)
-        choice("nsp_engine", ENGINES)
-        choice("nsp_short_documents", SHORT_DOCUMENT_POLICIES)
-        choice("nsp_on_divergence", DIVERGENCE_POLICIES)
-        for name in ("nsp_num_chunks", "nsp_rollout_length", "nsp_num_rollouts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.nsp_margin < 1:
-            raise ValueError(f"nsp_margin must be >= 1 (a prefix needs at least one token), got {self.nsp_margin}.")
-        if self.nsp_smoothing_width is not None and self.nsp_smoothing_width < 1:
-            raise ValueError("nsp_smoothing_width must be >= 1 (1 disables smoothing) or None for the official rule.")
-        if self.nsp_selection_temperature <= 0:
-            raise ValueError("nsp_selection_temperature must be > 0.")
-        if self.ntp_coef < 0 or self.nsp_coef < 0:
-            raise ValueError("ntp_coef and nsp_coef must be >= 0.")
-        if self.ntp_coef == 0 and self.nsp_coef == 0:
-            raise ValueError("ntp_coef and nsp_coef are both 0: nothing to train. Set at least one > 0.")
-        if self.nsp_group_by == "prefix" and self.nsp_num_rollouts < 2:
+        self.validate_refine()
+        if self.nsp_on_divergence not in DIVERGENCE_POLICIES:
             raise ValueError(
-                "nsp_group_by='prefix' compares the G rollouts of one prefix, so it needs nsp_num_rollouts >= 2 "
-                f"(got {self.nsp_num_rollouts}). Set nsp_num_rollouts=8, or nsp_group_by='document' (official)."
+                f"nsp_on_divergence={self.nsp_on_divergence!r} is not one of {', '.join(DIVERGENCE_POLICIES)}."
             )
-        if self.nsp_group_by == "document" and self.nsp_num_chunks * self.nsp_num_rollouts < 2:
+        if self.nsp_short_documents not in SHORT_DOCUMENT_POLICIES:
             raise ValueError(
-                "nsp_group_by='document' needs at least 2 rollouts per document: raise nsp_num_chunks or "
-                "nsp_num_rollouts."
+                f"nsp_short_documents={self.nsp_short_documents!r} is not one of {', '.join(SHORT_DOCUMENT_POLICIES)}."
             )
         if self.temperature != 1.0:
             raise ValueError(
@@ -356,5 +412,14 @@ class NSPGRPOConfig(GRPOConfig):
                 f"{min_document_length(self.nsp_num_chunks, self.nsp_rollout_length, self.nsp_margin)} "
                 "(margin + n·k + max(k, margin)). Raise nsp_max_length or lower nsp_num_chunks / nsp_margin."
             )
-        if self.nsp_prompt_tail_tokens < 0:
-            raise ValueError("nsp_prompt_tail_tokens must be >= 0.")
+        if self.nsp_min_length is not None and self.nsp_min_length < 1:
+            raise ValueError(f"nsp_min_length must be >= 1 or None, got {self.nsp_min_length}.")
+        if (
+            self.nsp_min_length is not None
+            and self.nsp_max_length is not None
+            and self.nsp_min_length > self.nsp_max_length
+        ):
+            raise ValueError(
+                f"nsp_min_length={self.nsp_min_length} > nsp_max_length={self.nsp_max_length}: documents are "
+                "truncated to nsp_max_length, so none would qualify. Lower nsp_min_length or raise nsp_max_length."
+            )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
 
+import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, IterableDataset
@@ -34,6 +36,8 @@ def tokenize_documents(
     short_documents: str = "error",
     name: str = "train_dataset",
     vocab_size: int | None = None,
+    keep_min_length: int | None = None,
+    add_special_tokens: bool = False,
 ) -> Dataset | IterableDataset:
     """Add an ``input_ids`` column (right-truncated to ``max_length``) and enforce ``min_length`` valid tokens.
 
@@ -41,6 +45,9 @@ def tokenize_documents(
     integers in ``[0, vocab_size)``; with both, ``column`` is tokenized (said in a warning). Too-short documents raise
     (``short_documents="error"``) or are dropped with a log line (``"drop"``). Streams (`IterableDataset`, whose
     columns may be unknown) get the same treatment row by row as they arrive; errors name the dataset row.
+    Documents are tokenized without special tokens unless ``add_special_tokens`` (the release adds none).
+    ``keep_min_length`` (``nsp_min_length``): documents with fewer tokens are dropped before the ``min_length`` check
+    (the paper's >= 16K-token filter).
     """
     dataset = documents_from_messages(dataset, tokenizer, column=column, name=name)  # TRL's `messages` format
     columns = dataset.column_names
@@ -58,7 +65,18 @@ def tokenize_documents(
             column,
         )
     if not isinstance(dataset, Dataset):
-        return _tokenize_stream(dataset, tokenizer, column, max_length, min_length, short_documents, name, vocab_size)
+        return _tokenize_stream(
+            dataset,
+            tokenizer,
+            column,
+            max_length,
+            min_length,
+            short_documents,
+            name,
+            vocab_size,
+            keep_min_length=keep_min_length,
+            add_special_tokens=add_special_tokens,
+        )
 
     if column in dataset.column_names:
 
@@ -69,7 +87,12 @@ def tokenize_documents(
                     raise ValueError(
                         f"{name} row {i}: {column!r} must hold a string (a raw document), got {_shown(text)}."
                     )
-            enc = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
+            enc = tokenizer(
+                texts,
+                truncation=max_length is not None,
+                max_length=max_length,
+                add_special_tokens=add_special_tokens,
+            )
             return {"input_ids": enc["input_ids"]}
 
         dataset = dataset.map(encode, batched=True, with_indices=True, desc=f"Tokenizing {name}")
@@ -81,6 +104,24 @@ def tokenize_documents(
         source = "input_ids"
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty.")
+    if keep_min_length is not None:
+        before = len(dataset)
+        dataset = dataset.filter(
+            lambda row: len(row["input_ids"]) >= keep_min_length,
+            desc=f"Keeping documents of >= {keep_min_length} tokens",
+        )
+        logger.warning(
+            "trl_refine: kept %d of %d documents of %s with >= %d tokens (nsp_min_length)",
+            len(dataset),
+            before,
+            name,
+            keep_min_length,
+        )
+        if len(dataset) == 0:
+            raise ValueError(
+                f"no document of {name} has >= {keep_min_length} tokens (nsp_min_length); lower nsp_min_length or use "
+                "longer documents."
+            )
     if source == "the tokenizer":
         check_token_ids(dataset, name, vocab_size, tokenized=True)
     lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
@@ -163,14 +204,31 @@ def check_token_ids(dataset: Dataset, name: str, vocab_size: int | None, tokeniz
         raise ValueError(f"{name} row {row}: {source} {bad}. {fix}")
 
 
-def _tokenize_stream(dataset, tokenizer, column, max_length, min_length, short_documents, name, vocab_size):
+def _tokenize_stream(
+    dataset,
+    tokenizer,
+    column,
+    max_length,
+    min_length,
+    short_documents,
+    name,
+    vocab_size,
+    *,
+    keep_min_length=None,
+    add_special_tokens=False,
+):
     """`tokenize_documents` for an `IterableDataset`: every row is tokenized (or checked) and length-checked as it
-    arrives; short rows are filtered out with ``short_documents="drop"``."""
+    arrives; rows under ``keep_min_length`` are filtered out, short rows too with ``short_documents="drop"``."""
     dropped = [0]
 
     def prepare(row, index):
         if isinstance(row.get(column), str):
-            ids = tokenizer(row[column], truncation=max_length is not None, max_length=max_length)["input_ids"]
+            ids = tokenizer(
+                row[column],
+                truncation=max_length is not None,
+                max_length=max_length,
+                add_special_tokens=add_special_tokens,
+            )["input_ids"]
         elif column in row and row[column] is not None:
             raise ValueError(
                 f"{name} row {index}: {column!r} must hold a string (a raw document), got {_shown(row[column])}."
@@ -191,7 +249,8 @@ def _tokenize_stream(dataset, tokenizer, column, max_length, min_length, short_d
                 f"{name} row {index}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size}). Use the "
                 "model's tokenizer."
             )
-        if len(ids) < min_length and short_documents == "error":
+        kept = keep_min_length is None or len(ids) >= keep_min_length  # dropped by nsp_min_length otherwise
+        if len(ids) < min_length and short_documents == "error" and kept:
             raise ValueError(
                 f"{name} row {index} has {len(ids)} tokens, fewer than {min_length} (margin + n·k + max(k, margin)). "
                 "Filter the stream, set nsp_short_documents='drop', or lower nsp_num_chunks / nsp_rollout_length / "
@@ -213,6 +272,8 @@ def _tokenize_stream(dataset, tokenizer, column, max_length, min_length, short_d
         return keep
 
     dataset = dataset.map(prepare, with_indices=True)
+    if keep_min_length is not None:
+        dataset = dataset.filter(lambda row: len(row["input_ids"]) >= keep_min_length)
     if short_documents == "drop":
         dataset = dataset.filter(long_enough, with_indices=True)
     return dataset
@@ -232,10 +293,50 @@ def vocab_size_of(model) -> int | None:
         return int(size) if isinstance(size, int) else None
 
 
-def load_any_dataset(name_or_path: str, split: str = "train", config_name: str | None = None):
-    """Load a local parquet / jsonl / json / csv / arrow file (or a folder of them) or a Hub dataset id.
+_LOCAL_BUILDERS = {
+    ".parquet": "parquet",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
 
-    The one loader of the package (`trl_refine.eval.load_qa_dataset`) without column requirements."""
-    from trl_refine.eval.ruler import load_qa_dataset
 
-    return load_qa_dataset(name_or_path, split=split, name=config_name, required_columns=())
+def load_any_dataset(
+    path_or_hub_id: str, split: str | None = None, config_name: str | None = None
+) -> datasets.Dataset:
+    """The package's one dataset loader: a local parquet / jsonl / json / csv / arrow file, a directory (saved with
+    ``save_to_disk`` or loadable by ``datasets.load_dataset``) or a Hub dataset id. ``split`` may be omitted when
+    there is only one (local files load as ``"train"``); ``config_name`` is the Hub configuration name."""
+    name = config_name
+    path = os.path.expanduser(str(path_or_hub_id))
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(
+            os.path.join(path, "dataset_dict.json")
+        ):
+            loaded = datasets.load_from_disk(path)
+        else:
+            loaded = datasets.load_dataset(path, name=name, split=split)
+    elif os.path.isfile(path):
+        ext = next((e for e in _LOCAL_BUILDERS if path.lower().endswith(e)), None)
+        if ext is None:
+            raise ValueError(
+                f"cannot load {path!r}: unknown file type (use one of {sorted(_LOCAL_BUILDERS)}, a directory, "
+                "or a hub dataset id)"
+            )
+        loaded = datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files=path, split=split or "train")
+    else:
+        looks_local = path.startswith((".", "/", "~")) or any(path.lower().endswith(e) for e in _LOCAL_BUILDERS)
+        if looks_local:
+            raise FileNotFoundError(f"no such file or directory: {path!r}")
+        loaded = datasets.load_dataset(path_or_hub_id, name=name, split=split)
+
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is not None:
+            if split not in loaded:
+                raise ValueError(f"split {split!r} not in {path_or_hub_id!r}; available splits: {list(loaded)}")
+            return loaded[split]
+        if len(loaded) == 1:
+            return next(iter(loaded.values()))
+        raise ValueError(f"{path_or_hub_id!r} has several splits {list(loaded)}; pass split=...")
+    return loaded

@@ -41,6 +41,19 @@ def ensure_fused_lm_head(model: torch.nn.Module) -> None:
 
 
 @contextmanager
+def fused_lm_head(model: torch.nn.Module):
+    """TRL's fused LM head for scoring, removed again afterwards if this call was the one to add it."""
+    base = unwrap(model)
+    had = has_fused_lm_head(base)
+    ensure_fused_lm_head(base)
+    try:
+        yield
+    finally:
+        if not had and "forward" in vars(base):
+            del base.forward
+
+
+@contextmanager
 def capture_last_hidden_state(model: torch.nn.Module):
     """Yield a dict whose ``"hidden"`` entry holds the backbone's ``last_hidden_state`` after each forward."""
     store: dict[str, torch.Tensor] = {}

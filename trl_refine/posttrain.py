@@ -31,6 +31,12 @@ import torch
 from accelerate.utils import DistributedType
 from datasets import Dataset, IterableDataset
 
+from trl_refine._compat import (
+    is_fsdp_managed_module,
+    set_sync_gradients,
+    trainer_clip_grad_norm,
+    trainer_defer_fsdp_gradient_reduction,
+)
 from trl_refine.config import NSPGRPOConfig
 from trl_refine.conversational import prompts_from_messages
 from trl_refine.data import check_tokenizer
@@ -39,6 +45,7 @@ from trl_refine.modeling_utils import score_tokens
 from trl_refine.rewards import exact_match_reward
 from trl_refine.rollout.base import DocumentBatch
 from trl_refine.trainer import DOC_KEYS, ROLLOUT_KEYS, NSPGRPOTrainer
+from trl_refine.utils import model_device, truncate_middle
 
 logger = logging.getLogger("trl_refine")
 
@@ -90,6 +97,16 @@ class PostTrainConfig(NSPGRPOConfig):
         },
     )
     sft_coef: float = field(default=1.0, metadata={"help": "Weight of the answer cross-entropy (token mean)."})
+    posttrain_inner_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Nested modes: inner ReFINE optimizer steps per answer-SFT step; the SFT step then covers the "
+            "examples of all of them. 1 (default): one inner step, then one SFT step on the same examples. The "
+            "release takes train_batch_size / ttt_ppo_mini_batch_size inner steps (rollouts made once for the train "
+            "batch), then one SFT step over the whole train batch: set this to that ratio and steps_per_generation "
+            "to it × gradient_accumulation_steps."
+        },
+    )
     answer_separator: str = field(
         default=" ",
         metadata={
@@ -98,8 +115,11 @@ class PostTrainConfig(NSPGRPOConfig):
         },
     )
     answer_append_eos: bool = field(
-        default=True,
-        metadata={"help": "Append EOS to the answer target (kept only if it fits max_answer_length), so it stops."},
+        default=False,
+        metadata={
+            "help": "Append EOS to the answer target (kept only if it fits max_answer_length), so generation stops "
+            "after the answer. Default False (official: the target is the first gold answer without EOS)."
+        },
     )
     prompt_add_special_tokens: bool = field(
         default=False,
@@ -119,6 +139,8 @@ class PostTrainConfig(NSPGRPOConfig):
             raise ValueError(f"long_examples={self.long_examples!r} is not one of {', '.join(LONG_EXAMPLE_POLICIES)}.")
         if self.max_answer_length < 1:
             raise ValueError(f"max_answer_length must be >= 1, got {self.max_answer_length}.")
+        if self.posttrain_inner_steps < 1:
+            raise ValueError(f"posttrain_inner_steps must be >= 1, got {self.posttrain_inner_steps}.")
         if self.sft_coef <= 0:
             raise ValueError(
                 f"sft_coef must be > 0 (the answer loss is the point of post-training), got {self.sft_coef}."
@@ -177,14 +199,6 @@ def _strip_trailing_eos(ids: list[int], eos: int | None) -> list[int]:
     while ids and eos is not None and ids[-1] == eos:
         ids = ids[:-1]
     return ids
-
-
-def truncate_middle(ids: list[int], limit: int) -> list[int]:
-    """Keep the first ``limit // 2`` and the last ``limit - limit // 2`` ids (LongBench's middle truncation)."""
-    if len(ids) <= limit:
-        return ids
-    head = limit // 2
-    return ids[:head] + ids[len(ids) - (limit - head) :]
 
 
 def encode_prompt_answer(
@@ -442,21 +456,23 @@ class NSPPostTrainer(NSPGRPOTrainer):
             reward_funcs = [exact_match_reward]  # never called: these modes do not roll out
         super().__init__(
             model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-            engine=engine,
+            reward_funcs,
+            args,
+            train_dataset,
+            eval_dataset,
+            processing_class,
+            reward_processing_classes,
+            callbacks,
+            optimizers,
+            peft_config,
+            engine,
             **kwargs,
         )
         self._nested_phase: str | None = None
         self._answer_buffer: list[dict[str, torch.Tensor]] = []
+        self._inner_windows = 0  # accumulation windows of inner steps since the last answer-SFT step
         self.inner_optimizer_steps = 0
+        self.answer_sft_steps = 0
 
     # ------------------------------------------------------------------------------------------------------------------
     # batching
@@ -552,15 +568,22 @@ class NSPPostTrainer(NSPGRPOTrainer):
             self._nested_phase = None
         if not self.accelerator.sync_gradients:  # not the last micro-step of the accumulation window yet
             return inner
+        self._inner_windows += 1
+        if self._inner_windows < self.args.posttrain_inner_steps:
+            # posttrain_inner_steps > 1: the Trainer's own optimizer step is this window's inner step; the answer
+            # micro-batches stay buffered for the SFT step after the last inner step
+            self.inner_optimizer_steps += 1
+            return inner
+        self._inner_windows = 0
         # 2. the inner optimizer step, with the calls the Trainer makes at a sync step
         self._inner_optimizer_step(model)
-        # 3. the answer loss of every micro-batch of the window, with the updated weights; the Trainer steps after
+        # 3. the answer loss of every buffered micro-batch, with the updated weights; the Trainer steps after
         return inner + self._answer_backward(model)
 
     def _inner_optimizer_step(self, model) -> None:
         grad_norm = None
         if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
-            grad_norm = self._clip_grad_norm(model)
+            grad_norm = trainer_clip_grad_norm(self, model)
         self.optimizer.step()
         model.zero_grad()
         self.inner_optimizer_steps += 1
@@ -570,12 +593,14 @@ class NSPPostTrainer(NSPGRPOTrainer):
 
     def _answer_backward(self, model) -> torch.Tensor:
         batches, self._answer_buffer = self._answer_buffer, []
+        self.answer_sft_steps += 1
+        windows = self.args.posttrain_inner_steps  # the SFT step is the mean over the examples of every window
         kwargs = {"scale_wrt_gas": False} if self.accelerator.distributed_type == DistributedType.DEEPSPEED else {}
         total = torch.zeros((), device=self.accelerator.device)
         for j, batch in enumerate(batches):
             with self._accumulation_context(model, final=j == len(batches) - 1):
                 with self.compute_loss_context_manager():
-                    loss = self.answer_loss(model, batch)
+                    loss = self.answer_loss(model, batch) / windows
                 self.accelerator.backward(loss, **kwargs)
             total = total + loss.detach()
         return total
@@ -585,7 +610,7 @@ class NSPPostTrainer(NSPGRPOTrainer):
         """What the Trainer wraps a micro-step in: gradient sync only on the last one (``no_sync`` before)."""
         state = self.accelerator.gradient_state
         previous = state.sync_gradients
-        state._set_sync_gradients(final)
+        set_sync_gradients(state, final)
         try:
             if (
                 final
@@ -593,22 +618,14 @@ class NSPPostTrainer(NSPGRPOTrainer):
                 or state.plugin_kwargs.get("sync_each_batch", False)
             ):
                 ctx = contextlib.nullcontext()
-            elif getattr(self, "is_distributed_loading_by_transformers", False) and _is_fsdp_managed(self.model):
-                ctx = self._defer_fsdp_gradient_reduction()
+            elif getattr(self, "is_distributed_loading_by_transformers", False) and is_fsdp_managed_module(self.model):
+                ctx = trainer_defer_fsdp_gradient_reduction(self)
             else:
                 ctx = self.accelerator.no_sync(model=model)
             with ctx:
                 yield
         finally:
-            state._set_sync_gradients(previous)
-
-
-def _is_fsdp_managed(model) -> bool:
-    try:
-        from transformers.distributed.fsdp import is_fsdp_managed_module
-    except ImportError:  # pragma: no cover - other transformers layouts
-        return False
-    return bool(is_fsdp_managed_module(model))
+            set_sync_gradients(state, previous)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -631,10 +648,7 @@ def answer_nll(
     if answer_col not in dataset.column_names and "answers" in dataset.column_names:
         answer_col = "answers"
     n = len(dataset) if max_examples is None else min(max_examples, len(dataset))
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
+    device = model_device(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

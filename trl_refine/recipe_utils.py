@@ -161,13 +161,6 @@ def split_names(value: str | None) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
-def load_one(name: str, split: str | None = None, config_name: str | None = None) -> datasets.Dataset:
-    """A local parquet / jsonl / json / csv / arrow file or folder, or a hub dataset id."""
-    from trl_refine.eval.ruler import load_qa_dataset
-
-    return load_qa_dataset(name, split=split, name=config_name, required_columns=())
-
-
 def dataset_label(name: str) -> str:
     """A short task label for a dataset path: ``.../ruler_squadqa_delta_net_4096_200_test.parquet`` -> its stem."""
     return Path(name).stem if os.path.exists(name) else name.replace("/", "_")

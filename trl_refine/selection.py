@@ -65,9 +65,17 @@ def select_positions(
     if bool(((end - start) < 1).any()):
         raise ValueError(f"a document has fewer valid tokens than num_chunks={num_chunks}")
 
-    scores = smooth_entropy(entropy.float().masked_fill(~mask, 0.0), smoothing_width)
+    raw = entropy.float().masked_fill(~mask, 0.0)
+    # the release smooths only for sampling (entropy, uniform); argmax / argmin read the raw entropy
+    scores = raw if strategy in ("argmax", "argmin") else smooth_entropy(raw, smoothing_width)
     idx = torch.arange(length, device=entropy.device)
     in_chunk = (idx[None, None, :] >= start[..., None]) & (idx[None, None, :] < end[..., None])  # [B, n, L]
+    if strategy == "argmin":
+        # the last valid token has no next-token label (its entropy is 0 here, a real value in the release): never
+        # the minimum
+        has_label = torch.zeros_like(mask)
+        has_label[:, :-1] = mask[:, :-1] & mask[:, 1:]
+        scores = scores.masked_fill(~has_label, float("inf"))
     chunk_scores = scores[:, None, :].expand(bsz, num_chunks, length)
 
     if strategy == "argmax":

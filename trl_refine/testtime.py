@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,24 +32,24 @@ from typing import Any
 
 import torch
 
-from trl_refine.advantages import group_advantages
-from trl_refine.config import (
-    ENGINES,
-    GROUPINGS,
-    REWARDS,
-    SELECTION_STRATEGIES,
-    default_smoothing_width,
-    min_document_length,
-)
+from trl_refine.config import RefineFields, check_batch_ranges, check_field_types
 from trl_refine.losses import CLIP_EPSILON, DUAL_CLIP, masked_token_nll, ppo_clip_loss
-from trl_refine.modeling_utils import ensure_fused_lm_head, score_tokens, unwrap
+from trl_refine.modeling_utils import fused_lm_head, score_tokens, unwrap
 from trl_refine.precision import warn_if_updates_vanish
-from trl_refine.reward_checks import check_reward_output
-from trl_refine.rewards import cosine_scores, exact_scores
+from trl_refine.rewards import builtin_reward_funcs
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutPlan
-from trl_refine.rollout.fsdp_head import fsdp2_owner_of_lm_head
 from trl_refine.rollout.registry import build_engine
-from trl_refine.selection import select_positions
+from trl_refine.rollout.sampling import masked_rollout_tokens
+from trl_refine.step import (
+    hidden_states_needed,
+    reward_rows,
+    rollout_generators,
+    sample_rollouts,
+    sampling_pass_reuse_problem,
+    score_rewards,
+    step_advantages,
+)
+from trl_refine.utils import left_pad, model_device, restored_weights, truncate_middle
 
 logger = logging.getLogger("trl_refine")
 
@@ -75,8 +74,9 @@ PRECISIONS = ("bf16", "fp16")
 
 
 @dataclass
-class TestTimeConfig:
-    """Every knob of test-time ReFINE. Field names match `NSPGRPOConfig` where the meaning is the same."""
+class TestTimeConfig(RefineFields):
+    """Every knob of test-time ReFINE: the ReFINE step's fields (`RefineFields`, shared with `NSPGRPOConfig`) plus
+    the optimizer, batching and restore options of the adaptation loop."""
 
     __test__ = False  # not a pytest test class, despite the name
 
@@ -91,35 +91,16 @@ class TestTimeConfig:
         default=None,
         metadata={"help": "Prompts per optimizer step within a batch (official: 4 of 8); None = the whole batch."},
     )
-    nsp_num_chunks: int = field(default=8, metadata={"help": "n: positions per prompt."})
-    nsp_rollout_length: int = field(default=5, metadata={"help": "k: tokens per rollout."})
-    nsp_num_rollouts: int = field(default=1, metadata={"help": "G: rollouts per position."})
-    nsp_selection: str = field(default="entropy", metadata={"help": "entropy, uniform, argmax or argmin."})
-    nsp_smoothing_width: int | None = field(default=None, metadata={"help": "None = k if k is odd else k+1."})
-    nsp_selection_temperature: float = field(default=1.0, metadata={"help": "τ of the entropy softmax."})
-    nsp_margin: int = field(default=20, metadata={"help": "Tokens kept before the first and after the last rollout."})
+    # the ReFINE step's fields come from RefineFields; these defaults differ at test time (official release)
     nsp_reward: str = field(default="exact", metadata={"help": "exact (official at test time), cosine or hybrid."})
-    nsp_group_by: str = field(default="document", metadata={"help": "GRPO group: document (official) or prefix."})
-    scale_rewards: str = field(default="group", metadata={"help": "Advantage scaling: group, batch or none."})
-    ntp_coef: float = field(default=1.0, metadata={"help": "Weight of the NTP cross-entropy on the prompt."})
     nsp_coef: float = field(default=0.4, metadata={"help": "Weight of the PPO-clip term (official 0.4 at test time)."})
+    scale_rewards: str = field(default="group", metadata={"help": "Advantage scaling: group, batch or none."})
     epsilon: float = field(default=CLIP_EPSILON, metadata={"help": "PPO clip ε (low; also high unless set)."})
     epsilon_high: float | None = field(default=None, metadata={"help": "Upper clip ε; None = epsilon."})
     dual_clip: float | None = field(default=DUAL_CLIP, metadata={"help": "Dual-clip c for A < 0; None = off."})
     reset: str = field(
         default="batch",
         metadata={"help": "batch: restore the weights after each batch (default); never: keep adapting (official)."},
-    )
-    nsp_engine: str = field(default="auto", metadata={"help": "Rollout engine: auto, generic, snapshot, onepass."})
-    nsp_generic_rows_per_call: int | None = field(
-        default=None, metadata={"help": "Generic engine: rollout rows per no-grad call (memory cap)."}
-    )
-    nsp_reuse_sampling_pass: bool = field(
-        default=True,
-        metadata={
-            "help": "Snapshot engine, one prompt per optimizer step (mini-batch): the sampling segments run with "
-            "gradients and also serve the loss (n+1 model calls fewer; same result)."
-        },
     )
     max_prompt_tokens: int | None = field(
         default=None,
@@ -140,44 +121,28 @@ class TestTimeConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
 
-        choice("nsp_selection", SELECTION_STRATEGIES)
-        choice("nsp_reward", REWARDS)
-        choice("nsp_group_by", GROUPINGS)
-        choice("nsp_engine", ENGINES)
+        check_field_types(self)
+        check_batch_ranges(self)
+        self.validate_refine()
         choice("reset", RESETS)
         choice("short_prompts", SHORT_PROMPT_POLICIES)
         choice("scale_rewards", ("group", "batch", "none"))
         if self.mixed_precision is not None:
             choice("mixed_precision", PRECISIONS)
-        for name in ("steps", "nsp_num_chunks", "nsp_rollout_length", "nsp_num_rollouts", "nsp_margin"):
+        for name in ("steps",):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise ValueError("mini_batch_size must be >= 1 or None.")
-        if self.learning_rate < 0 or self.ntp_coef < 0 or self.nsp_coef < 0:
-            raise ValueError("learning_rate, ntp_coef and nsp_coef must be >= 0.")
-        if self.ntp_coef == 0 and self.nsp_coef == 0:
-            raise ValueError("ntp_coef and nsp_coef are both 0: nothing to adapt on.")
-        if self.nsp_group_by == "prefix" and self.nsp_num_rollouts < 2:
-            raise ValueError("nsp_group_by='prefix' needs nsp_num_rollouts >= 2.")
-        if self.nsp_smoothing_width is not None and self.nsp_smoothing_width < 1:
-            raise ValueError("nsp_smoothing_width must be >= 1 or None.")
+        if self.learning_rate < 0:
+            raise ValueError("learning_rate must be >= 0.")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < self.min_prompt_length:
             raise ValueError(f"max_prompt_tokens must be >= the minimum prompt length {self.min_prompt_length}.")
 
     @property
     def min_prompt_length(self) -> int:
-        return min_document_length(self.nsp_num_chunks, self.nsp_rollout_length, self.nsp_margin)
-
-    @property
-    def smoothing_width(self) -> int:
-        return self.nsp_smoothing_width or default_smoothing_width(self.nsp_rollout_length)
-
-    @property
-    def group_size(self) -> int:
-        if self.nsp_group_by == "prefix":
-            return self.nsp_num_rollouts
-        return self.nsp_num_chunks * self.nsp_num_rollouts
+        """Fewest prompt tokens test-time ReFINE adapts on (`RefineFields.min_document_length`)."""
+        return self.min_document_length
 
     @classmethod
     def from_any(cls, config: Any = None, **overrides) -> TestTimeConfig:
@@ -211,66 +176,6 @@ class TestTimeConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # weights: snapshot and exact restore
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
-@contextlib.contextmanager
-def _restored_weights(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Put the trainable parameters and all buffers back exactly (same storage, copied bits) on exit."""
-    if not enabled:
-        yield
-        return
-    params = {name: p.detach().clone() for name, p in _trainable(model)}
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, p in _trainable(model):
-                p.copy_(params[name])
-            for name, b in model.named_buffers():
-                if name in buffers:
-                    b.copy_(buffers[name])
-
-
-@contextlib.contextmanager
-def _fused_head(model: torch.nn.Module) -> Iterator[None]:
-    """TRL's fused LM head for scoring, removed again afterwards if we were the ones to add it."""
-    base = unwrap(model)
-    had = "forward" in vars(base)
-    ensure_fused_lm_head(base)
-    try:
-        yield
-    finally:
-        if not had and "forward" in vars(base):
-            del base.forward
-
-
-def _truncate_middle(ids: list[int], limit: int | None) -> list[int]:
-    if limit is None or len(ids) <= limit:
-        return ids
-    head = limit // 2
-    return ids[:head] + ids[len(ids) - (limit - head) :]
-
-
-def _left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> DocumentBatch:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return DocumentBatch(ids, mask).to(device)
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _stable_seed(seed: int, texts: Sequence[str], step: int) -> int:
@@ -321,6 +226,8 @@ class TestTimeRefine:
         self._optimizer: torch.optim.Optimizer | None = None
         self._optimizer_model: int | None = None
         self._precision_checked_for: int | None = None  # the model whose weight precision was checked (warned once)
+        self._hidden_decided_for: int | None = None  # the model the hidden-states rule was applied to
+        self._hidden = False
         self.history: list[dict[str, Any]] = []
 
     # -- public --------------------------------------------------------------------------------------------------------
@@ -333,7 +240,7 @@ class TestTimeRefine:
         restore = self.config.reset == "batch"
         was_training = model.training
         try:
-            with _restored_weights(model, enabled=restore):
+            with restored_weights(model, enabled=restore):
                 try:
                     yield self.adapt(model, tokenizer, prompts)
                 finally:
@@ -358,7 +265,7 @@ class TestTimeRefine:
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first")
         encoded = [
-            _truncate_middle(list(ids), cfg.max_prompt_tokens)
+            truncate_middle(list(ids), cfg.max_prompt_tokens)
             for ids in tok(prompts, add_special_tokens=cfg.add_special_tokens)["input_ids"]
         ]
         min_len = cfg.min_prompt_length
@@ -377,16 +284,16 @@ class TestTimeRefine:
             self.history.append(stats)
             return stats
 
-        params = [p for _, p in _trainable(model)]
+        params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
         optimizer = self._get_optimizer(model, params)
         engine = self._get_engine(model, pad)
-        device = _device_of(model)
+        device = model_device(model)
         mbs = cfg.mini_batch_size or len(keep)
         model.eval()  # deterministic forwards (no dropout); gradients still flow
         try:
-            with _fused_head(model), self._autocast(device):
+            with fused_lm_head(model), self._autocast(device):
                 for step in range(cfg.steps):
                     for start in range(0, len(keep), mbs):
                         idx = keep[start : start + mbs]
@@ -445,40 +352,17 @@ class TestTimeRefine:
             )
         return self._engine
 
-    def _rewards(self, tok, docs, plan, scan, rollout, truth_ids, texts) -> torch.Tensor:
-        cfg = self.config
+    def _reward_funcs(self) -> tuple[list[Callable], list[float]]:
         if self.reward_funcs is None:
-            if cfg.nsp_reward == "exact":
-                return exact_scores(rollout.completion_ids, truth_ids).float()
-            cos = cosine_scores(rollout.hidden_states, plan.ground_truth_hidden(scan)).float()
-            if cfg.nsp_reward == "cosine":
-                return cos
-            return cos + exact_scores(rollout.completion_ids, truth_ids).float()
-        n, g = plan.num_chunks, plan.num_rollouts
-        row_pos, row_doc = plan.row_positions(), plan.row_documents()
-        first = docs.first_valid
-        prefix_ids = [docs.input_ids[b, first[b] : t + 1] for b, t in zip(row_doc.tolist(), row_pos.tolist())]
-        truth_hidden = plan.ground_truth_hidden(scan)
-        kwargs = {
-            "prefix_ids": prefix_ids,
-            "ground_truth_ids": list(truth_ids),
-            "ground_truth_text": tok.batch_decode(truth_ids, skip_special_tokens=True),
-            "rollout_hidden_states": list(rollout.hidden_states),
-            "ground_truth_hidden_states": list(truth_hidden),
-            "prefix_position": [int(t - first[b]) for b, t in zip(row_doc.tolist(), row_pos.tolist())],
-            "chunk_index": [(r // g) % n for r in range(plan.num_rows)],
-            "document_index": row_doc.tolist(),
-        }
-        completions = tok.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        tails = tok.batch_decode([p[-64:] for p in prefix_ids], skip_special_tokens=True)
-        weights = self.reward_weights or [1.0] * len(self.reward_funcs)
-        total = torch.zeros(plan.num_rows, dtype=torch.float32, device=truth_ids.device)
-        for w, fn in zip(weights, self.reward_funcs):
-            values = fn(tails, completions, rollout.completion_ids.tolist(), **kwargs)
-            values = check_reward_output(getattr(fn, "__name__", type(fn).__name__), values, plan.num_rows)
-            values = torch.tensor([math.nan if v is None else v for v in values], device=truth_ids.device)
-            total = total + w * values
-        return total
+            return builtin_reward_funcs(self.config.nsp_reward)
+        return self.reward_funcs, self.reward_weights or [1.0] * len(self.reward_funcs)
+
+    def _needs_hidden(self, model, funcs) -> bool:
+        """`trl_refine.step.hidden_states_needed`, decided once per model."""
+        if self._hidden_decided_for != id(model):
+            self._hidden_decided_for = id(model)
+            self._hidden = hidden_states_needed(funcs, model)
+        return self._hidden
 
     def _ntp_step(self, model, optimizer, params, docs) -> dict[str, float]:
         """``nsp_coef = 0`` (the NTP-only "SFT" test-time baseline): no rollouts, CE on the prompts only."""
@@ -512,46 +396,31 @@ class TestTimeRefine:
     def _one_step(self, model, tok, engine, optimizer, params, seqs, texts, pad, device, step) -> dict[str, float]:
         cfg = self.config
         if cfg.nsp_coef == 0:
-            return self._ntp_step(model, optimizer, params, _left_pad(seqs, pad, device))
+            return self._ntp_step(model, optimizer, params, left_pad(seqs, pad, device))
         n, g, k = cfg.nsp_num_chunks, cfg.nsp_num_rollouts, cfg.nsp_rollout_length
-        docs = _left_pad(seqs, pad, device)
-        seed = _stable_seed(cfg.seed, texts, step)
-        gens = []
-        for stream in range(2):
-            gen = torch.Generator(device=device)
-            gen.manual_seed(seed + stream)
-            gens.append(gen)
-
+        docs = left_pad(seqs, pad, device)
+        funcs, weights = self._reward_funcs()
+        need_hidden = self._needs_hidden(model, funcs)
+        # one prompt (no padding): its loss forward is exactly the sampling pass, run with gradients
+        single_use = None if docs.batch_size == 1 else "a mini-batch of several prompts is trained prompt by prompt"
+        reuse = sampling_pass_reuse_problem(cfg, engine, model, single_use=single_use) is None
+        step_out = sample_rollouts(
+            engine,
+            model,
+            docs,
+            cfg,
+            generators=rollout_generators(_stable_seed(cfg.seed, texts, step), device),
+            masked_token_ids=masked_rollout_tokens(tok, cfg.nsp_sample_eos),
+            train_model=model if reuse else None,
+            need_hidden=need_hidden,
+        )
+        positions, rollout = step_out.positions, step_out.rollout
+        truth_ids = step_out.ground_truth_ids
         with torch.no_grad():
-            scan = engine.scan(model, docs)
-            positions = select_positions(
-                scan.entropy,
-                docs.attention_mask,
-                num_chunks=n,
-                rollout_length=k,
-                margin=cfg.nsp_margin,
-                strategy=cfg.nsp_selection,
-                smoothing_width=cfg.smoothing_width,
-                temperature=cfg.nsp_selection_temperature,
-                generator=gens[0],
-            )
-            plan = RolloutPlan(positions, g, k)
-            # one prompt (no padding): its loss forward is exactly the sampling pass, run with gradients
-            reuse = (
-                cfg.nsp_reuse_sampling_pass
-                and engine.reuses_sampling_pass
-                and docs.batch_size == 1
-                and fsdp2_owner_of_lm_head(model) is None
-            )
-            # custom rewards always get hidden states here; the built-in exact reward reads none
-            need_hidden = self.reward_funcs is not None or cfg.nsp_reward != "exact"
-            rollout = engine.generate(
-                model, docs, plan, gens[1], train_model=model if reuse else None, need_hidden=need_hidden
-            )
-            truth_ids = plan.ground_truth(docs)
-            rewards = self._rewards(tok, docs, plan, scan, rollout, truth_ids, texts)
-            advantages, _ = group_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards)
-        del scan
+            rows = reward_rows(step_out, tok, tail_tokens=cfg.nsp_prompt_tail_tokens, need_hidden=need_hidden)
+            rewards = score_rewards(funcs, weights, rows, truth_ids.device)
+            advantages, _ = step_advantages(rewards, cfg, scale=cfg.scale_rewards)
+        del step_out
 
         # one optimizer step; the backward runs document by document (gradients accumulate), the loss is the
         # token mean over the whole mini-batch: NTP over all prompt tokens, PPO-clip over all rollout tokens
@@ -620,6 +489,7 @@ def test_time_refine(
     reward_funcs: Sequence[Callable] | None = None,
     show_progress: bool = False,
     return_adapter: bool = False,
+    decoding: str = "greedy",
     **overrides,
 ):
     """Answer ``prompts`` greedily with test-time ReFINE: for each batch of ``batch_size`` prompts (in order), take
@@ -628,7 +498,8 @@ def test_time_refine(
     (``restore=False`` = ``reset="never"``, the official behaviour).
 
     ``config`` is a `TestTimeConfig` (or dict / `NSPGRPOConfig`); ``overrides`` set its fields; with
-    ``mixed_precision`` set, decoding runs under the same autocast as the adaptation. Returns the answers
+    ``mixed_precision`` set, decoding runs under the same autocast as the adaptation. ``decoding="release"``
+    samples the answers as the release's evaluation does (temperature 1, top-k 50) instead of greedy decoding. Returns the answers
     (new text only, special tokens removed), or ``(answers, adapter)`` with ``return_adapter=True`` (the
     `TestTimeRefine` whose ``history`` holds per-batch stats).
     """
@@ -639,7 +510,7 @@ def test_time_refine(
     if steps is not None:
         overrides["steps"] = steps
     adapter = TestTimeRefine(config, reward_funcs=reward_funcs, **overrides)
-    with adapter._autocast(_device_of(model)):  # decode in the adaptation's precision too (fla rejects fp32)
+    with adapter._autocast(model_device(model)):  # decode in the adaptation's precision too (fla rejects fp32)
         answers = generate_answers(
             model,
             tokenizer,
@@ -651,6 +522,8 @@ def test_time_refine(
             max_prompt_tokens=adapter.config.max_prompt_tokens,
             sort_by_length=False,
             show_progress=show_progress,
+            decoding=decoding,
+            seed=adapter.config.seed,
             desc="test-time ReFINE",
         )
     return (answers, adapter) if return_adapter else answers

@@ -19,7 +19,6 @@ from datasets import Dataset, IterableDataset
 
 import trl_refine.models  # noqa: F401  (registers the reference models with the Auto classes)
 from trl_refine._compat import GRPOTrainer, check_trainer_attributes, unwrap_model_for_generation
-from trl_refine.advantages import group_advantages
 from trl_refine.checkpoints import (
     RefineSettingsCallback,
     check_resume_settings,
@@ -31,15 +30,24 @@ from trl_refine.data import check_documents_per_epoch, check_tokenizer, tokenize
 from trl_refine.guards import DivergenceGuard
 from trl_refine.model_card import build_model_card
 from trl_refine.model_loading import load_causal_lm
-from trl_refine.modeling_utils import backbone_of, capture_last_hidden_state, unwrap
+from trl_refine.modeling_utils import unwrap
 from trl_refine.precision import warn_if_updates_vanish
 from trl_refine.reward_checks import AllNoneRewardWarning, checked_reward_func
-from trl_refine.rewards import builtin_reward_funcs, has_custom_rewards, needs_hidden_states, resolve_reward_funcs
+from trl_refine.rewards import builtin_reward_funcs, has_custom_rewards, resolve_reward_funcs
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutPlan
-from trl_refine.rollout.fsdp_head import fsdp2_owner_of_lm_head
 from trl_refine.rollout.registry import build_engine
-from trl_refine.rollout.snapshot import SnapshotEngine
-from trl_refine.selection import select_positions
+from trl_refine.rollout.sampling import masked_rollout_tokens
+from trl_refine.step import (
+    REWARD_ROW_KEYS,
+    combine_rewards,
+    hidden_states_needed,
+    hidden_states_problem,
+    reward_rows,
+    rollout_generators,
+    sample_rollouts,
+    sampling_pass_reuse_problem,
+    step_advantages,
+)
 
 logger = logging.getLogger("trl_refine")
 
@@ -131,6 +139,8 @@ class NSPGRPOTrainer(GRPOTrainer):
             "min_length": args.min_document_length,
             "short_documents": args.nsp_short_documents,
             "vocab_size": vocab_size_of(self.model),
+            "keep_min_length": args.nsp_min_length,
+            "add_special_tokens": args.nsp_add_special_tokens,
         }
         self.train_dataset = tokenize_documents(self.train_dataset, name="train_dataset", **prep)
         check_documents_per_epoch(
@@ -152,14 +162,12 @@ class NSPGRPOTrainer(GRPOTrainer):
         self._all_none_rewards = AllNoneRewardWarning()
         # hidden states for the rewards: required by the cosine / hybrid rewards (and callables marked
         # `needs_hidden_states`), given to other custom rewards when the model provides them, skipped otherwise
-        self._needs_hidden = needs_hidden_states(self.reward_funcs)
-        if self._needs_hidden:
-            check_model_hidden_states(self.model, self.accelerator.device)
-        elif has_custom_rewards(self.reward_funcs):
-            problem = hidden_states_problem(self.model, self.accelerator.device)
-            self._needs_hidden = problem is None
-            if problem is not None:
-                logger.info("custom rewards get rollout_hidden_states=None: %s", problem)
+        self._needs_hidden = hidden_states_needed(self.reward_funcs, self.model, self.accelerator.device)
+        if has_custom_rewards(self.reward_funcs) and not self._needs_hidden:
+            logger.info(
+                "custom rewards get rollout_hidden_states=None: %s",
+                hidden_states_problem(self.model, self.accelerator.device),
+            )
         if isinstance(engine, RolloutEngine):
             self.engine = engine
         else:
@@ -171,15 +179,15 @@ class NSPGRPOTrainer(GRPOTrainer):
                 checkpoint_segments=args.nsp_segment_checkpointing,
             )
         deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if deepspeed is not None and deepspeed.zero_stage == 3 and isinstance(self.engine, SnapshotEngine):
+        if deepspeed is not None and deepspeed.zero_stage == 3 and self.engine.applies_lm_head_outside_forward:
             raise ValueError(
-                "the snapshot engine applies the LM head to hidden states outside the model call, where DeepSpeed "
+                f"the {self.engine.name} engine applies the LM head to hidden states outside the model call, where DeepSpeed "
                 "ZeRO-3 has released the partitioned head weight. With ZeRO-3 set nsp_engine='generic'; or keep the "
                 "snapshot engine with ZeRO-2 or FSDP2 (docs/distributed.md)."
             )
         # `activation_checkpointing` is the transformers >= 5.19 name; older versions only have `gradient_checkpointing`
         checkpointing = args.gradient_checkpointing or getattr(args, "activation_checkpointing", False)
-        if checkpointing and self.engine.name != "generic":
+        if checkpointing and self.engine.needs_recurrent_cache_in_training:
             raise ValueError(
                 "activation (gradient) checkpointing makes HF models drop their recurrent cache in training, which breaks the "
                 f"{self.engine.name} engine. Set activation_checkpointing=False or nsp_engine='generic'."
@@ -193,6 +201,8 @@ class NSPGRPOTrainer(GRPOTrainer):
         self.divergence_guard = DivergenceGuard(args.nsp_on_divergence, self.accelerator)
         self.add_callback(self.divergence_guard)
         self.add_callback(RefineSettingsCallback(refine_settings(self)))
+        #: tokens the rollouts never sample (EOS unless nsp_sample_eos, as the release's min_new_tokens = k)
+        self.masked_rollout_tokens = masked_rollout_tokens(self.tokenizer_, args.nsp_sample_eos)
         self._nsp_precomputed: tuple[torch.Tensor, torch.Tensor | None] | None = None
         #: whether training generations let the loss reuse the engine's sampling pass (None: not yet decided)
         self.reused_sampling_pass: bool | None = None
@@ -258,15 +268,14 @@ class NSPGRPOTrainer(GRPOTrainer):
         if self._reuse_decided_for is self.model_wrapped:  # config and wrapping only: decided once
             return bool(self.reused_sampling_pass)
         self._reuse_decided_for = self.model_wrapped
-        why = None
+        single_use = None
         if args.steps_per_generation * self.num_iterations != 1:
-            why = (
+            single_use = (
                 f"one generation batch serves steps_per_generation·num_iterations = "
                 f"{args.steps_per_generation}·{self.num_iterations} micro-steps (set steps_per_generation=1 and "
                 "num_iterations=1 to reuse it)"
             )
-        elif fsdp2_owner_of_lm_head(self.model_wrapped) is not None:
-            why = "the model is sharded by FSDP2"
+        why = sampling_pass_reuse_problem(args, self.engine, self.model_wrapped, single_use=single_use)
         if why is None:
             logger.info(
                 "the %s engine's sampling pass also serves the loss (nsp_reuse_sampling_pass)", self.engine.name
@@ -276,27 +285,27 @@ class NSPGRPOTrainer(GRPOTrainer):
         self.reused_sampling_pass = why is None
         return why is None
 
-    def _rollout_generator(self, mode: str, stream: int) -> torch.Generator:
-        device = self.accelerator.device
-        gen = torch.Generator(device=device)
-        # a function of (seed, optimizer step, micro-step, rank) only, so a resumed run samples what an uninterrupted
-        # one would; the micro-step counts generations within one optimizer step (steps_per_generation <
-        # gradient_accumulation_steps), which would otherwise draw the same numbers
+    def _rollout_seed(self, mode: str) -> int:
+        """A function of (seed, optimizer step, micro-step, rank, mode) only, so a resumed run samples what an
+        uninterrupted one would; the micro-step counts generations within one optimizer step (steps_per_generation <
+        gradient_accumulation_steps), which would otherwise draw the same numbers."""
         seed = (self.args.seed * 1_000_003 + self.state.global_step) * 4096
         micro = self._step % self.args.gradient_accumulation_steps if mode == "train" else 0
-        seed += self.accelerator.process_index * 4 + (mode == "eval") * 2 + stream
+        seed += self.accelerator.process_index * 4 + (mode == "eval") * 2
         if micro:  # mixed into the low 32 bits too: the CPU generator (mt19937) only reads those
             seed ^= (micro * 0x9E3779B97F4A7C15) % 2**64
-        gen.manual_seed(seed % 2**63)
-        return gen
+        return seed % 2**63
+
+    def _rollout_generator(self, mode: str, stream: int) -> torch.Generator:
+        """Stream 0 selects positions, stream 1 samples rollouts (`trl_refine.step.rollout_generators`)."""
+        return rollout_generators(self._rollout_seed(mode), self.accelerator.device)[stream]
 
     # ------------------------------------------------------------------------------------------------------------------
     # steps 1-5
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         args = self.args
         mode = "train" if self.model.training else "eval"
-        n, g, k = args.nsp_num_chunks, args.nsp_num_rollouts, args.nsp_rollout_length
-        per_doc = n * g
+        per_doc = args.nsp_num_chunks * args.nsp_num_rollouts
         if len(inputs) % per_doc != 0:
             raise RuntimeError(f"got {len(inputs)} rows, not a multiple of n·G = {per_doc}")
         doc_rows = inputs[::per_doc]
@@ -309,66 +318,35 @@ class NSPGRPOTrainer(GRPOTrainer):
             ) as unwrapped,
             self.accelerator.autocast(),
         ):
-            scan = self.engine.scan(unwrapped, docs)
-            positions = select_positions(
-                torch.nan_to_num(scan.entropy, nan=0.0, posinf=0.0, neginf=0.0),  # non-finite: the guard stops below
-                docs.attention_mask,
-                num_chunks=n,
-                rollout_length=k,
-                margin=args.nsp_margin,
-                strategy=args.nsp_selection,
-                smoothing_width=args.smoothing_width,
-                temperature=args.nsp_selection_temperature,
-                generator=self._rollout_generator(mode, stream=0),
-            )
-            plan = RolloutPlan(positions, g, k)
-            train_model = self.model_wrapped if self._reuses_sampling_pass() else None
-            rollout = self.engine.generate(
+            step = sample_rollouts(
+                self.engine,
                 unwrapped,
                 docs,
-                plan,
-                self._rollout_generator(mode, stream=1),
-                train_model=train_model,
+                args,
+                generators=(self._rollout_generator(mode, 0), self._rollout_generator(mode, 1)),
+                masked_token_ids=self.masked_rollout_tokens,
+                train_model=self.model_wrapped if self._reuses_sampling_pass() else None,
                 need_hidden=self._needs_hidden,
             )
-
-        truth_ids = plan.ground_truth(docs)
+        scan, positions, plan, rollout = step.scan, step.positions, step.plan, step.rollout
+        truth_ids = step.ground_truth_ids
         completion_ids = rollout.completion_ids
-        row_pos = plan.row_positions()
-        row_doc = plan.row_documents()
-        first = docs.first_valid
-        tail = args.nsp_prompt_tail_tokens
-        tok = self.tokenizer_
-        prefix_ids = [docs.input_ids[b, first[b] : t + 1] for b, t in zip(row_doc.tolist(), row_pos.tolist())]
-        prompts = tok.batch_decode([p[-tail:] if tail else p[:0] for p in prefix_ids], skip_special_tokens=True)
-        completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
-        truth_text = tok.batch_decode(truth_ids, skip_special_tokens=True)
-        truth_hidden = plan.ground_truth_hidden(scan) if self._needs_hidden else None
-
-        reward_rows = []
+        rows = reward_rows(
+            step, self.tokenizer_, tail_tokens=args.nsp_prompt_tail_tokens, need_hidden=self._needs_hidden
+        )
+        prompts, completions, truth_text = rows["prompts"], rows["completions"], rows["ground_truth_text"]
+        reward_inputs = []
         for r in range(plan.num_rows):
-            d = r // per_doc
-            row = {key: value for key, value in doc_rows[d].items() if key != "input_ids"}
-            row.update(
-                prefix_ids=prefix_ids[r],
-                ground_truth_ids=truth_ids[r],
-                ground_truth_text=truth_text[r],
-                rollout_hidden_states=rollout.hidden_states[r] if truth_hidden is not None else None,
-                ground_truth_hidden_states=truth_hidden[r] if truth_hidden is not None else None,
-                prefix_position=int(row_pos[r] - first[d]),
-                chunk_index=(r // g) % n,
-                document_index=d,
-            )
-            reward_rows.append(row)
-        rewards_per_func = self._calculate_rewards(reward_rows, prompts, completions, completion_ids.tolist())
+            row = {key: value for key, value in doc_rows[r // per_doc].items() if key != "input_ids"}
+            row.update({key: rows[key][r] for key in REWARD_ROW_KEYS})
+            reward_inputs.append(row)
+        rewards_per_func = self._calculate_rewards(reward_inputs, prompts, completions, rows["completion_ids"])
 
         # step 5: advantages over groups (document or prefix) of the gathered rewards
-        weights = self.reward_weights.to(rewards_per_func.device)
         unscorable = torch.isnan(rewards_per_func).all(dim=1)
         self._all_none_rewards.observe(unscorable, self.reward_func_names)
-        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
-        rewards[unscorable] = torch.nan
-        advantages, group_std = group_advantages(rewards, args.group_size, scale=self.scale_rewards)
+        rewards = combine_rewards(rewards_per_func, self.reward_weights.to(rewards_per_func.device))
+        advantages, group_std = step_advantages(rewards, args, scale=self.scale_rewards)
         local = slice(
             self.accelerator.process_index * plan.num_rows, (self.accelerator.process_index + 1) * plan.num_rows
         )
@@ -540,32 +518,3 @@ def check_model_hidden_states(model: torch.nn.Module, device: torch.device | Non
     problem = hidden_states_problem(model, device)
     if problem is not None:
         raise ValueError(f"{problem}. Use nsp_reward='exact' or pass reward_funcs that do not read hidden states.")
-
-
-def hidden_states_problem(model: torch.nn.Module, device: torch.device | None = None) -> str | None:
-    """Why the model cannot expose last-layer hidden states, or None if it can.
-
-    The probe forward runs only where the weights already are on ``device`` (the run's device): under FSDP and
-    DeepSpeed the model is still on the CPU when the trainer is built, and GPU-only kernels (fla) cannot run there;
-    then only the structure is checked here."""
-    base = unwrap(model)
-    if backbone_of(base) is base:
-        return (
-            f"{type(base).__name__} has no separate backbone (`base_model`), so its last-layer hidden states cannot be "
-            "captured for the cosine reward"
-        )
-    param = next(base.parameters(), None)
-    if param is None or param.device.type == "meta" or hasattr(param, "ds_id"):
-        return None  # no weights to run yet (meta device, or partitioned by DeepSpeed ZeRO-3's zero.Init at load time)
-    if device is not None and param.device.type != torch.device(device).type:
-        return None  # not placed yet (FSDP / DeepSpeed move the model later)
-    probe = torch.zeros((1, 2), dtype=torch.long, device=param.device)
-    with torch.no_grad(), capture_last_hidden_state(base) as store:
-        base(input_ids=probe)
-    hidden = store.get("hidden")
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[:2] != probe.shape:
-        return (
-            f"{type(base).__name__}'s backbone does not return last-layer hidden states of shape [batch, length, "
-            f"hidden] (got {type(hidden).__name__})"
-        )
-    return None

@@ -49,6 +49,7 @@ from trl_refine.eval.longbench import LONGBENCH_TASK_METRICS, longbench_scorer
 from trl_refine.eval.niah import niah_score, normalize_niah_task
 from trl_refine.eval.plot import plot_scores, result_spread
 from trl_refine.eval.ruler import load_qa_dataset, ruler_qa_score
+from trl_refine.utils import left_pad, model_device, truncate_middle
 
 __all__ = [
     "AdaptFn",
@@ -89,16 +90,6 @@ def restoring(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     ids: list[int] = []
     gen_cfg = getattr(model, "generation_config", None)
@@ -118,17 +109,6 @@ def _pad_id(tokenizer: Any, eos_ids: list[int]) -> int:
     return eos_ids[0] if eos_ids else 0
 
 
-def _left_pad(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        if ids:
-            input_ids[row, width - len(ids) :] = torch.as_tensor(list(ids), dtype=torch.long)
-            attention_mask[row, width - len(ids) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
 def _can_generate(model: Any) -> bool:
     if not callable(getattr(model, "generate", None)):
         return False
@@ -139,7 +119,7 @@ def _can_generate(model: Any) -> bool:
         return False
 
 
-def _greedy_generate(
+def _hf_generate(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -147,18 +127,28 @@ def _greedy_generate(
     pad_id: int,
     eos_ids: list[int],
     synced_gpus: bool = False,
+    mode: dict | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     from transformers import GenerationConfig
 
+    mode = mode or DECODING_MODES["greedy"]
     config = GenerationConfig(
         max_new_tokens=budget,
-        do_sample=False,
         num_beams=1,
         pad_token_id=pad_id,
         eos_token_id=eos_ids or None,
+        **mode,
     )
     extra = {"synced_gpus": True} if synced_gpus else {}
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **extra)
+    rng = contextlib.nullcontext()
+    if mode["do_sample"]:  # generate samples from the global RNG: seed it from the batch's generator, then restore it
+        devices = [input_ids.device] if input_ids.device.type == "cuda" else []
+        rng = torch.random.fork_rng(devices=devices)
+    with rng:
+        if mode["do_sample"]:
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator).item()))
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **extra)
     sequences = out.sequences if hasattr(out, "sequences") else out
     return sequences[:, input_ids.shape[1] :]
 
@@ -169,7 +159,7 @@ def _all_processes_done(done: bool, device: torch.device) -> bool:
     return flag.item() == 0.0
 
 
-def _greedy_manual(
+def _manual_decode(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -177,8 +167,11 @@ def _greedy_manual(
     pad_id: int,
     eos_ids: list[int],
     synced_gpus: bool = False,
+    mode: dict | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Greedy decoding by re-running the full sequence each step (no cache): works for any causal LM forward.
+    """Decoding (greedy or sampled, ``mode``) by re-running the full sequence each step (no cache): works for any
+    causal LM forward.
     With ``synced_gpus`` a process that is done keeps making (discarded) steps until every process is done."""
     params = inspect.signature(model.forward).parameters
     takes_positions = "position_ids" in params
@@ -198,7 +191,7 @@ def _greedy_manual(
         if done:  # a step only to keep the other processes' collectives company
             continue
         logits = out.logits if hasattr(out, "logits") else out[0]
-        nxt = logits[:, -1, :].argmax(-1)
+        nxt = _pick_next(logits[:, -1, :], mode or DECODING_MODES["greedy"], generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         new.append(nxt)
         if len(eos):
@@ -210,11 +203,39 @@ def _greedy_manual(
     return torch.stack(new, dim=1)
 
 
-def _truncate_middle(ids: list[int], limit: int) -> list[int]:
-    if len(ids) <= limit:
-        return ids
-    head = limit // 2
-    return ids[:head] + ids[len(ids) - (limit - head) :]
+#: evaluation decoding modes: ``greedy`` (the API default, what the paper's text says) and ``release`` (what the
+#: release's code does: its validation passes ``do_sample=True`` to ``generate``, overriding its greedy config, so
+#: answers are one sample at temperature 1 with transformers' default top-k 50)
+DECODING_MODES = {
+    "greedy": {"do_sample": False},
+    "release": {"do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 1.0},
+}
+
+
+#: the ``--decoding`` help of the recipes
+DECODING_HELP = (
+    "Answer decoding: greedy (default; what the paper's text says) or release (one sample at temperature 1, top-k "
+    "50: what the release's evaluation code does; the paper-protocol configs use it)."
+)
+
+
+def _check_decoding(decoding: str) -> dict:
+    if decoding not in DECODING_MODES:
+        raise ValueError(f"decoding={decoding!r} is not one of {', '.join(DECODING_MODES)}")
+    return DECODING_MODES[decoding]
+
+
+def _pick_next(logits: torch.Tensor, mode: dict, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token from [B, V] logits: argmax, or a temperature / top-k / top-p sample with ``generator``."""
+    if not mode["do_sample"]:
+        return logits.argmax(-1)
+    logits = logits.float() / mode["temperature"]
+    if mode.get("top_k"):
+        kth = torch.topk(logits, min(mode["top_k"], logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    gen_device = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(gen_device), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
 def generate_answers(
@@ -232,8 +253,10 @@ def generate_answers(
     show_progress: bool = True,
     desc: str = "generating",
     synced_gpus: bool = False,
+    decoding: str = "greedy",
+    seed: int = 0,
 ) -> list[str]:
-    """Greedy answers for ``prompts`` (new text only, special tokens removed, in the order of ``prompts``).
+    """Answers for ``prompts`` (new text only, special tokens removed, in the order of ``prompts``).
 
     Args:
         model: a causal LM (``model(input_ids, attention_mask).logits``); ``model.generate`` is used when it can.
@@ -256,7 +279,11 @@ def generate_answers(
         synced_gpus: keep several processes' forward calls in step (FSDP / ZeRO-3 gather parameters in every
             forward): a process whose batch is done keeps stepping until all are; every process must call with the
             same number of batches (`trl_refine.recipe_utils.evaluate_sharded` pads the shards for that).
+        decoding: ``greedy`` (default) or ``release`` (one sample at temperature 1, top-k 50: what the release's
+            evaluation code does although the paper's text says greedy; see `DECODING_MODES`).
+        seed: the sampling seed of ``release`` decoding (batch ``i`` draws from a generator seeded ``seed + i``).
     """
+    mode = _check_decoding(decoding)
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not a single string")
     prompts = list(prompts)
@@ -279,7 +306,7 @@ def generate_answers(
     encoded = tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
     encoded = [list(ids) for ids in encoded]
     if max_prompt_tokens is not None:
-        encoded = [_truncate_middle(ids, max_prompt_tokens) for ids in encoded]
+        encoded = [truncate_middle(ids, max_prompt_tokens) for ids in encoded]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
         raise ValueError(f"prompt(s) {empty[:10]} tokenize to nothing; cannot generate from an empty prompt")
@@ -287,10 +314,10 @@ def generate_answers(
     order = sorted(range(n), key=lambda i: -len(encoded[i])) if sort_by_length else list(range(n))
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = _pad_id(tokenizer, eos_ids)
-    device = _model_device(model)
+    device = model_device(model)
     if use_generate is None:
         use_generate = _can_generate(model)
-    decode_fn = _greedy_generate if use_generate else _greedy_manual
+    decode_fn = _hf_generate if use_generate else _manual_decode
     eos_set = set(eos_ids)
 
     answers: list[str | None] = [None] * n
@@ -315,7 +342,12 @@ def generate_answers(
                         new_tokens = [[] for _ in idx]
                     else:
                         model.eval()
-                        input_ids, attention_mask = _left_pad([encoded[i] for i in idx], pad_id, device)
+                        padded = left_pad([encoded[i] for i in idx], pad_id, device)
+                        input_ids, attention_mask = padded.input_ids, padded.attention_mask
+                        generator = None
+                        if mode["do_sample"]:
+                            generator = torch.Generator(device=device)
+                            generator.manual_seed(seed + start // batch_size)
                         with torch.no_grad():
                             new = decode_fn(
                                 model,
@@ -325,6 +357,8 @@ def generate_answers(
                                 pad_id,
                                 eos_ids,
                                 synced_gpus,
+                                mode,
+                                generator,
                             )
                         new_tokens = new.tolist()
                 for row, i in enumerate(idx):
@@ -533,8 +567,10 @@ def evaluate(
     keep_predictions: bool = True,
     synced_gpus: bool = False,
     name: str | None = None,
+    decoding: str = "greedy",
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Generate greedy answers for a dataset and score them.
+    """Generate answers (greedy by default; ``decoding="release"`` samples as the release's code) and score them.
 
     Args:
         model, tokenizer: the model under test.
@@ -552,7 +588,7 @@ def evaluate(
         max_examples: evaluate only the first N examples.
         keep_predictions: include per-example predictions and scores in the result.
         name: label for the result (default: the task name).
-        synced_gpus: see :func:`generate_answers`.
+        synced_gpus, decoding, seed: see :func:`generate_answers`.
 
     Returns:
         ``{"name", "task", "metric", "score" (mean in [0, 1]), "num_examples", "per_task", "adapted",
@@ -599,6 +635,8 @@ def evaluate(
         use_generate=use_generate,
         show_progress=show_progress,
         synced_gpus=synced_gpus,
+        decoding=decoding,
+        seed=seed,
         desc=f"eval {name or task_or_scorer or 'dataset'}" + (" (adapt)" if adapt is not None else ""),
     )
     seconds = time.perf_counter() - t0
@@ -624,6 +662,7 @@ def evaluate(
         "max_new_tokens": max_new_tokens,
         "length_column": column,
         "batch_size": batch_size,
+        "decoding": decoding,
         "seconds": seconds,
     }
     if keep_predictions:

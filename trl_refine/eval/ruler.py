@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import datasets
 
+from trl_refine.data import load_any_dataset
+
 __all__ = [
     "load_qa_dataset",
     "postprocess_ruler_response",
@@ -51,49 +53,6 @@ def ruler_qa_accuracy(predictions: Sequence[str], answers: Sequence[str | Sequen
     return sum(ruler_qa_score(p, a) for p, a in zip(predictions, answers)) / len(predictions)
 
 
-_LOCAL_BUILDERS = {
-    ".parquet": "parquet",
-    ".jsonl": "json",
-    ".json": "json",
-    ".csv": "csv",
-    ".arrow": "arrow",
-}
-
-
-def _load_any(path_or_hub_id: str, split: str | None, name: str | None) -> datasets.Dataset:
-    path = os.path.expanduser(str(path_or_hub_id))
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(
-            os.path.join(path, "dataset_dict.json")
-        ):
-            loaded = datasets.load_from_disk(path)
-        else:
-            loaded = datasets.load_dataset(path, name=name, split=split)
-    elif os.path.isfile(path):
-        ext = next((e for e in _LOCAL_BUILDERS if path.lower().endswith(e)), None)
-        if ext is None:
-            raise ValueError(
-                f"cannot load {path!r}: unknown file type (use one of {sorted(_LOCAL_BUILDERS)}, a directory, "
-                "or a hub dataset id)"
-            )
-        loaded = datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files=path, split=split or "train")
-    else:
-        looks_local = path.startswith((".", "/", "~")) or any(path.lower().endswith(e) for e in _LOCAL_BUILDERS)
-        if looks_local:
-            raise FileNotFoundError(f"no such file or directory: {path!r}")
-        loaded = datasets.load_dataset(path_or_hub_id, name=name, split=split)
-
-    if isinstance(loaded, datasets.DatasetDict):
-        if split is not None:
-            if split not in loaded:
-                raise ValueError(f"split {split!r} not in {path_or_hub_id!r}; available splits: {list(loaded)}")
-            return loaded[split]
-        if len(loaded) == 1:
-            return next(iter(loaded.values()))
-        raise ValueError(f"{path_or_hub_id!r} has several splits {list(loaded)}; pass split=...")
-    return loaded
-
-
 def load_qa_dataset(
     path_or_hub_id: str | os.PathLike,
     split: str | None = None,
@@ -111,7 +70,7 @@ def load_qa_dataset(
         required_columns: columns that must exist; a :class:`ValueError` names the missing ones and lists what is
             available.
     """
-    ds = _load_any(os.fspath(path_or_hub_id), split, name)
+    ds = load_any_dataset(os.fspath(path_or_hub_id), split, name)
     missing = [c for c in required_columns if c not in ds.column_names]
     if missing:
         raise ValueError(

@@ -69,6 +69,9 @@ class RolloutPlan:
     positions: torch.LongTensor  # [B, n] last prefix token per chunk
     num_rollouts: int  # G
     rollout_length: int  # k
+    #: tokens never sampled (EOS unless ``nsp_sample_eos``: the release masks it with min_new_tokens = k); their
+    #: probability still counts in the old log-probs, which come from the unmasked distribution
+    masked_token_ids: tuple[int, ...] = ()
 
     @property
     def num_chunks(self) -> int:
@@ -133,6 +136,11 @@ class RolloutEngine(ABC):
     #: whether ``generate(..., train_model=...)`` can compute the loss forward's document pass while sampling, so
     #: that ``forward_train(..., sampling_pass=...)`` does not run it again
     reuses_sampling_pass: bool = False
+    #: whether the engine applies the LM head weight to hidden states outside a model call (DeepSpeed ZeRO-3
+    #: has released the partitioned weight there, so such engines cannot run under ZeRO-3)
+    applies_lm_head_outside_forward: bool = False
+    #: whether the engine needs the model's recurrent cache in training mode (HF activation checkpointing drops it)
+    needs_recurrent_cache_in_training: bool = False
 
     @abstractmethod
     def scan(self, model: torch.nn.Module, docs: DocumentBatch) -> ScanOutput:
@@ -148,7 +156,8 @@ class RolloutEngine(ABC):
         train_model: torch.nn.Module | None = None,
         need_hidden: bool = True,
     ) -> RolloutOutput:
-        """Sample G continuations of k tokens from every prefix (temperature 1, EOS does not stop).
+        """Sample G continuations of k tokens from every prefix (temperature 1, EOS does not stop; the tokens of
+        ``plan.masked_token_ids`` are never drawn, ``old_logps`` are those of the unmasked distribution).
 
         With ``train_model`` (engines with ``reuses_sampling_pass`` only), the pass over the documents runs through
         ``train_model`` with gradients and is returned as ``RolloutOutput.sampling_pass`` for `forward_train`; the

@@ -25,6 +25,14 @@ from contextlib import contextmanager
 import torch
 from torch.autograd import Variable
 
+from trl_refine._compat import (
+    fsdp2_auto_reshard_after_forward,
+    fsdp2_clear_leftover_forward_state,
+    fsdp2_param_groups,
+    fsdp2_state,
+    fsdp2_training_states,
+    set_fsdp2_auto_reshard_after_forward,
+)
 from trl_refine.modeling_utils import unwrap
 
 _HOLD_ATTR = "_nsp_head_hold"
@@ -52,16 +60,6 @@ def fsdp2_owner_of_lm_head(model: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
-def _param_groups(module: torch.nn.Module) -> list:
-    """The FSDP2 parameter groups of one ``FSDPModule`` (torch >= 2.12 keeps a list, earlier ones a single group)."""
-    state = module._get_fsdp_state()
-    groups = getattr(state, "_fsdp_param_groups", None)
-    if groups is None:
-        group = getattr(state, "_fsdp_param_group", None)
-        groups = [] if group is None else [group]
-    return list(groups)
-
-
 class _Hold:
     """Reference-counted hold on one FSDP2 module's parameter groups (stored on the module)."""
 
@@ -71,12 +69,12 @@ class _Hold:
 
     def acquire(self) -> None:
         if self.count == 0:
-            state = self.owner._get_fsdp_state()
+            state = fsdp2_state(self.owner)
             self.saved = [
                 (group, group.post_forward_mesh_info, group.reshard_after_backward)
-                for group in _param_groups(self.owner)
+                for group in fsdp2_param_groups(self.owner)
             ]
-            self.saved_auto = getattr(state, "_auto_reshard_after_forward", None)
+            self.saved_auto = fsdp2_auto_reshard_after_forward(state)
             self.owner.set_reshard_after_forward(False, recurse=False)
             self.owner.set_reshard_after_backward(False, recurse=False)
         self.count += 1
@@ -85,30 +83,26 @@ class _Hold:
         self.count -= 1
         if self.count > 0:
             return
-        state = self.owner._get_fsdp_state()
+        state = fsdp2_state(self.owner)
         for group, mesh_info, after_backward in self.saved:
             group.post_forward_mesh_info = mesh_info
             group.reshard_after_backward = after_backward
         if self.saved_auto is not None:
-            state._auto_reshard_after_forward = self.saved_auto
+            set_fsdp2_auto_reshard_after_forward(state, self.saved_auto)
         self.saved = []
         self.owner.reshard()
         if self._gathered():
             # A partial forward of a grouped ``fully_shard([norm, head])`` (TRL's fused head runs the norm but not
             # the head module) can leave the group in the FORWARD state, where reshard() keeps it gathered when it
             # does not reshard after forward. No model call is running here, so the state is a leftover.
-            from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
-
-            for group in _param_groups(self.owner):
-                if group._training_state == TrainingState.FORWARD:
-                    group._training_state = TrainingState.IDLE
+            fsdp2_clear_leftover_forward_state(fsdp2_param_groups(self.owner))
             self.owner.reshard()
         if self._gathered():
             # still the gathered tensor: the optimizer would update the shards and the next call would read this
             # stale copy; better to stop than to train on it
             raise RuntimeError(
                 "FSDP2 did not reshard the LM-head group after the snapshot engine's pass (its training state is "
-                f"{[g._training_state for g in _param_groups(self.owner)]}); the next step would read "
+                f"{fsdp2_training_states(fsdp2_param_groups(self.owner))}); the next step would read "
                 "stale head weights. Use nsp_engine='generic' with FSDP2, or DDP / DeepSpeed ZeRO-2 with the snapshot "
                 "engine, and report the torch version."
             )

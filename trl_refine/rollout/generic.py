@@ -62,7 +62,9 @@ class GenericEngine(RolloutEngine):
         noise = draw_noise(prefix.size(0), k, generator, prefix.device)
         completions = []
         for rows in _chunks(prefix.size(0), self.rows_per_call):
-            completions.append(self._sample(model, prefix[rows], prefix_mask[rows], noise[rows], k))
+            completions.append(
+                self._sample(model, prefix[rows], prefix_mask[rows], noise[rows], k, plan.masked_token_ids)
+            )
         completion_ids = torch.cat(completions)
         old_logps, hidden = [], []
         for rows in _chunks(prefix.size(0), self.rows_per_call):
@@ -74,11 +76,11 @@ class GenericEngine(RolloutEngine):
         return RolloutOutput(completion_ids, torch.cat(old_logps).float(), torch.cat(hidden) if need_hidden else None)
 
     @staticmethod
-    def _sample(model, ids, mask, noise, k) -> torch.Tensor:
+    def _sample(model, ids, mask, noise, k, masked_token_ids=()) -> torch.Tensor:
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
         tokens = []
         for i in range(k):
-            tok = sample_from_logits(out.logits[:, -1], noise[:, i])
+            tok = sample_from_logits(out.logits[:, -1], noise[:, i], masked_token_ids)
             tokens.append(tok)
             if i == k - 1:
                 break

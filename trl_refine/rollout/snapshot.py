@@ -64,6 +64,8 @@ class SnapshotEngine(RolloutEngine):
 
     name = "snapshot"
     reuses_sampling_pass = True
+    applies_lm_head_outside_forward = True
+    needs_recurrent_cache_in_training = True
 
     def __init__(self, pad_token_id: int = 0, adapter=None, checkpoint_segments: bool = False):
         self.pad_token_id = pad_token_id
@@ -275,7 +277,7 @@ class SnapshotEngine(RolloutEngine):
         tokens, logps, hiddens = [], [], []
         with capture_last_hidden_state(model) as store:
             for i in range(k):
-                tok = sample_from_logits(logits, noise[:, i])
+                tok = sample_from_logits(logits, noise[:, i], plan.masked_token_ids)
                 tokens.append(tok)
                 logps.append(torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1))
                 if i == k - 1 and not need_hidden:
