@@ -1,4 +1,4 @@
-"""One ReFINE step, once: selection → rollouts → reward inputs → rewards → advantages → loss terms.
+"""One ReFINE step, once: selection → rollouts → reward inputs → rewards → advantages.
 
 `NSPGRPOTrainer` (mid- and post-training, through TRL's reward and loss machinery) and `TestTimeRefine`
 (test-time training, a plain loop) both call these functions, so a change to the algorithm lands in one place:
@@ -9,9 +9,12 @@
 * `hidden_states_needed`: the rule for computing rollout hidden states (`rewards` module docstring);
 * `score_rewards`: the weighted sum of reward functions (built-in dispatch is `rewards.builtin_reward_funcs`);
 * `step_advantages`: GRPO advantages over the configured groups;
-* `ntp_term`: the token-mean NTP cross-entropy of the documents;
 * `rollout_generators`: the two random streams (selection, sampling) of one step from one integer seed;
 * `sampling_pass_reuse_problem`: whether the loss may reuse the engine's sampling pass, and why not.
+
+The loss terms are the engine's ``forward_train`` log-probs fed to `losses.masked_token_nll` (NTP) and to PPO-clip:
+TRL's ``_compute_loss`` in the trainer (every TRL loss type), `losses.ppo_clip_loss` at test time (the same
+function for ``loss_type="bnpo"``, ``delta=3``; `tests/test_faithfulness.py` checks both give the same values).
 """
 
 from __future__ import annotations
@@ -34,11 +37,12 @@ from trl_refine.rollout.sampling import masked_rollout_tokens
 from trl_refine.selection import select_positions
 
 __all__ = [
+    "REWARD_ROW_KEYS",
     "SampledStep",
+    "combine_rewards",
     "hidden_states_needed",
     "hidden_states_problem",
     "masked_rollout_tokens",
-    "ntp_term",
     "reward_call_args",
     "reward_rows",
     "rollout_generators",
@@ -184,12 +188,6 @@ def step_advantages(
     return group_advantages(rewards, fields.group_size, scale=scale)
 
 
-def ntp_term(doc_logps: torch.Tensor, label_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(summed NLL, token count)`` of the document tokens that have a next-token label."""
-    mask = label_mask.to(doc_logps.dtype)
-    return -(doc_logps.float() * mask).sum(), label_mask.sum()
-
-
 def hidden_states_needed(reward_funcs: Sequence[Callable], model: torch.nn.Module, device=None) -> bool:
     """The hidden-states rule: the built-in cosine / hybrid rewards (and callables marked ``needs_hidden_states``)
     require them (error if the model cannot give them); other custom rewards get them when the model provides them;
@@ -249,6 +247,3 @@ def sampling_pass_reuse_problem(
     if fsdp2_owner_of_lm_head(model) is not None:
         return "the model is sharded by FSDP2"
     return None
-
-
-__all__ += ["REWARD_ROW_KEYS", "combine_rewards", "reward_call_args"]

@@ -28,6 +28,7 @@ from trl_refine.checkpoints import (
 from trl_refine.config import NSPGRPOConfig
 from trl_refine.data import check_documents_per_epoch, check_tokenizer, tokenize_documents, vocab_size_of
 from trl_refine.guards import DivergenceGuard
+from trl_refine.losses import masked_token_nll
 from trl_refine.model_card import build_model_card
 from trl_refine.model_loading import load_causal_lm
 from trl_refine.modeling_utils import unwrap
@@ -429,7 +430,8 @@ class NSPGRPOTrainer(GRPOTrainer):
         with self.accelerator.autocast():
             fwd = self.engine.forward_train(model, docs, plan, inputs["completion_ids"], sampling_pass=sampling_pass)
         label_mask = docs.label_mask()
-        ntp_loss = -(fwd.doc_logps.float() * label_mask).sum() / label_mask.sum().clamp(min=1)
+        nll, count = masked_token_nll(fwd.doc_logps, label_mask)
+        ntp_loss = nll / count.clamp(min=1)
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
 
         entropy = fwd.rollout_entropy
