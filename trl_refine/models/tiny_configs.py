@@ -124,5 +124,5 @@ def _fla_config(model_type: str, common: dict, heads: int, head_dim: int):
     if model_type == "rwkv7":
         return fm.RWKV7Config(**common, head_dim=head_dim)
     if model_type == "hgrn2":
-        return fm.HGRN2Config(**common, num_heads=heads)
+        return fm.HGRN2Config(**common, num_heads=heads, expand_ratio=None)
     raise ValueError(model_type)
