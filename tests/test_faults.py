@@ -163,3 +163,40 @@ def test_two_processes_uneven_data_and_a_nan_on_one_rank(tmp_path):
     assert sorted(map(int, r0["uneven_losses"])) == [1, 2, 3, 4]
     assert r0["nan"] == r1["nan"]
     assert "diverged at step 2: the entropy" in r0["nan"] and "checkpoint-1" in r0["nan"]
+
+
+def test_nan_loss_stops_before_the_backward_reaches_the_weights(tmp_path):
+    """NaN document log-probs at step 2 (the weights are finite): the NTP loss is caught before the optimizer step."""
+    import dataclasses
+
+    trainer = faults.make_trainer(tmp_path)
+    forward_train, calls = trainer.engine.forward_train, []
+
+    def nan_at_step_two(*args, **kwargs):
+        out = forward_train(*args, **kwargs)
+        calls.append(trainer.state.global_step)
+        return dataclasses.replace(out, doc_logps=out.doc_logps * float("nan")) if len(calls) == 2 else out
+
+    trainer.engine.forward_train = nan_at_step_two
+    with pytest.raises(faults.DivergenceError, match=r"step 2: the NTP loss is nan.*checkpoint-1"):
+        trainer.train()
+    assert not (tmp_path / "checkpoint-2").exists()
+
+
+class PoisonAfterUpdate(faults.TrainerCallback):
+    """Non-finite weights right after optimizer step ``step`` (finite loss and gradients)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                model.get_input_embeddings().weight[0, 0] = float("inf")
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    trainer = faults.make_trainer(tmp_path, callbacks=[PoisonAfterUpdate(2)])
+    with pytest.raises(faults.DivergenceError, match=r"step 2: a weight of the model is not finite; it was not saved"):
+        trainer.train()
+    assert (tmp_path / "checkpoint-1").exists() and not (tmp_path / "checkpoint-2").exists()

@@ -188,8 +188,8 @@ def test_streaming_short_document_error_names_the_dataset_row(tmp_path, byte_tok
 @pytest.mark.parametrize(
     "ids, message",
     [
-        ([[5] * 60, [5] * 59 + [384]], r"row 1: has id 384, outside the model's vocabulary of 384"),
-        ([[5] * 60, [5] * 60, [-3] + [5] * 59], r"row 2: has a negative id \(-3\)"),
+        ([[5] * 60, [5] * 59 + [384]], r"row 1 has id 384, outside the model's vocabulary of 384"),
+        ([[5] * 60, [5] * 60, [-3] + [5] * 59], r"row 2 has a negative id \(-3\)"),
         ([[5.0] * 60], r"must hold lists of integer token ids, got arrow type list<item: double>"),
         ([["a"] * 60], r"must hold lists of integer token ids, got arrow type list<item: string>"),
     ],
@@ -396,3 +396,20 @@ def test_test_time_reward_of_the_wrong_length_is_named(byte_tokenizer):
     with pytest.raises(ValueError, match=r"reward function 'short_reward' returned 1 values for 4 rollouts"):
         _adapter([short_reward]).adapt(model, byte_tokenizer, _ttt_prompts(1))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_tokenizer_ids_outside_the_model_vocabulary(tmp_path, byte_tokenizer):
+    from conftest import documents, small_config, tiny_llama
+    from datasets import Dataset
+
+    from trl_refine import NSPGRPOTrainer
+
+    with pytest.raises(
+        ValueError, match=r"row 0: the tokenizer produced id \d+, outside the model's vocabulary of 100"
+    ):
+        NSPGRPOTrainer(
+            tiny_llama(vocab=100),
+            args=small_config(tmp_path, nsp_max_length=96),
+            train_dataset=Dataset.from_dict({"text": documents(2)}),
+            processing_class=byte_tokenizer,
+        )

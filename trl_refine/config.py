@@ -93,7 +93,10 @@ def check_batch_ranges(config) -> None:
     ):
         value = getattr(config, name, None)
         if value is not None and value < 1:
-            fix = "use 1 or more" if name == "documents_per_device" else "leave it unset (set documents_per_device)"
+            fix = {
+                "documents_per_device": "use 1 or more",
+                "nsp_generic_rows_per_call": "leave it unset (all rows in one call) or use 1 or more",
+            }.get(name, "leave it unset (set documents_per_device)")
             raise ValueError(f"{name} must be >= 1, got {value}; {fix}.")
     width = config.nsp_smoothing_width
     if width is not None and width % 2 == 0:

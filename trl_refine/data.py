@@ -200,8 +200,8 @@ def check_token_ids(dataset: Dataset, name: str, vocab_size: int | None, tokeniz
             if tokenized
             else "Re-tokenize with the model's tokenizer, or give raw text in document_column."
         )
-        source = "the tokenizer produced" if tokenized else "has"
-        raise ValueError(f"{name} row {row}: {source} {bad}. {fix}")
+        source = ": the tokenizer produced" if tokenized else " has"
+        raise ValueError(f"{name} row {row}{source} {bad}. {fix}")
 
 
 def _tokenize_stream(
