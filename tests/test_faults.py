@@ -200,3 +200,27 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     with pytest.raises(faults.DivergenceError, match=r"step 2: a weight of the model is not finite; it was not saved"):
         trainer.train()
     assert (tmp_path / "checkpoint-1").exists() and not (tmp_path / "checkpoint-2").exists()
+
+
+def test_skip_gives_up_after_consecutive_non_finite_steps(tmp_path):
+    """`nsp_on_divergence="skip"` drops gradients step after step, but a run that only diverges stops."""
+    from types import SimpleNamespace
+
+    from trl_refine.guards import MAX_CONSECUTIVE_SKIPS, DivergenceGuard
+
+    guard = DivergenceGuard("skip")
+    model = torch.nn.Linear(2, 2)
+    state = SimpleNamespace(global_step=0)
+    for step in range(1, MAX_CONSECUTIVE_SKIPS):
+        model.weight.grad = torch.ones_like(model.weight)
+        guard.observe(state, "the NTP loss", float("inf"))
+        guard.on_pre_optimizer_step(None, state, None, model=model)
+        assert model.weight.grad is None and guard.skipped_steps[-1] == step
+        state.global_step += 1
+    guard.observe(state, "the NTP loss", float("nan"))
+    with pytest.raises(faults.DivergenceError, match=rf"step {MAX_CONSECUTIVE_SKIPS}: the NTP loss is nan, for the "):
+        guard.on_pre_optimizer_step(None, state, None, model=model)
+    guard = DivergenceGuard("skip")  # a finite step in between resets the count
+    guard.observe(state, "the gradient norm", 1.0)
+    guard.on_pre_optimizer_step(None, state, None, model=model)
+    assert guard.skipped_steps == []
