@@ -143,7 +143,7 @@ def _detach(v):
 
 def test_choosing_the_onepass_engine(caplog):
     assert build_engine("onepass", tiny_delta_net()).name == "onepass"
-    assert OnePassEngine.supports(tiny_llama())[1].endswith("is not fla's delta_net")
+    assert OnePassEngine.supports(tiny_llama())[1].endswith("is not one of fla's delta_net, gated_deltanet")
     assert build_engine("auto", tiny_delta_net()).name == "snapshot"  # opt-in for now
     with pytest.raises(ValueError, match="cannot run LlamaForCausalLM"):
         build_engine("onepass", tiny_llama())
@@ -169,12 +169,8 @@ def test_trainer_with_the_onepass_engine_logs_what_the_snapshot_engine_logs(tmp_
     assert rel(weights["onepass"], weights["snapshot"]) < 1e-5
 
 
-@pytest.mark.slow
-def test_fla_delta_net_readout_equals_the_reference_snapshot_engine():
-    """fla's DeltaNet through the one-pass engine (readout tokens in fla's own kernels, run by the Triton interpreter
-    on CPU, fp32) against the snapshot engine on the reference DeltaNet with the same weights: states at the
-    positions, rollouts, log-probs, hidden states and (without short convs, whose backward from a cache the
-    interpreter cannot run) parameter gradients."""
+def _interpret(script: str) -> dict:
+    """Run ``tests/interpret_scripts/<script>`` (fla's kernels under the Triton interpreter) in a subprocess."""
     import json
     import os
     import subprocess
@@ -186,14 +182,35 @@ def test_fla_delta_net_readout_equals_the_reference_snapshot_engine():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
-        [sys.executable, str(root / "tests" / "interpret_scripts" / "fla_onepass.py")],
+        [sys.executable, str(root / "tests" / "interpret_scripts" / script)],
         capture_output=True,
         text=True,
         env=env,
-        timeout=900,
+        timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_fla_gated_delta_net_readout_equals_the_snapshot_engine():
+    """fla's GatedDeltaNet through the one-pass engine (readout tokens with a zero log-gate, V-first state) against
+    the snapshot engine on the same model, fp32 fused_recurrent under the Triton interpreter, forward only (fla's
+    fused_recurrent gated kernel has no backward)."""
+    res = _interpret("fla_onepass_gated.py")
+    assert res.pop("readout_layer_calls") == 4
+    assert res.pop("rollout_ids_equal") is True
+    for key, value in res.items():
+        assert value < 1e-5, (key, value)
+
+
+@pytest.mark.slow
+def test_fla_delta_net_readout_equals_the_reference_snapshot_engine():
+    """fla's DeltaNet through the one-pass engine (readout tokens in fla's own kernels, run by the Triton interpreter
+    on CPU, fp32) against the snapshot engine on the reference DeltaNet with the same weights: states at the
+    positions, rollouts, log-probs, hidden states and (without short convs, whose backward from a cache the
+    interpreter cannot run) parameter gradients."""
+    res = _interpret("fla_onepass.py")
     for key, value in res.items():
         if key.endswith("_equal"):
             assert value is True, key

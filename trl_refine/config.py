@@ -178,7 +178,8 @@ class RefineFields:
         default="auto",
         metadata={
             "help": "Rollout engine: auto (snapshot when the model supports it), generic, snapshot, onepass (the "
-            "snapshot engine with one document pass instead of n+1 segments; models with supports_state_positions)."
+            "snapshot engine with one document pass instead of n+1 segments: the reference DeltaNet, fla DeltaNet and "
+            "GatedDeltaNet)."
         },
     )
     nsp_reuse_sampling_pass: bool = field(

@@ -286,24 +286,12 @@ def test_onepass_vs_snapshot_reference_delta_net(dtype):
     assert res["doc_logps_rel"] < tol and res["rollout_logps_rel"] < tol and res["grad_rel"] < tol
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_onepass_vs_snapshot_fla_delta_net(dtype):
-    """fla DeltaNet through the one-pass engine (readout tokens in fla's kernels: chunk in bf16, fused_recurrent in
-    fp32) against the snapshot engine (n+1 segment calls), same weights and seeds."""
-    from fla.models import DeltaNetForCausalLM
-
+def onepass_comparison(model, docs, n=4, g=2, k=5, backward=True):
+    """The one-pass engine (readout tokens in fla's kernels) against the snapshot engine (n+1 segment calls), same
+    weights and seeds: the states at the positions, rollouts, log-probs of the same tokens, parameter gradients."""
     from trl_refine.rollout import OnePassEngine
 
-    torch.manual_seed(0)
-    if dtype == torch.float32:
-        cfg = tiny_fla_config("delta_net", attn_mode="fused_recurrent", fuse_cross_entropy=False)
-        docs = docs_batch((400, 257, 330))
-    else:
-        cfg = tiny_fla_config("delta_net", fuse_cross_entropy=False, **bench_geometry())
-        docs = docs_batch((600, 450))
-    model = DeltaNetForCausalLM(cfg).to(DEV, dtype)
     ensure_fused_lm_head(model)
-    n, g, k = 4, 2, 5
     snap, onepass = SnapshotEngine(), OnePassEngine()
     with torch.no_grad():
         scan = snap.scan(model, docs)
@@ -319,31 +307,70 @@ def test_onepass_vs_snapshot_fla_delta_net(dtype):
             snaps, _ = engine.document_pass(model, docs, plan)
             out = engine.generate(model, docs, plan, torch.Generator(device=DEV).manual_seed(1))
         model.zero_grad()
-        fwd = engine.forward_train(model, docs, plan, outs[0][1].completion_ids if outs else out.completion_ids)
-        m = docs.label_mask()
-        (-(fwd.doc_logps * m).sum() / m.sum() - (adv[:, None] * fwd.rollout_logps).mean()).backward()
-        outs.append((snaps, out, fwd, torch.cat([p.grad.float().flatten() for p in model.parameters()])))
+        with torch.set_grad_enabled(backward):
+            fwd = engine.forward_train(model, docs, plan, outs[0][1].completion_ids if outs else out.completion_ids)
+        grad = None
+        if backward:
+            m = docs.label_mask()
+            (-(fwd.doc_logps * m).sum() / m.sum() - (adv[:, None] * fwd.rollout_logps).mean()).backward()
+            grad = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        outs.append((snaps, out, fwd, grad))
     (s_snaps, out_s, fwd_s, grad_s), (o_snaps, out_o, fwd_o, grad_o) = outs
+    layers = range(len(s_snaps[0]))
     res = {
         "recurrent_state_rel": max(
-            rel(o[i]["recurrent_state"], s[i]["recurrent_state"]) for o, s in zip(o_snaps, s_snaps) for i in range(2)
+            rel(o[i]["recurrent_state"], s[i]["recurrent_state"]) for o, s in zip(o_snaps, s_snaps) for i in layers
         ),
         "conv_state_rel": max(
             rel(a, b)
             for o, s in zip(o_snaps, s_snaps)
-            for i in range(2)
+            for i in layers
             for a, b in zip(o[i]["conv_state"], s[i]["conv_state"])
         ),  # fmt: skip
         "rollout_ids_equal_fraction": (out_s.completion_ids == out_o.completion_ids).float().mean().item(),
         "doc_logps_rel": rel(fwd_o.doc_logps, fwd_s.doc_logps),
         "rollout_logps_rel": rel(fwd_o.rollout_logps, fwd_s.rollout_logps),
-        "grad_rel": rel(grad_o, grad_s),
-        "grad_cos": cos(grad_o, grad_s),
     }
+    if backward:
+        res["grad_rel"] = rel(grad_o, grad_s)
+        res["grad_cos"] = cos(grad_o, grad_s)
+    return res
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onepass_vs_snapshot_fla_delta_net(dtype):
+    """fla DeltaNet: chunk kernels in bf16, fused_recurrent in fp32."""
+    from fla.models import DeltaNetForCausalLM
+
+    torch.manual_seed(0)
+    if dtype == torch.float32:
+        cfg = tiny_fla_config("delta_net", attn_mode="fused_recurrent", fuse_cross_entropy=False)
+        docs = docs_batch((400, 257, 330))
+    else:
+        cfg = tiny_fla_config("delta_net", fuse_cross_entropy=False, **bench_geometry())
+        docs = docs_batch((600, 450))
+    res = onepass_comparison(DeltaNetForCausalLM(cfg).to(DEV, dtype), docs)
     record(f"onepass_vs_snapshot_fla_delta_net_{str(dtype).split('.')[-1]}", **res)
     if dtype == torch.float32:
         assert res["rollout_ids_equal_fraction"] == 1.0
         assert max(res["recurrent_state_rel"], res["doc_logps_rel"], res["rollout_logps_rel"], res["grad_rel"]) < 1e-4
     else:
         assert res["recurrent_state_rel"] < 5e-2 and res["doc_logps_rel"] < 5e-2 and res["rollout_logps_rel"] < 5e-2
+        assert res["grad_cos"] > 0.98
+
+
+def test_onepass_vs_snapshot_fla_gated_delta_net_bf16():
+    """fla GatedDeltaNet (zero log-gate at the readout tokens, V-first state); gradients where fla allows the gated
+    backward."""
+    from fla.models import GatedDeltaNetForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_fla_config("gated_deltanet", fuse_cross_entropy=False)
+    backward = gated_backward_supported()
+    res = onepass_comparison(
+        GatedDeltaNetForCausalLM(cfg).to(DEV, torch.bfloat16), docs_batch((600, 450)), backward=backward
+    )
+    record("onepass_vs_snapshot_fla_gated_delta_net_bf16", **res)
+    assert res["recurrent_state_rel"] < 5e-2 and res["doc_logps_rel"] < 5e-2 and res["rollout_logps_rel"] < 5e-2
+    if backward:
         assert res["grad_cos"] > 0.98

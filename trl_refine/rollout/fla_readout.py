@@ -1,4 +1,5 @@
-"""States at given positions from one forward of fla's DeltaNet, with fla's own kernels: *readout tokens*.
+"""States at given positions from one forward of fla's DeltaNet / GatedDeltaNet, with fla's own kernels: *readout
+tokens*.
 
 fla's delta-rule kernels return the final state only. A token with ``k = 0``, ``v = 0`` and ``beta = 0`` leaves the
 state unchanged (``S += k (beta (v - Sᵀk))ᵀ = 0``), and its output is ``Sᵀ q``: with ``q = c·e_i`` it reads row i
@@ -8,8 +9,10 @@ the kernels differentiate). The cost is n·K extra tokens per document in the de
 of an 8K document); projections, convolutions, norms and the MLP see the document alone. The conv states at a
 position are the last ``conv_size`` projected inputs (fla's cache layout: slot ``W-1`` is the newest).
 
-While `record_position_states` is active, every fla ``DeltaNet`` layer of the model runs `_forward_with_readout`
-(fla's layer forward, the same projections and kernels, plus the readout) and stores its states by layer index.
+While `record_position_states` is active, every fla ``DeltaNet`` (``GatedDeltaNet``) layer of the model runs
+`_forward_with_readout` (`_gated_forward_with_readout`): fla's layer forward, the same projections and kernels,
+plus the readout; it stores its states by layer index. For GatedDeltaNet the readout tokens also get a zero
+log-gate (no decay), and its state is V-first ([V, K]: output i reads column i).
 The readout states pass through the kernel's output dtype (bf16 in bf16 models: relative ~4e-3, the precision of
 fla's own chunk-state staging); in fp32 they are exact to rounding.
 """
@@ -30,19 +33,29 @@ from trl_refine.modeling_utils import unwrap
 READOUT_SCALE = 1024.0
 
 
+#: fla model types with a readout forward, and the name of their token-mixer class in ``fla.layers``
+READOUT_LAYERS = {"delta_net": "DeltaNet", "gated_deltanet": "GatedDeltaNet"}
+
+#: raw gate / beta logits of the readout tokens: softplus and sigmoid of -1e4 are exactly 0 in fp32 (no decay, no
+#: write)
+_OFF = -1e4
+
+
 def fla_readout_support(model: torch.nn.Module) -> tuple[bool, str]:
-    """Whether every token mixer of ``model`` is fla's ``DeltaNet`` layer (the readout path), and why not."""
+    """Whether every token mixer of ``model`` is fla's ``DeltaNet`` or ``GatedDeltaNet`` layer (the readout path),
+    and why not."""
     base = unwrap(model)
-    config = getattr(base, "config", None)
-    if getattr(config, "model_type", None) != "delta_net":
-        return False, f"model_type {getattr(config, 'model_type', None)!r} is not fla's delta_net"
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if model_type not in READOUT_LAYERS:
+        return False, f"model_type {model_type!r} is not one of fla's {', '.join(READOUT_LAYERS)}"
     try:
-        from fla.layers import DeltaNet
+        import fla.layers
     except ImportError:
         return False, "fla is not installed"
+    layer_cls = getattr(fla.layers, READOUT_LAYERS[model_type])
     layers = getattr(getattr(base, "model", None), "layers", None) or []
-    if not layers or not all(isinstance(getattr(layer, "attn", None), DeltaNet) for layer in layers):
-        return False, "not every layer's token mixer is fla's DeltaNet (hybrid models are not supported)"
+    if not layers or not all(isinstance(getattr(layer, "attn", None), layer_cls) for layer in layers):
+        return False, f"not every layer's token mixer is fla's {layer_cls.__name__} (hybrid models are not supported)"
     return True, ""
 
 
@@ -96,11 +109,15 @@ class ReadoutLayout:
             doc_offsets=offsets[:-1],
         )
 
-    def splice(self, x: torch.Tensor, readout: torch.Tensor | None = None) -> torch.Tensor:
-        """[1, Σ, ...] document tokens → [1, Σ', ...] with ``readout`` ([K, ...], repeated per block) or zeros."""
+    def splice(self, x: torch.Tensor, readout: torch.Tensor | float | None = None) -> torch.Tensor:
+        """[1, Σ, ...] document tokens → [1, Σ', ...] with ``readout`` at the readout tokens: [K, ...] (repeated per
+        block), a constant, or zeros."""
         out = x.new_zeros(self.spliced_len, *x.shape[2:])
         out = out.index_copy(0, self.real_in_spliced, x[0])
-        if readout is not None:
+        if isinstance(readout, float):
+            rows = x.new_full((self.readout_in_spliced.numel(), *x.shape[2:]), readout)
+            out = out.index_copy(0, self.readout_in_spliced, rows)
+        elif readout is not None:
             blocks = self.readout_in_spliced.numel() // readout.size(0)
             out = out.index_copy(0, self.readout_in_spliced, readout.to(x.dtype).repeat(blocks, *[1] * (x.dim() - 2)))
         return out[None]
@@ -130,15 +147,9 @@ def _forward_with_readout(
     bsz, q_len, _ = hidden_states.shape
     mode = "fused_recurrent" if q_len <= 64 else attn.mode
     x = hidden_states.reshape(bsz * q_len, -1).index_select(0, layout.real_flat)[None]
-    cu = layout.cu_seqlens
     conv_states = None
     if attn.use_short_conv:
-        xq, xk, xv = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        width = attn.q_conv1d.kernel_size[0]
-        conv_states = tuple(layout.conv_windows(p, width) for p in (xq, xk, xv))
-        q, _ = attn.q_conv1d(x=xq, cache=None, output_final_state=False, cu_seqlens=cu)
-        k, _ = attn.k_conv1d(x=xk, cache=None, output_final_state=False, cu_seqlens=cu)
-        v, _ = attn.v_conv1d(x=xv, cache=None, output_final_state=False, cu_seqlens=cu)
+        q, k, v, conv_states = _short_convs(attn, x, layout)
     else:
         q, k = attn.q_proj(x), attn.k_proj(x)
         if attn.qk_activation == "silu":
@@ -186,24 +197,108 @@ def _forward_with_readout(
         "conv_state": conv_states,
         "ffn_state": None,
     }
-    o = o[:, layout.real_in_spliced]
+    return _output(attn, o[:, layout.real_in_spliced], x, layout, bsz, q_len), None, past_key_values
+
+
+def _short_convs(attn, x: torch.Tensor, layout: ReadoutLayout):
+    """q, k, v through the layer's short convolutions over the packed documents, and the conv caches at the
+    positions (the pre-conv inputs)."""
+    xq, xk, xv = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    width = attn.q_conv1d.kernel_size[0]
+    conv_states = tuple(layout.conv_windows(p, width) for p in (xq, xk, xv))
+    cu = layout.cu_seqlens
+    q, _ = attn.q_conv1d(x=xq, cache=None, output_final_state=False, cu_seqlens=cu)
+    k, _ = attn.k_conv1d(x=xk, cache=None, output_final_state=False, cu_seqlens=cu)
+    v, _ = attn.v_conv1d(x=xv, cache=None, output_final_state=False, cu_seqlens=cu)
+    return q, k, v, conv_states
+
+
+def _output(attn, o: torch.Tensor, x: torch.Tensor, layout: ReadoutLayout, bsz: int, q_len: int) -> torch.Tensor:
+    """The layer's output norm (gated or not) and projection, scattered back to the padded [B, L, D] layout."""
+    from einops import rearrange
+
     if attn.use_gate:
         g = rearrange(attn.g_proj(x), "... (h d) -> ... h d", d=attn.head_v_dim)
         o = attn.o_norm(o, g)
     else:
         o = attn.o_norm(o)
     o = attn.o_proj(rearrange(o, "b t h d -> b t (h d)"))
-    out = o.new_zeros(bsz * q_len, o.size(-1)).index_copy(0, layout.real_flat, o[0]).view(bsz, q_len, -1)
-    return out, None, past_key_values
+    return o.new_zeros(bsz * q_len, o.size(-1)).index_copy(0, layout.real_flat, o[0]).view(bsz, q_len, -1)
+
+
+def _gated_forward_with_readout(
+    attn, layout: ReadoutLayout, store: dict, hidden_states, attention_mask=None, past_key_values=None, **kwargs
+):
+    """fla's ``GatedDeltaNet.forward`` (fla/layers/gated_deltanet.py, 0.6.0) for a cache-free call over left-padded
+    documents, plus the readout: the readout tokens get a gate logit and a beta logit of -1e4 (no decay, no write;
+    the kernel applies softplus and sigmoid) and ``k = 0``; the state is V-first, so output i is column i."""
+    from einops import rearrange
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+    if past_key_values is not None or kwargs.get("cu_seqlens") is not None:
+        raise ValueError("the readout forward runs over whole documents: no cache, no cu_seqlens")
+    bsz, q_len, _ = hidden_states.shape
+    if torch.is_grad_enabled():
+        mode = "chunk"
+    elif q_len <= 64 and not attn.training:
+        mode = "fused_recurrent"
+    else:
+        mode = attn.mode
+    x = hidden_states.reshape(bsz * q_len, -1).index_select(0, layout.real_flat)[None]
+    conv_states = None
+    if attn.use_short_conv:
+        q, k, v, conv_states = _short_convs(attn, x, layout)
+    else:
+        q, k, v = (F.silu(proj(x)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = (rearrange(t, "... (h d) -> ... h d", d=attn.head_k_dim) for t in (q, k))
+    v = rearrange(v, "... (h d) -> ... h d", d=attn.head_v_dim)
+
+    num_heads, dk = q.shape[-2], attn.head_k_dim
+    eye = torch.eye(dk, device=q.device)[:, None, :].expand(dk, num_heads, dk) * READOUT_SCALE
+    args = dict(
+        q=layout.splice(q, eye),
+        k=layout.splice(k),
+        v=layout.splice(v),
+        g=layout.splice(attn.a_proj(x), _OFF),
+        beta=layout.splice(attn.b_proj(x), _OFF),
+        output_final_state=False,
+        use_qk_l2norm_in_kernel=True,
+        use_gate_in_kernel=True,
+        A_log=attn.A_log,
+        dt_bias=attn.dt_bias,
+        use_beta_sigmoid_in_kernel=True,
+        allow_neg_eigval=attn.allow_neg_eigval,
+        state_v_first=True,
+        cu_seqlens=layout.spliced_cu_seqlens,
+    )
+    if mode == "chunk":
+        o, _ = chunk_gated_delta_rule(**args, cu_seqlens_cpu=layout.spliced_cu_seqlens_cpu)
+    elif mode == "fused_recurrent":
+        o, _ = fused_recurrent_gated_delta_rule(**args)
+    else:
+        raise NotImplementedError(f"mode {mode!r}")
+    n = layout.counts.size(1)
+    readout = o[0].index_select(0, layout.readout_in_spliced).view(bsz, n, dk, o.size(-2), -1)  # [B, n, K, HV, V]
+    store[attn.layer_idx] = {
+        "recurrent_state": readout.permute(0, 1, 3, 4, 2).float() / dk**-0.5,  # [B, n, HV, V, K]: column i
+        "attn_state": None,
+        "conv_state": conv_states,
+        "ffn_state": None,
+    }
+    return _output(attn, o[:, layout.real_in_spliced], x, layout, bsz, q_len), None, past_key_values
 
 
 @contextmanager
 def record_position_states(model: torch.nn.Module, attention_mask: torch.Tensor, positions: torch.Tensor):
-    """While active, a forward of ``model`` (fla DeltaNet, whole left-padded documents, no cache) also fills the
-    yielded dict with every layer's states after ``positions`` [B, n] (fla's cache layout, a chunk dim after the
-    batch dim)."""
-    layers = unwrap(model).model.layers
+    """While active, a forward of ``model`` (fla DeltaNet / GatedDeltaNet, whole left-padded documents, no cache) also
+    fills the yielded dict with every layer's states after ``positions`` [B, n] (fla's cache layout, a chunk dim
+    after the batch dim)."""
+    base = unwrap(model)
+    layers = base.model.layers
     layout = ReadoutLayout.build(attention_mask, positions, layers[0].attn.head_k_dim)
+    readout_forward = (
+        _gated_forward_with_readout if base.config.model_type == "gated_deltanet" else _forward_with_readout
+    )
     store: dict[int, dict[str, Any]] = {}
     patched = []
     try:
@@ -211,7 +306,7 @@ def record_position_states(model: torch.nn.Module, attention_mask: torch.Tensor,
             attn = layer.attn
 
             def forward(*args, _attn=attn, **kwargs):
-                return _forward_with_readout(_attn, layout, store, *args, **kwargs)
+                return readout_forward(_attn, layout, store, *args, **kwargs)
 
             attn.forward = forward
             patched.append(attn)

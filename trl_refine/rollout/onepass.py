@@ -12,8 +12,8 @@ fixed by (B, L, n): nothing depends on where the positions fall. Two providers o
 
 * models that declare ``supports_state_positions`` (the reference DeltaNet, `trl_refine.models.delta_net`, pure
   PyTorch: chunk-boundary state + masked WY step);
-* fla's ``DeltaNetForCausalLM``, with fla's own kernels: readout tokens spliced in after each position
-  (`trl_refine.rollout.fla_readout`).
+* fla's ``DeltaNetForCausalLM`` and ``GatedDeltaNetForCausalLM``, with fla's own kernels: readout tokens spliced in
+  after each position (`trl_refine.rollout.fla_readout`).
 
 Exactness against the snapshot and generic engines is tested on CPU in fp32 (`tests/test_onepass_engine.py`; fla's
 kernels under ``TRITON_INTERPRET=1``).
@@ -57,7 +57,7 @@ class OnePassEngine(SnapshotEngine):
 
     def document_pass(self, model, docs: DocumentBatch, plan: RolloutPlan) -> tuple[list[State], torch.Tensor]:
         self._adapter(model)
-        kwargs = dict(input_ids=docs.input_ids, attention_mask=docs.attention_mask, logits_to_keep=1)
+        kwargs = dict(input_ids=docs.input_ids, attention_mask=docs.attention_mask, use_cache=False, logits_to_keep=1)
         if getattr(unwrap(model), "supports_state_positions", False):
             with capture_last_hidden_state(model) as hidden:
                 states = model(**kwargs, state_positions=plan.positions).position_states
