@@ -80,6 +80,6 @@ res = {
     "hidden_states_rel": rel(o_out.hidden_states, s_out.hidden_states),
     "doc_logps_rel": rel(o_fwd.doc_logps, s_fwd.doc_logps),
     "rollout_logps_rel": rel(o_fwd.rollout_logps, s_fwd.rollout_logps),
-    "readout_layer_calls": calls["n"],  # 2 layers x (generate + forward_train)
+    "readout_layer_calls": calls["n"],  # 2 layers x (document_pass + generate + forward_train)
 }
 print(json.dumps(res))
