@@ -84,6 +84,13 @@ class PosttrainArguments(ScriptArguments):
         default=700, metadata={"help": "Synthetic default: prompt length in characters (= byte tokens)."}
     )
     synthetic_task: str = field(default="single", metadata={"help": "Synthetic default: NIAH task family."})
+    baseline_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also post-train this posttrain_mode (e.g. sft) from the same base model with the same data, "
+            "steps, learning rate and seed, and report it in a column beside the main run. None: the main run only."
+        },
+    )
     quick: bool = field(
         default=False,
         metadata={"help": "Shorten everything for CI: 2 steps, 4 tiny examples, 4 eval examples, 8 answer tokens."},
@@ -180,6 +187,27 @@ def run_eval(model, tokenizer, evals, script, args, stage: str) -> dict:
     return out
 
 
+def run_baseline_arm(argv: list[str], mode: str, output_dir: str, train, evals) -> dict:
+    """Post-train ``mode`` from a fresh copy of the same base model (the options of ``argv`` otherwise: data, steps,
+    learning rate, seed) and evaluate it as the main run is evaluated; nothing of it is saved."""
+    overrides = ["--posttrain_mode", mode, "--output_dir", os.path.join(output_dir, f"baseline-{mode}")]
+    model_args, script, base_args = TrlParser(ARGUMENT_CLASSES).parse_args_and_config(
+        args=[*argv, *overrides, "--save_strategy", "no", "--push_to_hub", "false"]
+    )
+    if script.quick:
+        apply_quick(script, base_args)
+    model, tokenizer = build_model_and_tokenizer(
+        model_args, trust_remote_code=base_args.trust_remote_code, seed=base_args.seed
+    )
+    trainer = NSPPostTrainer(
+        model, args=base_args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config_of(model_args)
+    )
+    trainer.accelerator.unwrap_model(trainer.model).to(trainer.accelerator.device)
+    trainer.train()
+    with evaluation_context(trainer) as eval_model:
+        return run_eval(eval_model, tokenizer, evals, script, base_args, f"after {mode}")
+
+
 def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not any(a.startswith(("--config", "--model_name_or_path")) for a in argv):
@@ -216,36 +244,34 @@ def main(argv: list[str] | None = None) -> str:
     with evaluation_context(trainer) as eval_model:
         after = {} if script.skip_eval else run_eval(eval_model, tokenizer, evals, script, args, "after")
     t3 = time.perf_counter()
+    baseline = {}
+    if script.baseline_mode is not None and before:
+        baseline = run_baseline_arm(argv, script.baseline_mode, args.output_dir, train, evals)
+    t4 = time.perf_counter()
 
     out = save_and_publish(trainer, tokenizer, dataset_name=script.dataset_name)
     if main_process:
         if before:
+            main_label = f"after {args.posttrain_mode}" if baseline else "after"
+            baseline_label = f"after {script.baseline_mode}"
+            labels = ("before", baseline_label, main_label) if baseline else ("before", main_label)
             rows = []
             for label in evals:
                 metric = before[label]["result"]["metric"]
-                rows.append(
-                    {
-                        "metric": f"{label}: {metric} (×100)",
-                        "before": before[label]["result"]["score"],
-                        "after": after[label]["result"]["score"],
-                    }
-                )
-                rows.append(
-                    {
-                        "metric": f"{label}: answer NLL (nats/token)",
-                        "before": before[label]["answer_nll"],
-                        "after": after[label]["answer_nll"],
-                        "scale": 1.0,
-                        "digits": 3,
-                    }
-                )
+                score = {"before": before[label]["result"]["score"], main_label: after[label]["result"]["score"]}
+                nll_row = {"before": before[label]["answer_nll"], main_label: after[label]["answer_nll"]}
+                if baseline:
+                    score[baseline_label] = baseline[label]["result"]["score"]
+                    nll_row[baseline_label] = baseline[label]["answer_nll"]
+                rows.append({"metric": f"{label}: {metric} (×100)", **score})
+                rows.append({"metric": f"{label}: answer NLL (nats/token)", **nll_row, "scale": 1.0, "digits": 3})
             n_eval = {label: after[label]["result"]["num_examples"] for label in evals}
             title = (
                 f"# Post-training ({args.posttrain_mode}), {trainer.state.global_step} steps\n\n"
                 f"Model: {model_args.model_name_or_path or f'random {model_args.tiny_model_type}'}; "
                 f"eval examples: {n_eval}; {script.eval_decoding} decoding, ≤ {script.eval_max_new_tokens} new tokens.\n\n"
             )
-            table = before_after_table(rows)
+            table = before_after_table(rows, labels=labels)
             with open(os.path.join(out, "posttrain_report.md"), "w") as f:
                 f.write(title + table)
             write_json(
@@ -254,19 +280,16 @@ def main(argv: list[str] | None = None) -> str:
                     "posttrain_mode": args.posttrain_mode,
                     "global_step": trainer.state.global_step,
                     "inner_optimizer_steps": trainer.inner_optimizer_steps,
-                    "seconds": {"eval_before": t1 - t0, "train": t2 - t1, "eval_after": t3 - t2},
+                    "seconds": {"eval_before": t1 - t0, "train": t2 - t1, "eval_after": t3 - t2, "baseline": t4 - t3},
                     "before": before,
                     "after": after,
+                    "baseline_mode": script.baseline_mode,
+                    "baseline": baseline,
                 },
             )
-            runs = {
-                stage: {label: res[label]["result"] for label in evals}
-                for stage, res in (("before", before), ("after", after))
-            }
-            nll = {
-                stage: {label: res[label]["answer_nll"] for label in evals}
-                for stage, res in (("before", before), ("after", after))
-            }
+            stages = (("before", before), *(((baseline_label, baseline),) if baseline else ()), (main_label, after))
+            runs = {stage: {label: res[label]["result"] for label in evals} for stage, res in stages}
+            nll = {stage: {label: res[label]["answer_nll"] for label in evals} for stage, res in stages}
             plot_runs(
                 runs,
                 os.path.join(out, "posttrain_report.png"),

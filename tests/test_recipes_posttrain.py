@@ -57,6 +57,19 @@ def test_posttrain_default_quick_runs_and_writes_the_table(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_posttrain_baseline_arm_is_trained_from_the_same_base_and_reported_beside(tmp_path, capsys):
+    recipe = load_recipe("posttrain")
+    out = tmp_path / "arms"
+    recipe.main(["--quick", "--baseline_mode", "sft", "--output_dir", str(out), "--disable_tqdm", "true"])
+    assert "| metric | before | after sft | after nested | Δ |" in capsys.readouterr().out
+    report = json.loads((out / "posttrain_report.json").read_text())
+    assert report["baseline_mode"] == "sft"
+    before, sft, nested = (report[k]["niah_single"]["answer_nll"] for k in ("before", "baseline", "after"))
+    assert sft < before and nested < before and sft != nested  # both arms trained, and differently
+    assert not (out / "baseline-sft").exists() or not any((out / "baseline-sft").glob("*.safetensors"))
+
+
+@pytest.mark.slow
 def test_posttrain_on_a_jsonl_file_with_held_out_eval(tmp_path, capsys):
     recipe = load_recipe("posttrain")
     data = write_qa_jsonl(tmp_path / "qa.jsonl")

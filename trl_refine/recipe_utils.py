@@ -289,19 +289,18 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
     return f"{scale * value:.{digits}f}"
 
 
-def before_after_table(rows: Sequence[dict[str, Any]], labels: tuple[str, str] = ("before", "after")) -> str:
-    """Markdown table. Each row: ``{"metric", "before", "after", "scale" (default 100), "digits" (default 1)}``."""
-    l0, l1 = labels
-    lines = [f"| metric | {l0} | {l1} | Δ |", "|---|---|---|---|"]
+def before_after_table(rows: Sequence[dict[str, Any]], labels: Sequence[str] = ("before", "after")) -> str:
+    """Markdown table, one column per label (e.g. before, a baseline arm, after) and Δ = last − first. Each row:
+    ``{"metric", <label>: value, ..., "scale" (default 100), "digits" (default 1)}``."""
+    labels = tuple(labels)
+    lines = [f"| metric | {' | '.join(labels)} | Δ |", "|---|" + "---|" * (len(labels) + 1)]
     for row in rows:
         scale, digits = row.get("scale", 100.0), row.get("digits", 1)
-        a, b = row.get(l0), row.get(l1)
+        a, b = row.get(labels[0]), row.get(labels[-1])
         delta = None if a is None or b is None else b - a
         sign = "" if delta is None else ("+" if delta >= 0 else "")
-        lines.append(
-            f"| {row['metric']} | {_fmt(a, scale, digits)} | {_fmt(b, scale, digits)} | "
-            f"{sign}{_fmt(delta, scale, digits)} |"
-        )
+        cells = " | ".join(_fmt(row.get(label), scale, digits) for label in labels)
+        lines.append(f"| {row['metric']} | {cells} | {sign}{_fmt(delta, scale, digits)} |")
     return "\n".join(lines) + "\n"
 
 
