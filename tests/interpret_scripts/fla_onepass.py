@@ -6,28 +6,13 @@ import json
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
-import triton.runtime.autotuner as autotuner  # noqa: E402
-
-_init = autotuner.Autotuner.__init__
-
-
-def _one_config(self, fn, arg_names, configs, *args, **kwargs):  # the interpreter cannot benchmark configurations
-    _init(self, fn, arg_names, configs[:1], *args, **kwargs)
-
-
-autotuner.Autotuner.__init__ = _one_config
-
 import torch  # noqa: E402
+from _interpreter import rel  # noqa: E402  (first: turns the Triton interpreter on)
 from fla.models import DeltaNetConfig, DeltaNetForCausalLM  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from trl_refine.modeling_utils import ensure_fused_lm_head  # noqa: E402
 from trl_refine.rollout import DocumentBatch, OnePassEngine, RolloutPlan, SnapshotEngine  # noqa: E402
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
 
 
 def models(use_short_conv: bool):

@@ -6,19 +6,8 @@ import json
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
-import triton.runtime.autotuner as autotuner  # noqa: E402
-
-_init = autotuner.Autotuner.__init__
-
-
-def _one_config(self, fn, arg_names, configs, *args, **kwargs):  # the interpreter cannot benchmark configurations
-    _init(self, fn, arg_names, configs[:1], *args, **kwargs)
-
-
-autotuner.Autotuner.__init__ = _one_config
-
 import torch  # noqa: E402
+from _interpreter import rel  # noqa: E402  (first: turns the Triton interpreter on)
 from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -37,10 +26,6 @@ def _counted(*args, **kwargs):
 
 
 fla_readout._gated_forward_with_readout = _counted
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
 
 
 torch.manual_seed(0)
