@@ -33,8 +33,10 @@ from trl_refine.eval.plot import plot_runs
 from trl_refine.recipe_utils import (
     ModelArguments,
     answer_nll_sharded,
+    baseline_off,
     before_after_table,
     build_model_and_tokenizer,
+    compare_arms,
     dataset_label,
     evaluate_sharded,
     evaluation_context,
@@ -88,7 +90,7 @@ class PosttrainArguments(ScriptArguments):
         default=None,
         metadata={
             "help": "Also post-train this posttrain_mode (e.g. sft) from the same base model with the same data, "
-            "steps, learning rate and seed, and report it in a column beside the main run. None: the main run only."
+            "steps, learning rate and seed, and report it in a column beside the main run. none: the main run only."
         },
     )
     quick: bool = field(
@@ -98,6 +100,7 @@ class PosttrainArguments(ScriptArguments):
 
 
 ARGUMENT_CLASSES = (ModelArguments, PosttrainArguments, PostTrainConfig)  # parsed by main(), in this order
+MODE_NAMES = {"nested": "Nested ReFINE", "nested_sft": "Nested SFT", "sft": "SFT", "joint": "joint ReFINE + SFT"}
 
 
 def apply_quick(script: PosttrainArguments, args: PostTrainConfig) -> None:
@@ -208,6 +211,29 @@ def run_baseline_arm(argv: list[str], mode: str, output_dir: str, train, evals) 
         return run_eval(eval_model, tokenizer, evals, script, base_args, f"after {mode}")
 
 
+def explain(model_label: str, script: PosttrainArguments, args: PostTrainConfig, steps: int, before, after, baseline):
+    """The report's one line: what the table shows, and how the arms compare on the first evaluation set."""
+    first = next(iter(before))
+    main_name = MODE_NAMES.get(args.posttrain_mode, args.posttrain_mode)
+    base_name = MODE_NAMES.get(script.baseline_mode, script.baseline_mode)
+    arms = (
+        f"{base_name} (the baseline) and of {main_name}, same data, steps, learning rate and seed"
+        if baseline
+        else main_name
+    )
+    comparison = compare_arms(
+        before[first]["result"]["metric"],
+        before[first]["result"]["score"],
+        (base_name, baseline[first]["result"]["score"]) if baseline else None,
+        (main_name, after[first]["result"]["score"]),
+        after[first]["result"]["num_examples"],
+    )
+    return (
+        f"\nWhat you are looking at: {model_label} on held-out examples of {first} (no training example has their "
+        f"answers) before post-training and after {steps} steps of {arms}. {comparison}\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not any(a.startswith(("--config", "--model_name_or_path")) for a in argv):
@@ -215,6 +241,7 @@ def main(argv: list[str] | None = None) -> str:
         argv = ["--config", DEFAULT_CONFIG, *argv]
     parser = TrlParser(ARGUMENT_CLASSES)
     model_args, script, args = parser.parse_args_and_config(args=argv)
+    script.baseline_mode = baseline_off(script.baseline_mode)
     if script.quick:
         apply_quick(script, args)
     t0 = time.perf_counter()
@@ -268,12 +295,14 @@ def main(argv: list[str] | None = None) -> str:
             n_eval = {label: after[label]["result"]["num_examples"] for label in evals}
             title = (
                 f"# Post-training ({args.posttrain_mode}), {trainer.state.global_step} steps\n\n"
-                f"Model: {model_args.model_name_or_path or f'random {model_args.tiny_model_type}'}; "
+                f"Model: {model_args.model_label}; "
                 f"eval examples: {n_eval}; {script.eval_decoding} decoding, ≤ {script.eval_max_new_tokens} new tokens.\n\n"
             )
             table = before_after_table(rows, labels=labels)
+            steps = trainer.state.global_step
+            explanation = explain(model_args.model_label, script, args, steps, before, after, baseline)
             with open(os.path.join(out, "posttrain_report.md"), "w") as f:
-                f.write(title + table)
+                f.write(title + table + explanation)
             write_json(
                 os.path.join(out, "posttrain_report.json"),
                 {
@@ -296,7 +325,7 @@ def main(argv: list[str] | None = None) -> str:
                 f"Post-training ({args.posttrain_mode})",
                 extra=("answer NLL (nats/token, lower is better)", nll),
             )
-            print("\n" + title + table)
+            print("\n" + title + table + explanation)
             print(
                 f"Report: {os.path.join(out, 'posttrain_report.md')} (plot .png; predictions in posttrain_report.json)"
             )

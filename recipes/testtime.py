@@ -16,6 +16,7 @@ Evaluation sets are split over the processes of an ``accelerate launch``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -31,9 +32,12 @@ from trl_refine.eval.plot import plot_runs
 from trl_refine.posttrain import PostTrainConfig, answer_nll
 from trl_refine.recipe_utils import (
     ModelArguments,
+    answer_nll_config,
+    baseline_off,
     before_after_table,
     build_model_and_tokenizer,
     combine_across_processes,
+    compare_arms,
     dataset_label,
     evaluate_sharded,
     peft_config_of,
@@ -64,6 +68,13 @@ class TesttimeArguments(ScriptArguments):
     )
     batch_size: int = field(default=1, metadata={"help": "Prompts per adaptation + generation batch (official: 8)."})
     skip_baseline: bool = field(default=False, metadata={"help": "Do not also answer without adaptation."})
+    baseline_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "sft: also answer after adapting with next-token prediction alone (nsp_coef = 0: no rollouts; "
+            "the same steps, learning rate and seed), reported in a column beside ReFINE. none: ReFINE only."
+        },
+    )
     answer_nll: bool = field(
         default=False,
         metadata={"help": "Also report the gold answer's NLL with/without adaptation (adapts once more per batch)."},
@@ -76,6 +87,7 @@ class TesttimeArguments(ScriptArguments):
 
 
 ARGUMENT_CLASSES = (ModelArguments, TesttimeArguments, TestTimeConfig)  # parsed by main(), in this order
+BASELINE_MODES = ("sft",)
 
 
 def load_sets(script: TesttimeArguments, cfg: TestTimeConfig) -> dict:
@@ -130,11 +142,16 @@ def main(argv: list[str] | None = None) -> str:
         argv = ["--config", DEFAULT_CONFIG, *argv]
     parser = TrlParser(ARGUMENT_CLASSES)
     model_args, script, cfg = parser.parse_args_and_config(args=argv)
+    script.baseline_mode = baseline_off(script.baseline_mode)
     if script.quick:
         script.synthetic_examples = min(script.synthetic_examples, 3)
         script.max_examples = min(script.max_examples or 3, 3)
         script.max_new_tokens = min(script.max_new_tokens, 8)
         cfg.steps = 1
+    if script.baseline_mode is not None and script.baseline_mode not in BASELINE_MODES:
+        raise ValueError(
+            f"baseline_mode={script.baseline_mode!r}; choose {', '.join(BASELINE_MODES)} (NTP-only adaptation)."
+        )
     from accelerate import PartialState
 
     state = PartialState()
@@ -156,19 +173,19 @@ def main(argv: list[str] | None = None) -> str:
         if script.task is not None or "task" not in ds.column_names:
             get_scorer(script.task or "ruler_qa")
     # the answer NLL uses the post-training tokenization of the gold answer (separator, EOS)
-    nll_cfg = PostTrainConfig(
-        output_dir=script.output_dir,
-        use_cpu=state.device.type == "cpu",
-        bf16=False,
-        report_to="none",
-        max_length=None if cfg.max_prompt_tokens is None else cfg.max_prompt_tokens + 32,
-        long_examples="truncate",
-        prompt_add_special_tokens=cfg.add_special_tokens,
+    nll_cfg = answer_nll_config(
+        script.output_dir, state.device.type == "cpu", cfg.max_prompt_tokens, cfg.add_special_tokens
     )
 
-    results: dict[str, dict] = {"without": {}, "with": {}}
-    nlls: dict[str, dict] = {"without": {}, "with": {}}
-    adapter = TestTimeRefine(cfg)
+    # the runs, in table order: no adaptation, the NTP-only baseline, ReFINE
+    arms = {"without": None}
+    if script.baseline_mode == "sft":
+        arms["with sft"] = TestTimeRefine(dataclasses.replace(cfg, nsp_coef=0.0))
+    arms["with"] = TestTimeRefine(cfg)
+    if script.skip_baseline:
+        del arms["without"]
+    results: dict[str, dict] = {run: {} for run in arms}
+    nlls: dict[str, dict] = {run: {} for run in arms}
     autocast = contextlib.nullcontext()
     if cfg.mixed_precision is not None:
         dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
@@ -185,9 +202,7 @@ def main(argv: list[str] | None = None) -> str:
             decoding=script.decoding,
             seed=cfg.seed,
         )
-        for run, hook in (("without", None), ("with", adapter)):
-            if run == "without" and script.skip_baseline:
-                continue
+        for run, hook in arms.items():
             if script.answer_nll:
                 hook = _WithAnswerNLL(hook, answers, nll_cfg)
             with autocast:  # generation in the adaptation's precision (fla's chunk kernels reject fp32)
@@ -195,49 +210,62 @@ def main(argv: list[str] | None = None) -> str:
             if script.answer_nll:
                 nlls[run][label] = hook.nll
         if cfg.reset == "never":
-            adapter.reset_state()  # each test set starts from the loaded weights' optimizer state
+            for hook in arms.values():
+                if hook is not None:
+                    hook.reset_state()  # each test set starts from the loaded weights' optimizer state
     t1 = time.perf_counter()
 
     if state.is_main_process:
         out = os.path.abspath(script.output_dir)
         os.makedirs(out, exist_ok=True)
+        runs_shown = ("without", *(("with sft",) if "with sft" in arms else ()), "with")
+        shown = {run: ("with ReFINE" if run == "with" and "with sft" in arms else run) for run in runs_shown}
+        labels = tuple(shown.values())
         rows = []
         for label in sets:
             res = results["with"][label]
-            rows.append(
-                {
-                    "metric": f"{label}: {res['metric']} (×100)",
-                    "without": results["without"].get(label, {}).get("score"),
-                    "with": res["score"],
-                }
-            )
+            score = {shown[run]: results.get(run, {}).get(label, {}).get("score") for run in runs_shown}
+            rows.append({"metric": f"{label}: {res['metric']} (×100)", **score})
             if script.answer_nll:
-                rows.append(
-                    {
-                        "metric": f"{label}: answer NLL (nats/token)",
-                        "without": nlls["without"].get(label),
-                        "with": nlls["with"].get(label),
-                        "scale": 1.0,
-                        "digits": 3,
-                    }
-                )
+                nll_row = {shown[run]: nlls.get(run, {}).get(label) for run in runs_shown}
+                rows.append({"metric": f"{label}: answer NLL (nats/token)", **nll_row, "scale": 1.0, "digits": 3})
         title = (
             f"# Test-time ReFINE: {cfg.steps} step(s) per batch of {script.batch_size}, reset={cfg.reset}\n\n"
-            f"Model: {model_args.model_name_or_path or f'random {model_args.tiny_model_type}'}; lr {cfg.learning_rate}, "
+            f"Model: {model_args.model_label}; lr {cfg.learning_rate}, "
             f"reward {cfg.nsp_reward}, {cfg.ntp_coef}·NTP + {cfg.nsp_coef}·PPO-clip; greedy, ≤ "
             f"{script.max_new_tokens} new tokens.\n\n"
         )
-        table = before_after_table(rows, labels=("without", "with"))
+        table = before_after_table(rows, labels=labels)
+        first = next(iter(sets))
+        res = results["with"][first]
+        explanation = (
+            f"\nWhat you are looking at: {model_args.model_label} answering {first} prompts it never trained on, "
+            "without adaptation"
+            + (f", after {cfg.steps} NTP-only step(s) on each prompt (with sft)" if "with sft" in arms else "")
+            + f" and after {cfg.steps} ReFINE step(s) on each prompt, the weights restored between batches"
+            + (", same steps, learning rate and seed. " if "with sft" in arms else ". ")
+            + compare_arms(
+                res["metric"],
+                results.get("without", {}).get(first, {}).get("score"),
+                ("sft", results["with sft"][first]["score"]) if "with sft" in arms else None,
+                ("ReFINE", res["score"]),
+                res["num_examples"],
+                before_name="without adaptation",
+            )
+            + "\n"
+        )
         with open(os.path.join(out, "testtime_report.md"), "w") as f:
-            f.write(title + table)
+            f.write(title + table + explanation)
         write_json(
             os.path.join(out, "testtime_report.json"),
             {"config": cfg.__dict__, "results": results, "answer_nll": nlls, "seconds": t1 - t0},
         )
-        runs = {run: results[run] for run in ("without", "with") if results[run]}
-        extra = ("answer NLL (nats/token, lower is better)", {r: nlls[r] for r in runs}) if script.answer_nll else None
+        runs = {shown[run]: results[run] for run in runs_shown if results.get(run)}
+        extra = None
+        if script.answer_nll:
+            extra = ("answer NLL (nats/token, lower is better)", {shown[r]: nlls[r] for r in runs_shown if r in nlls})
         plot_runs(runs, os.path.join(out, "testtime_report.png"), f"Test-time ReFINE ({cfg.steps} step(s))", extra)
-        print("\n" + title + table)
+        print("\n" + title + table + explanation)
         print(f"Report: {os.path.join(out, 'testtime_report.md')} (plot .png; predictions in testtime_report.json)")
         print(f"Total time: {t1 - t0:.0f} s")
     return script.output_dir

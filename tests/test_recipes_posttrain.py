@@ -34,39 +34,39 @@ def write_qa_jsonl(path, num=12, answers=True):
 
 
 @pytest.mark.slow
-def test_posttrain_default_quick_runs_and_writes_the_table(tmp_path, capsys):
+def test_posttrain_default_quick_runs_and_writes_the_table_with_the_sft_arm_beside(tmp_path, capsys):
+    """The embedded default trains Nested ReFINE and, from the same base with the same data, steps, learning rate
+    and seed, an SFT baseline arm, reported in a column beside it with a line saying what the table shows."""
     recipe = load_recipe("posttrain")
     out = tmp_path / "post"
     recipe.main(["--quick", "--output_dir", str(out), "--disable_tqdm", "true"])
     printed = capsys.readouterr().out
-    assert "Saved the post-trained model to" in printed and "| metric | before | after | Δ |" in printed
+    assert (
+        "Saved the post-trained model to" in printed
+        and "| metric | before | after sft | after nested | Δ |" in printed
+    )
+    assert (
+        "What you are looking at: " in printed
+        and "after 2 steps of SFT (the baseline) and of Nested ReFINE" in printed
+    )
     table = (out / "posttrain_report.md").read_text()
     assert (out / "posttrain_report.png").stat().st_size > 0  # the before/after chart
     assert "Reinforced Fast Weights" in (out / "README.md").read_text()  # the model card
-    assert "niah_single: string_match_all" in table and "answer NLL" in table
+    assert "niah_single: string_match_all" in table and "answer NLL" in table and "What you are looking at" in table
     report = json.loads((out / "posttrain_report.json").read_text())
     assert report["posttrain_mode"] == "nested" and report["global_step"] == 2 and report["inner_optimizer_steps"] == 2
     before = report["before"]["niah_single"]
     assert before["result"]["num_examples"] == 4 and len(before["result"]["examples"]) == 4
-    assert report["after"]["niah_single"]["answer_nll"] < before["answer_nll"]  # two steps on the answers help
+    assert report["baseline_mode"] == "sft"
+    sft, nested = (report[k]["niah_single"]["answer_nll"] for k in ("baseline", "after"))
+    assert sft < before["answer_nll"] and nested < before["answer_nll"]  # two steps on the answers help
+    assert sft != nested  # both arms trained, and differently
+    assert not (out / "baseline-sft").exists() or not any((out / "baseline-sft").glob("*.safetensors"))
     from transformers import AutoModelForCausalLM
 
     import trl_refine.models  # noqa: F401
 
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "refine_delta_net"
-
-
-@pytest.mark.slow
-def test_posttrain_baseline_arm_is_trained_from_the_same_base_and_reported_beside(tmp_path, capsys):
-    recipe = load_recipe("posttrain")
-    out = tmp_path / "arms"
-    recipe.main(["--quick", "--baseline_mode", "sft", "--output_dir", str(out), "--disable_tqdm", "true"])
-    assert "| metric | before | after sft | after nested | Δ |" in capsys.readouterr().out
-    report = json.loads((out / "posttrain_report.json").read_text())
-    assert report["baseline_mode"] == "sft"
-    before, sft, nested = (report[k]["niah_single"]["answer_nll"] for k in ("before", "baseline", "after"))
-    assert sft < before and nested < before and sft != nested  # both arms trained, and differently
-    assert not (out / "baseline-sft").exists() or not any((out / "baseline-sft").glob("*.safetensors"))
 
 
 @pytest.mark.slow
@@ -94,16 +94,25 @@ def test_posttrain_bad_data_fails_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_testtime_default_quick_runs_and_writes_the_table(tmp_path, capsys):
+def test_testtime_default_quick_runs_and_writes_the_table_with_the_ntp_arm_beside(tmp_path, capsys):
     recipe = load_recipe("testtime")
     out = tmp_path / "ttt"
     recipe.main(["--quick", "--output_dir", str(out)])
-    assert "| metric | without | with | Δ |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| metric | without | with sft | with ReFINE | Δ |" in printed
+    assert "What you are looking at: " in printed and "1 NTP-only step(s) on each prompt (with sft)" in printed
     report = json.loads((out / "testtime_report.json").read_text())
     assert report["results"]["with"]["niah_single"]["adapted"] is True
+    assert report["results"]["with sft"]["niah_single"]["adapted"] is True
     assert report["results"]["without"]["niah_single"]["num_examples"] == 3
-    assert report["answer_nll"]["with"]["niah_single"] != report["answer_nll"]["without"]["niah_single"]
+    nll = {run: report["answer_nll"][run]["niah_single"] for run in ("without", "with sft", "with")}
+    assert len(set(nll.values())) == 3, nll  # each adaptation changed the weights, differently
     assert "answer NLL" in (out / "testtime_report.md").read_text()
+
+
+def test_testtime_refuses_an_unknown_baseline_mode(tmp_path):
+    with pytest.raises(ValueError, match="baseline_mode='ntp'; choose sft"):
+        load_recipe("testtime").main(["--quick", "--baseline_mode", "ntp", "--output_dir", str(tmp_path)])
 
 
 CPU = ["--use_cpu", "true", "--bf16", "false"]

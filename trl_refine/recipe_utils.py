@@ -8,7 +8,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import datasets
 import torch
 from trl import ModelConfig
 
-from trl_refine.model_loading import load_causal_lm
+from trl_refine.model_loading import load_causal_lm, resolve_model_path
 from trl_refine.models.tiny_configs import FLA_FAMILIES, TRANSFORMERS_HYBRIDS
 
 TINY_MODEL_TYPES = ("refine_delta_net", "lact_swiglu", *FLA_FAMILIES, *TRANSFORMERS_HYBRIDS)
@@ -25,10 +25,19 @@ TINY_MODEL_TYPES = ("refine_delta_net", "lact_swiglu", *FLA_FAMILIES, *TRANSFORM
 @dataclass
 class ModelArguments(ModelConfig):
     """TRL's `trl.ModelConfig` (``--model_name_or_path``, ``--dtype``, ``--model_revision``, ``--attn_implementation``,
-    ``--use_peft``, ``--lora_r``, ...) plus what the recipes add. Without ``model_name_or_path`` a small randomly
-    initialised model is built from a config (``tiny_*``) with ``ByT5Tokenizer()``: nothing is downloaded.
-    ``dtype`` defaults to float32: fp32 master weights, bf16 compute with ``bf16=true`` (the official release)."""
+    ``--use_peft``, ``--lora_r``, ...) plus what the recipes add. ``model_name_or_path`` may name a checkpoint shipped
+    in the package (``trl-refine:<name>``, what the embedded defaults use). Without it, or with ``random_model``, a
+    small randomly initialised model is built from a config (``tiny_*``) with ``ByT5Tokenizer()``: nothing is
+    downloaded. ``dtype`` defaults to float32: fp32 master weights, bf16 compute with ``bf16=true`` (the official
+    release)."""
 
+    random_model: bool = field(
+        default=False,
+        metadata={
+            "help": "Build a randomly initialised model from the tiny_* options instead of loading "
+            "model_name_or_path (e.g. the embedded defaults' shipped checkpoint)."
+        },
+    )
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to the model's."})
     tiny_model_type: str = field(
         default="refine_delta_net",
@@ -55,6 +64,25 @@ class ModelArguments(ModelConfig):
             raise ValueError(f"tiny_model_type={self.tiny_model_type!r}; choose one of {', '.join(TINY_MODEL_TYPES)}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype={self.dtype!r}; choose auto, bfloat16, float16 or float32")
+        if self.model_name_or_path is not None and not self.random_model:
+            changed = [
+                f"{f.name}={getattr(self, f.name)!r}"
+                for f in fields(self)
+                if f.name.startswith("tiny_") and getattr(self, f.name) != f.default
+            ]
+            if changed:
+                raise ValueError(
+                    f"{', '.join(changed)} describe a random model, but model_name_or_path="
+                    f"{self.model_name_or_path!r} is loaded: add --random_model true to build the random model "
+                    "(or drop the tiny_* options)."
+                )
+
+    @property
+    def model_label(self) -> str:
+        """What the reports name as the model: its id, or ``random <tiny_model_type>``."""
+        if self.random_model or self.model_name_or_path is None:
+            return f"random {self.tiny_model_type}"
+        return self.model_name_or_path
 
 
 def peft_config_of(model_args: ModelArguments):
@@ -110,14 +138,15 @@ def tiny_model_config(args: ModelArguments, tokenizer):
 
 
 def build_model_and_tokenizer(args: ModelArguments, *, trust_remote_code: bool = False, seed: int = 0):
-    """A hub / local causal LM and its tokenizer (pad token set to EOS when missing), or, without
-    ``model_name_or_path``, a small randomly initialised model (``tiny_model_config``) with ``ByT5Tokenizer()``."""
+    """A hub / local / packaged (``trl-refine:<name>``) causal LM and its tokenizer (pad token set to EOS when
+    missing), or, without ``model_name_or_path`` or with ``random_model``, a small randomly initialised model
+    (``tiny_model_config``) with ``ByT5Tokenizer()``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer
 
     import trl_refine.models  # noqa: F401  (registers refine_delta_net and lact_swiglu)
 
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    if args.model_name_or_path is None:
+    if args.model_name_or_path is None or args.random_model:
         tokenizer = ByT5Tokenizer()
         config = tiny_model_config(args, tokenizer)
         torch.manual_seed(seed)
@@ -134,7 +163,7 @@ def build_model_and_tokenizer(args: ModelArguments, *, trust_remote_code: bool =
         },
     )
     tokenizer = AutoTokenizer.from_pretrained(
-        args.tokenizer_name_or_path or args.model_name_or_path, trust_remote_code=trust_remote_code
+        resolve_model_path(args.tokenizer_name_or_path or args.model_name_or_path), trust_remote_code=trust_remote_code
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -152,6 +181,11 @@ def save_and_publish(trainer, tokenizer, dataset_name: str | None = None) -> str
     if args.push_to_hub:
         trainer.push_to_hub(dataset_name=dataset_name)
     return os.path.abspath(args.output_dir)
+
+
+def baseline_off(value: str | None) -> str | None:
+    """``--baseline_mode none`` (or an empty value) turns a YAML's baseline arm off from the command line."""
+    return None if value is None or str(value).strip().lower() in ("", "none") else value
 
 
 def split_names(value: str | None) -> list[str]:
@@ -313,6 +347,23 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
     return path
 
 
+def answer_nll_config(output_dir: str, use_cpu: bool, max_prompt_tokens: int | None, add_special_tokens: bool):
+    """The `PostTrainConfig` that measures a gold answer's NLL after a prompt (post-training's tokenization of the
+    answer: separator, EOS) outside post-training. Make it before any trainer: building training arguments resets
+    accelerate's shared state, which a live trainer's accelerator reads."""
+    from trl_refine.posttrain import PostTrainConfig
+
+    return PostTrainConfig(
+        output_dir=output_dir,
+        use_cpu=use_cpu,
+        bf16=False,
+        report_to="none",
+        max_length=None if max_prompt_tokens is None else max_prompt_tokens + 32,
+        long_examples="truncate",
+        prompt_add_special_tokens=add_special_tokens,
+    )
+
+
 def answer_nll_sharded(model, tokenizer, dataset: datasets.Dataset, args, *, lockstep: bool | None = None) -> float:
     """`trl_refine.posttrain.answer_nll` over the examples split across processes, combined (token-weighted);
     ``lockstep`` as in `evaluate_sharded`."""
@@ -342,3 +393,27 @@ def combine_across_processes(total: float, count: float) -> float | None:
     parts = [(total, count)] if world == 1 else gather_object([(total, count)])
     count = sum(c for _, c in parts)
     return sum(t for t, _ in parts) / count if count else None
+
+
+def compare_arms(
+    metric: str,
+    before: float | None,
+    baseline: tuple[str, float | None] | None,
+    main: tuple[str, float | None],
+    num_examples: int,
+    scale: float = 100.0,
+    before_name: str = "before",
+) -> str:
+    """The half of the reports' one-line explanation that compares the arms on ``metric``, from the numbers
+    themselves (one seed and few prompts: the line says so)."""
+    (main_name, main_score) = main
+    parts = [f"{metric} on {num_examples} held-out prompts: {_fmt(before, scale)} {before_name}"]
+    if baseline is not None:
+        parts.append(f"{_fmt(baseline[1], scale)} after {baseline[0]}")
+    parts.append(f"{_fmt(main_score, scale)} after {main_name}")
+    line = ", ".join(parts)
+    if baseline is not None and baseline[1] is not None and main_score is not None:
+        gap = scale * (main_score - baseline[1])
+        verdict = "beat" if gap > 0 else ("tied with" if gap == 0 else "did not beat")
+        line += f". Here {main_name} {verdict} {baseline[0]} ({'+' if gap >= 0 else ''}{gap:.1f})"
+    return line + f"; one seed and {num_examples} prompts, so a difference of one or two prompts is noise."

@@ -1,0 +1,58 @@
+"""The embedded defaults' demo: checkpoints shipped in the package (``trl-refine:<name>``), the explicit switch to a
+random model, and the one-line explanation under the before / baseline / ReFINE tables."""
+
+import pytest
+import torch
+
+from trl_refine import model_loading
+from trl_refine.recipe_utils import ModelArguments, build_model_and_tokenizer, compare_arms
+
+
+def save_tiny_checkpoint(path, hidden_size=32):
+    args = ModelArguments(tiny_hidden_size=hidden_size, tiny_heads=2)
+    model, tokenizer = build_model_and_tokenizer(args, seed=3)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+def test_a_packaged_name_loads_the_checkpoint_from_the_assets_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_loading, "ASSETS_DIR", tmp_path)
+    saved = save_tiny_checkpoint(tmp_path / "demo-x")
+    (tmp_path / "not-a-model").mkdir()
+    assert model_loading.packaged_models() == ["demo-x"]
+    assert model_loading.resolve_model_path("trl-refine:demo-x") == str(tmp_path / "demo-x")
+    assert model_loading.resolve_model_path("fla-hub/delta_net-1.3B-100B") == "fla-hub/delta_net-1.3B-100B"
+
+    args = ModelArguments(model_name_or_path="trl-refine:demo-x")
+    model, tokenizer = build_model_and_tokenizer(args)
+    assert args.model_label == "trl-refine:demo-x" and model.config.hidden_size == 32
+    assert len(tokenizer) == model.config.vocab_size
+    for (name, a), b in zip(model.state_dict().items(), saved.state_dict().values()):
+        assert a.dtype == torch.float32 and torch.equal(a, b), name
+
+
+def test_a_missing_packaged_name_fails_naming_what_is_shipped_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_loading, "ASSETS_DIR", tmp_path)
+    save_tiny_checkpoint(tmp_path / "demo-x")
+    for name in ("trl-refine:nope", "trl-refine:", "trl-refine:demo-x/../demo-x"):
+        with pytest.raises(FileNotFoundError, match=r"shipped: trl-refine:demo-x\).*--random_model true"):
+            model_loading.load_causal_lm(name)
+
+
+def test_tiny_options_beside_a_model_to_load_need_random_model():
+    with pytest.raises(ValueError, match=r"tiny_hidden_size=32 describe a random model.*--random_model true"):
+        ModelArguments(model_name_or_path="trl-refine:tiny-needle", tiny_hidden_size=32)
+    args = ModelArguments(model_name_or_path="trl-refine:not-shipped", random_model=True, tiny_hidden_size=32)
+    model, _ = build_model_and_tokenizer(args)  # nothing is loaded
+    assert model.config.hidden_size == 32 and args.model_label == "random refine_delta_net"
+
+
+def test_the_explanation_compares_the_arms_from_their_numbers():
+    line = compare_arms("string_match_all", 0.25, ("SFT", 0.5), ("Nested ReFINE", 0.375), 8)
+    assert "string_match_all on 8 held-out prompts: 25.0 before, 50.0 after SFT, 37.5 after Nested ReFINE" in line
+    assert "Here Nested ReFINE did not beat SFT (-12.5)" in line
+    assert "Here ReFINE beat ntp (+10.0)" in compare_arms("m", 0.0, ("ntp", 0.1), ("ReFINE", 0.2), 10)
+    assert "tied with" in compare_arms("m", 0.0, ("ntp", 0.0), ("ReFINE", 0.0), 10)
+    no_baseline = compare_arms("m", 0.1, None, ("ReFINE", 0.2), 10, before_name="without adaptation")
+    assert "10.0 without adaptation, 20.0 after ReFINE;" in no_baseline and "Here" not in no_baseline
