@@ -1,6 +1,6 @@
 """Post-training with ReFINE on prompt/answer data: evaluate, post-train, evaluate again, save.
 
-    accelerate launch recipes/posttrain.py                       # embedded default: CPU, a few minutes
+    accelerate launch recipes/posttrain.py                       # embedded default: CPU, under 2 minutes
     accelerate launch recipes/posttrain.py --quick               # the same, shortened for CI (seconds)
     accelerate launch recipes/posttrain.py --dataset_name ../shared/data/ruler/ruler_squadqa_delta_net_4096_200_test.parquet
     accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/posttrain.py \\
@@ -9,10 +9,11 @@
 With no arguments it uses recipes/configs/posttrain_default.yaml: a tiny reference DeltaNet built from a config,
 ``ByT5Tokenizer()`` and a synthetic needle-in-a-haystack QA set generated offline (train and held-out eval sets
 with different needles). ``--posttrain_mode`` picks the row of the paper's post-training table: ``nested``
-(Nested ReFINE), ``nested_sft`` (Nested SFT), ``sft`` (SFT), plus ``joint``. Any option of PostTrainConfig or of
-PosttrainArguments below or of recipe_utils.ModelArguments can be set in the YAML or on the command line. The
-before/after table is printed and written to ``<output_dir>/posttrain_report.md`` (and ``.json`` with every
-prediction).
+(Nested ReFINE), ``nested_sft`` (Nested SFT), ``sft`` (SFT), plus ``joint``; ``--baseline_mode`` trains another
+row from the same base with the same data, steps, learning rate and seed (the default: ``sft``; ``none`` drops it).
+Any option of PostTrainConfig or of PosttrainArguments below or of recipe_utils.ModelArguments can be set in the
+YAML or on the command line. The before / baseline / after table and one line saying what it shows are printed and
+written to ``<output_dir>/posttrain_report.md`` (and ``.json`` with every prediction).
 """
 
 from __future__ import annotations

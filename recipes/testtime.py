@@ -8,8 +8,10 @@
 For each batch of ``batch_size`` prompts: ``steps`` ReFINE passes on the prompts (exact-match reward, 1.0·NTP +
 0.4·PPO-clip, n = 8, k = 5, lr 1e-6 by default), greedy answers (≤ ``max_new_tokens``), then the weights are
 restored bit-exactly (``reset: batch``, default) or kept (``reset: never``, the official behaviour, one process
-only). The same prompts are also answered without adaptation (unless ``--skip_baseline``), and a
-without/with table is printed and written to ``<output_dir>/testtime_report.md`` (``.json`` has every prediction).
+only). The same prompts are also answered without adaptation (unless ``--skip_baseline``) and, with
+``--baseline_mode sft`` (the embedded default's), after the same steps with next-token prediction alone; the
+table and one line saying what it shows are printed and written to ``<output_dir>/testtime_report.md`` (``.json``
+has every prediction).
 Evaluation sets are split over the processes of an ``accelerate launch``.
 """
 
