@@ -38,6 +38,7 @@ from trl_refine.recipe_utils import (
     evaluate_sharded,
     evaluation_context,
     save_and_publish,
+    with_embedded_default,
     write_json,
 )
 from trl_refine.synthetic import synthetic_documents
@@ -135,9 +136,7 @@ def main(argv: list[str] | None = None) -> str:
     logging.basicConfig(format="%(message)s")
     logging.getLogger("trl_refine").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
-    if not any(a.startswith(("--config", "--model_name_or_path")) for a in argv):
-        # the embedded CPU default (tiny model), with any overrides: --max_steps, --tiny_model_type, ...
-        argv = ["--config", DEFAULT_CONFIG, *argv]
+    argv = with_embedded_default(argv, DEFAULT_CONFIG)  # the embedded CPU default, with any overrides
     parser = TrlParser(ARGUMENT_CLASSES)
     model_args, script, args = parser.parse_args_and_config(args=argv)
     check_script(script)

@@ -44,6 +44,7 @@ from trl_refine.recipe_utils import (
     peft_config_of,
     save_and_publish,
     split_names,
+    with_embedded_default,
     write_json,
 )
 
@@ -237,9 +238,7 @@ def explain(model_label: str, script: PosttrainArguments, args: PostTrainConfig,
 
 def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not any(a.startswith(("--config", "--model_name_or_path")) for a in argv):
-        # the embedded CPU default (tiny model), with any overrides: --quick, --dataset_name, --posttrain_mode, ...
-        argv = ["--config", DEFAULT_CONFIG, *argv]
+    argv = with_embedded_default(argv, DEFAULT_CONFIG)  # the embedded CPU default, with any overrides
     parser = TrlParser(ARGUMENT_CLASSES)
     model_args, script, args = parser.parse_args_and_config(args=argv)
     script.baseline_mode = baseline_off(script.baseline_mode)

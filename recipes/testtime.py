@@ -44,6 +44,7 @@ from trl_refine.recipe_utils import (
     evaluate_sharded,
     peft_config_of,
     split_names,
+    with_embedded_default,
     write_json,
 )
 from trl_refine.testtime import TestTimeConfig, TestTimeRefine
@@ -140,8 +141,7 @@ class _WithAnswerNLL:
 
 def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not any(a.startswith(("--config", "--model_name_or_path")) for a in argv):
-        argv = ["--config", DEFAULT_CONFIG, *argv]
+    argv = with_embedded_default(argv, DEFAULT_CONFIG)  # the embedded CPU default, with any overrides
     parser = TrlParser(ARGUMENT_CLASSES)
     model_args, script, cfg = parser.parse_args_and_config(args=argv)
     script.baseline_mode = baseline_off(script.baseline_mode)

@@ -56,3 +56,15 @@ def test_the_explanation_compares_the_arms_from_their_numbers():
     assert "tied with" in compare_arms("m", 0.0, ("ntp", 0.0), ("ReFINE", 0.0), 10)
     no_baseline = compare_arms("m", 0.1, None, ("ReFINE", 0.2), 10, before_name="without adaptation")
     assert "10.0 without adaptation, 20.0 after ReFINE;" in no_baseline and "Here" not in no_baseline
+
+
+def test_the_embedded_default_applies_unless_a_config_or_model_is_named_and_tiny_options_ask_for_the_random_model():
+    from trl_refine.recipe_utils import with_embedded_default
+
+    assert with_embedded_default(["--quick"], "d.yaml") == ["--config", "d.yaml", "--quick"]
+    assert with_embedded_default(["--config", "x.yaml"], "d.yaml") == ["--config", "x.yaml"]
+    assert with_embedded_default(["--model_name_or_path=m"], "d.yaml") == ["--model_name_or_path=m"]
+    tiny = with_embedded_default(["--tiny_hidden_size", "32"], "d.yaml")
+    assert tiny == ["--config", "d.yaml", "--tiny_hidden_size", "32", "--random_model", "true"]
+    own = ["--tiny_hidden_size", "32", "--random_model", "false"]  # then ModelArguments refuses the mix
+    assert with_embedded_default(own, "d.yaml") == ["--config", "d.yaml", *own]

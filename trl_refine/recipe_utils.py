@@ -85,6 +85,17 @@ class ModelArguments(ModelConfig):
         return self.model_name_or_path
 
 
+def with_embedded_default(argv: Sequence[str], default_config: str) -> list[str]:
+    """``argv`` over a recipe's embedded default (``default_config``), unless it names its own ``--config`` or
+    ``--model_name_or_path``. On the embedded default, ``--tiny_*`` options ask for the random tiny model instead of
+    the shipped checkpoint: they imply ``--random_model true``."""
+    argv = list(argv)
+    if any(a.startswith(("--config", "--model_name_or_path")) for a in argv):
+        return argv
+    random = any(a.startswith("--tiny_") for a in argv) and not any(a.startswith("--random_model") for a in argv)
+    return ["--config", default_config, *argv, *(["--random_model", "true"] if random else [])]
+
+
 def peft_config_of(model_args: ModelArguments):
     """TRL's `get_peft_config` (None without ``use_peft``), targeting every linear layer unless
     ``lora_target_modules`` is given: our model types have no PEFT default."""
