@@ -651,3 +651,92 @@ def test_registered_with_auto_classes():
     model = AutoModelForCausalLM.from_config(_config())
     assert isinstance(model, LaCTForCausalLM)
     assert lact.LaCTSWIGLUConfig is LaCTConfig
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One attention window shared by the rollout branches of a prefix
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [4, 8])
+def test_shared_window_branches_equal_copied_branches(window):
+    """G branches per prefix read one copy of its window (never expanded, the same tensor through every call while
+    it is still in the window) and give what G copies give: logits, states and gradients, and the window's
+    gradient is the sum over the G branches, each of which contributes. Window 4 leaves the shared window after
+    3 tokens (the state turns ordinary); row 1 is left-padded and shorter than the window (invalid slots)."""
+    from trl_refine.models.lact import select_states, share_window, shared_window_layout, unshare_window
+
+    model = _model(window_size=window).train()
+    ids = _ids(2, 10)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # row 1: 3 valid tokens
+    prefix = model(ids, attention_mask=mask, use_cache=True).past_key_values.detach()
+    leaves = [{k: (v.clone().requires_grad_() if v.is_floating_point() else v) for k, v in s.items()} for s in prefix]
+    index, G = torch.tensor([1, 0]), 3
+    toks = _ids(2 * G, 5, seed=9)
+    weights = torch.randn(2 * G, 5, VOCAB, generator=torch.Generator().manual_seed(3))
+
+    def run(share: bool):
+        states = share_window(leaves, index, G) if share else select_states(leaves, index.repeat_interleave(G))
+        for s in states:
+            for key in ("attn_k", "attn_v"):
+                s[key].retain_grad()
+        window_k = states[0]["attn_k"]
+        cache = LaCTCache(states)
+        logits, layouts = [], []
+        for a, b in ((0, 2), (2, 3), (3, 4), (4, 5)):  # a 2-token call, then single tokens
+            logits.append(model(toks[:, a:b], past_key_values=cache).logits)
+            layouts.append(shared_window_layout(cache.states))
+            if share and layouts[-1][0] > 1:
+                assert cache.states[0]["attn_k"] is window_k  # no call copies or rebuilds the shared window
+        logits = torch.cat(logits, 1)
+        (logits * weights).sum().backward()
+        return logits, unshare_window(cache.states), states, layouts
+
+    shared, copied = run(True), run(False)
+    assert shared[2][0]["attn_k"].shape[0] == 2 and copied[2][0]["attn_k"].shape[0] == 2 * G
+    assert [g for g, _ in shared[3]] == [G if t < window - 1 else 1 for t in (2, 3, 4, 5)]
+    assert all(layout == (1, 0) for layout in copied[3])
+    _close(shared[0], copied[0])
+    for a, b in zip(shared[1], copied[1]):
+        assert a.keys() == b.keys()
+        for key in a:
+            _close(a[key].float(), b[key].float())
+    for i in range(len(leaves)):
+        for key in ("attn_k", "attn_v"):
+            per_branch = copied[2][i][key].grad.view(2, G, *copied[2][i][key].shape[1:])
+            assert all(per_branch[:, g].abs().sum() > 0 for g in range(G)), "every branch reaches the window"
+            _close(shared[2][i][key].grad, per_branch.sum(1))
+    # the gradients reach the prefix's states (and so the parameters) the same way
+    grads = []
+    for share in (True, False):
+        for s in leaves:
+            for v in s.values():
+                v.grad = None
+        run(share)
+        grads.append(torch.cat([v.grad.flatten() for s in leaves for v in s.values() if v.grad is not None]))
+    _close(grads[0], grads[1])
+
+
+def test_shared_window_state_helpers_and_padding():
+    """Selecting, concatenating or repeating rows of a shared-window state goes through its ordinary layout; a
+    padded call on it is refused with the fix."""
+    from trl_refine.models.lact import select_states, share_window, unshare_window
+
+    model = _model(window_size=8)
+    with torch.no_grad():
+        prefix = model(_ids(2, 9), use_cache=True).past_key_values
+        shared = LaCTCache(share_window(prefix.states, torch.tensor([0, 1]), 2))
+        model(_ids(4, 2, seed=4), past_key_values=shared)
+        ordinary = LaCTCache(unshare_window(shared.states))
+        assert ordinary[0]["attn_k"].shape[0] == 4 and "attn_k_branch" not in ordinary[0]
+        nxt = _ids(4, 1, seed=5)
+        ref = model(nxt, past_key_values=ordinary.snapshot()).logits
+        _close(model(nxt, past_key_values=shared.snapshot()).logits, ref)  # float summation order
+        _close(model(nxt[[3, 0]], past_key_values=shared.select([3, 0])).logits, ref[[3, 0]])
+        _close(model(nxt, past_key_values=LaCTCache.cat([shared.select([0, 1]), shared.select([2, 3])])).logits, ref)
+        assert select_states(shared.states, [2])[0]["attn_k"].shape[0] == 1
+        with pytest.raises(ValueError, match="already shares"):
+            share_window(shared.states, torch.tensor([0]), 2)
+        with pytest.raises(ValueError, match="unshare_window"):
+            model(_ids(4, 2), attention_mask=torch.tensor([[1, 1], [0, 1], [1, 1], [1, 1]]), past_key_values=shared)

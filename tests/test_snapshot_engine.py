@@ -181,7 +181,7 @@ def test_segment_checkpointing_keeps_states_and_gradients_exact(model):
     assert rel(grads[1], grads[0]) < 1e-6
 
 
-def tiny_lact(seed=0, vocab=384):
+def tiny_lact(seed=0, vocab=384, window=16):
     from trl_refine.models.lact import LaCTConfig, LaCTForCausalLM
 
     torch.manual_seed(seed)
@@ -192,7 +192,7 @@ def tiny_lact(seed=0, vocab=384):
         num_attn_heads=2,
         num_lact_heads=2,
         lact_chunk_size=16,
-        window_size=16,
+        window_size=window,
     )
     return LaCTForCausalLM(cfg).float()
 
@@ -424,3 +424,58 @@ def test_rewards_get_hidden_states_only_when_some_reward_reads_them(tmp_path, by
     assert seen and all(r is not None and r.shape[0] == k and t.shape == r.shape for r, t in seen)
     # the built-in exact reward alone needs none: one decode call fewer per step
     assert runs["custom"] - runs["exact"] == 1
+
+
+@pytest.mark.parametrize("window, g", [(16, 3), (4, 2)])
+def test_lact_shared_window_equals_copied_window_and_generic(window, g):
+    """The G branches of a prefix read one copy of its attention window (the default): rollouts, log-probs, hidden
+    states and gradients equal those of G copies and of the generic engine (fp32), and the branch call's backward
+    keeps (G-1)/G of the copied windows fewer. Window 4 < k: the branches leave the shared window while decoding."""
+    from trl_refine.modeling_utils import ensure_fused_lm_head
+    from trl_refine.rollout.state import LaCTStateAdapter
+
+    model = tiny_lact(seed=2, window=window)
+    ensure_fused_lm_head(model)
+    docs = batch((120, 90), seed=6)
+    k, n = 5, 3
+    engines = {
+        "share": SnapshotEngine(),
+        "copy": SnapshotEngine(adapter=LaCTStateAdapter(share_prefix_kv=False)),
+        "generic": GenericEngine(),
+    }
+    with torch.no_grad():
+        scan = engines["generic"].scan(model, docs)
+        pos = select_positions(scan.entropy, docs.attention_mask, num_chunks=n, rollout_length=k, margin=8)
+    plan = RolloutPlan(pos, g, k)
+    adv = torch.linspace(-1, 1, plan.num_rows)
+    results = {}
+    for name, engine in engines.items():
+        with torch.no_grad():
+            out = engine.generate(model, docs, plan, torch.Generator().manual_seed(5))
+        saved: dict[int, int] = {}
+
+        def pack(t, saved=saved):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fwd = engine.forward_train(model, docs, plan, out.completion_ids)
+        m = docs.label_mask()
+        (-(fwd.doc_logps * m).sum() / m.sum() - (adv[:, None] * fwd.rollout_logps).mean()).backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results[name] = (out, fwd, grad, sum(saved.values()))
+    assert engines["share"]._adapter(model).share_prefix_kv
+    for other in ("copy", "generic"):
+        (o1, f1, g1, _), (o2, f2, g2, _) = results["share"], results[other]
+        assert torch.equal(o1.completion_ids, o2.completion_ids)
+        assert rel(o1.old_logps, o2.old_logps) < 1e-5
+        assert rel(o1.hidden_states, o2.hidden_states) < 1e-5
+        assert rel(f1.rollout_logps, f2.rollout_logps) < 1e-5
+        assert rel(f1.doc_logps, f2.doc_logps) < 1e-5
+        assert rel(g1, g2) < 1e-5
+    cfg = model.config
+    window_bytes = 2 * cfg.num_hidden_layers * cfg.hidden_size * (window - 1) * 4  # K and V of one row, all layers
+    fewer = results["copy"][3] - results["share"][3]
+    print(f"saved for backward: {results['copy'][3]} B copied, {results['share'][3]} B shared")
+    assert fewer >= 0.9 * (plan.num_rows - plan.num_rows // g) * window_bytes

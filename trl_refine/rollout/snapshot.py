@@ -216,15 +216,15 @@ class SnapshotEngine(RolloutEngine):
         return outs[0], tree_unflatten(list(outs[1:]), out_spec[0])
 
     def _branch_rows(self, snapshots: list[State], plan: RolloutPlan) -> State:
-        """States of all B·n·G rollout rows (doc → chunk → rollout), copied from the snapshots."""
+        """States of all B·n·G rollout rows (doc → chunk → rollout), copied from the snapshots (the adapter may give
+        the G rows of one prefix one shared copy of parts that no call writes, `FlaStateAdapter.branch_rows`)."""
         adapter = self.adapter
         bsz, n = plan.positions.shape
         stacked = adapter.concat(snapshots)  # row j * B + b
         device = plan.positions.device  # built where the states are: a host index would be copied once per tensor
         b = torch.arange(bsz, device=device).repeat_interleave(n)
         j = torch.arange(n, device=device).repeat(bsz)
-        index = (j * bsz + b).repeat_interleave(plan.num_rollouts)
-        return adapter.select_rows(stacked, index)
+        return adapter.branch_rows(stacked, j * bsz + b, plan.num_rollouts)
 
     @staticmethod
     def _prefix_end_hidden(doc_hidden: torch.Tensor, plan: RolloutPlan) -> torch.Tensor:

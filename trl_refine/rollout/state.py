@@ -3,7 +3,9 @@
 A *snapshot* is a list (one entry per layer) of the layer's state dict, holding tensors with the batch on dim 0
 (nested in tuples for conv states). Snapshots are references, not copies: caches of the supported models rebind
 new tensors instead of writing into old ones, except fla's single-token no-grad conv step, so every cache built from
-a snapshot goes through `select_rows`, which copies.
+a snapshot goes through `select_rows`, which copies. The one exception is LaCT's attention window, which
+`LaCTStateAdapter.branch_rows` gives the G rollout branches of a prefix as one shared copy (LaCT writes nothing in
+place).
 """
 
 from __future__ import annotations
@@ -87,6 +89,12 @@ class FlaStateAdapter:
     def concat(states: list[State]) -> State:
         return zip_tensors(states, lambda ts: torch.cat(ts, dim=0))
 
+    def branch_rows(self, state: State, index: torch.Tensor, group: int) -> State:
+        """The state of the rollout branches: rows ``r*group .. r*group+group-1`` continue row ``index[r]`` of
+        ``state``. Here every tensor is copied per branch (`select_rows`); adapters whose models can read one copy
+        per prefix (an attention window) override it."""
+        return self.select_rows(state, index.repeat_interleave(group))
+
     @staticmethod
     def scatter_rows(state: State, index: torch.Tensor, rows: State) -> State:
         """``state`` with rows ``index`` replaced by ``rows`` (out of place, differentiable)."""
@@ -102,8 +110,20 @@ class LaCTStateAdapter(FlaStateAdapter):
 
     packing = "padded"
 
+    def __init__(self, share_prefix_kv: bool = True):
+        #: the G branches of one prefix read one copy of its attention window (`trl_refine.models.lact.share_window`)
+        #: instead of G copies; equal up to float summation order (docs/lact.md), False copies it per branch
+        self.share_prefix_kv = share_prefix_kv
+
     def snapshot(self, cache) -> State:
         return [dict(layer) for layer in cache.states]
+
+    def branch_rows(self, state: State, index: torch.Tensor, group: int) -> State:
+        if not self.share_prefix_kv or group == 1:
+            return super().branch_rows(state, index, group)
+        from trl_refine.models.lact import share_window
+
+        return share_window(state, index, group)
 
     def build_cache(self, state: State):
         from trl_refine.models.lact import LaCTCache

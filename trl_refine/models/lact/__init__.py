@@ -24,7 +24,10 @@ from .state import (
     map_states,
     repeat_interleave_states,
     select_states,
+    share_window,
+    shared_window_layout,
     snapshot_states,
+    unshare_window,
 )
 
 AutoConfig.register(LaCTConfig.model_type, LaCTConfig, exist_ok=True)
@@ -51,6 +54,9 @@ __all__ = [
     "map_states",
     "repeat_interleave_states",
     "select_states",
+    "share_window",
+    "shared_window_layout",
     "snapshot_states",
     "tokens_in_chunk",
+    "unshare_window",
 ]

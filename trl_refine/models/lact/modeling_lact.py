@@ -29,7 +29,7 @@ from transformers.utils import logging
 
 from .configuration_lact import LaCTConfig
 from .fast_weight import BASE_LR_INV, FastWeightSpec, make_schedule, run_fast_weights
-from .state import LaCTCache
+from .state import LaCTCache, shared_window_layout
 
 logger = logging.get_logger(__name__)
 
@@ -135,6 +135,8 @@ class _ForwardPlan:
         pos0: list[int],
         has_state: bool,
         device: torch.device,
+        group: int = 1,
+        branch_len: int = 0,
     ):
         self.batch_size, self.seq_len = batch_size, seq_len
         self.n_valid_t, self.pos0_t = n_valid_t, pos0_t
@@ -148,9 +150,13 @@ class _ForwardPlan:
         W = config.window_size
         self.window = W
         self.cache_valid = None
-        if has_state and W > 1 and min(pos0) < W - 1:
-            # slot i of the cached window holds position pos0 - (W-1) + i; it is real iff that is >= 0
-            self.cache_valid = torch.arange(W - 1, device=device)[None, :] >= (W - 1 - pos0_t)[:, None]
+        #: a state whose window is shared by groups of ``group`` consecutive rows (see `.state.share_window`): the
+        #: rows have fed ``branch_len`` tokens each since the shared window's position
+        self.group, self.branch_len = group, branch_len
+        window_pos = pos0_t[::group] - branch_len  # position after the (shared) window's last slot
+        if has_state and W > 1 and min(pos0) - branch_len < W - 1:
+            # slot i of the cached window holds position window_pos - (W-1) + i; it is real iff that is >= 0
+            self.cache_valid = torch.arange(W - 1, device=device)[None, :] >= (W - 1 - window_pos)[:, None]
         self.cache_index = n_valid_t[:, None] + torch.arange(max(W - 1, 0), device=device)[None, :]
         self._rope: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -172,18 +178,26 @@ def _sliding_window_attention(
     v_cache: torch.Tensor | None,
     window: int,
     cache_valid: torch.Tensor | None,
+    branch_len: int = 0,
 ) -> torch.Tensor:
     """Causal sliding-window attention, head-major: ``q, k, v: [B, H, T, hd]`` (post-RoPE), optional cached window
     ``k_cache, v_cache: [B, H, W-1, hd]`` holding the ``W-1`` tokens before the segment (slot ``c`` sits at offset
     ``c - (W-1)``; slots marked False in ``cache_valid [B, W-1]`` are ignored). Query i sees the keys at offsets
     ``(i - window, i]``. Returns ``[B, H, T, hd]``.
 
+    A window shared by groups of G consecutive rows (``k_cache: [B/G, H, W-1, hd]``, `.state.share_window`) comes
+    with ``k, v: [B, H, branch_len + T, hd]``: each row's own tokens since the window, this call's last; the
+    queries are the last T of them.
+
     * no cache, ``T <= W``: one causal SDPA call;
-    * cache and a short segment (decode, rollout branches): scores against the cache and against the segment are
-      computed separately and softmaxed jointly, so the window is never copied (or saved twice for backward);
+    * cache and a short segment (decode, rollout branches), or a shared window: scores against the cache and
+      against the segment are computed separately and softmaxed jointly, so the window is never copied (or saved
+      twice for backward);
     * otherwise: SDPA over query blocks of ``max(W, 64)`` with a banded boolean mask (memory O(T * W)).
     """
     B, H, T, hd = q.shape
+    if k_cache is not None and (k_cache.shape[0] != B or branch_len):
+        return _attend_cache_and_segment(q, k, v, k_cache, v_cache, window, cache_valid, branch_len)
     if k_cache is None:
         cache_len = 0
         if q.shape[2] <= window:
@@ -211,23 +225,39 @@ def _sliding_window_attention(
     return torch.cat(outs, dim=2)
 
 
-def _attend_cache_and_segment(q, k, v, k_cache, v_cache, window, cache_valid):
+def _attend_cache_and_segment(q, k, v, k_cache, v_cache, window, cache_valid, branch_len=0):
+    """Queries ``q [B, H, T, hd]`` (the last T of the segment ``k, v [B, H, S, hd]``, ``S = branch_len + T``)
+    against the cached window and the segment, one softmax over both. The window may be shared by groups of
+    ``G = B / P`` consecutive rows (``k_cache: [P, H, W-1, hd]``, ``cache_valid [P, W-1]``): their queries are then
+    stacked along the query axis, so each group reads its one window (and the backward sums the G rows' gradients
+    into it) without it ever being expanded."""
     B, H, T, hd = q.shape
-    cache_len = k_cache.shape[2]
+    P, cache_len, S = k_cache.shape[0], k_cache.shape[2], k.shape[2]
+    G = B // P
     scale = hd**-0.5
-    s_cache = (q @ k_cache.to(q.dtype).mT).float() * scale  # [B, H, T, W-1]
-    s_seg = (q @ k.mT).float() * scale  # [B, H, T, T]
-    i = torch.arange(T, device=q.device)[:, None]
+
+    def grouped(x):  # [B, H, T, X] -> [P, H, G*T, X] (a view when G == 1)
+        return x if G == 1 else x.view(P, G, H, T, -1).transpose(1, 2).reshape(P, H, G * T, -1)
+
+    def ungrouped(x):  # inverse of grouped
+        return x if G == 1 else x.view(P, H, G, T, -1).transpose(1, 2).reshape(B, H, T, -1)
+
+    s_cache = (grouped(q) @ k_cache.to(q.dtype).mT).float() * scale  # [P, H, G*T, W-1]
+    s_seg = (q @ k.mT).float() * scale  # [B, H, T, S]
+    i = torch.arange(T, device=q.device)[:, None] + branch_len  # the queries' offsets after the window
     c = torch.arange(cache_len, device=q.device)[None, :]
-    ok_cache = (i - (c - cache_len) < window)[None, None]  # causal by construction
+    ok_cache = (i - (c - cache_len) < window).repeat(G, 1)[None, None]  # causal by construction
     if cache_valid is not None:
         ok_cache = ok_cache & cache_valid[:, None, None, :]
-    j = torch.arange(T, device=q.device)[None, :]
+    j = torch.arange(S, device=q.device)[None, :]
     ok_seg = ((j <= i) & (i - j < window))[None, None]
     s_cache = s_cache.masked_fill(~ok_cache, float("-inf"))
     s_seg = s_seg.masked_fill(~ok_seg, float("-inf"))
-    probs = torch.cat([s_cache, s_seg], dim=-1).softmax(dim=-1).to(v.dtype)
-    return probs[..., :cache_len] @ v_cache.to(v.dtype) + probs[..., cache_len:] @ v
+    probs = torch.cat([s_cache, grouped(s_seg)], dim=-1).softmax(dim=-1).to(v.dtype)
+    out_cache = probs[..., :cache_len] @ v_cache.to(v.dtype)  # [P, H, G*T, hd]
+    if G == 1:
+        return out_cache + probs[..., cache_len:] @ v
+    return ungrouped(out_cache) + ungrouped(probs[..., cache_len:]) @ v
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -332,9 +362,13 @@ class LaCTAttention(nn.Module):
         ka = _apply_rope(k.view(B, T, H, hd), cos, sin).transpose(1, 2)
         va = v.view(B, T, H, hd).transpose(1, 2)
         k_cache = v_cache = None
+        ks, vs = ka, va  # the segment's keys / values: with a shared window, the branch's tokens since it
         if state is not None and W > 1:
             k_cache, v_cache = state["attn_k"], state["attn_v"]
-        o_attn = _sliding_window_attention(qa, ka, va, k_cache, v_cache, W, plan.cache_valid)
+            if plan.group > 1 or plan.branch_len:
+                ks = torch.cat([state["attn_k_branch"].to(ka.dtype), ka], dim=2)
+                vs = torch.cat([state["attn_v_branch"].to(va.dtype), va], dim=2)
+        o_attn = _sliding_window_attention(qa, ks, vs, k_cache, v_cache, W, plan.cache_valid, plan.branch_len)
         o_attn = o_attn.transpose(1, 2).reshape(B, T, D)
 
         # ---- fast-weight branch
@@ -376,6 +410,13 @@ class LaCTAttention(nn.Module):
         if not need_state:
             return out, None
         new_state = {"pos": plan.pos0_t + plan.n_valid_t}
+        if ks is not ka:  # shared window: it stays shared (by reference) while it is still in every row's window
+            if ks.shape[2] < W - 1:
+                new_state.update(attn_k=k_cache, attn_v=v_cache, attn_k_branch=ks, attn_v_branch=vs)
+            else:  # the window now holds the row's own tokens only
+                new_state.update(attn_k=ks[:, :, 1 - W :], attn_v=vs[:, :, 1 - W :])
+            new_state.update({f"fw_{key}": val for key, val in new_fw.items()})
+            return out, new_state
         if k_cache is None:
             k_cache = ka.new_zeros(B, H, W - 1, hd)
             v_cache = va.new_zeros(B, H, W - 1, hd)
@@ -806,7 +847,15 @@ class LaCTModel(LaCTPreTrainedModel):
             def restore(x: torch.Tensor) -> torch.Tensor:
                 return x
 
-        plan = _ForwardPlan(self.config, B, T, n_valid_t, pos0_t, n_valid, pos0, states is not None, device)
+        group, branch_len = shared_window_layout(states) if states is not None else (1, 0)
+        if (group > 1 or branch_len) and compact:
+            raise ValueError(
+                "a state whose attention window is shared between rows (share_window) takes no padded tokens: every "
+                "row must feed the same number of tokens (pass no attention_mask, or unshare_window(states) first)"
+            )
+        plan = _ForwardPlan(
+            self.config, B, T, n_valid_t, pos0_t, n_valid, pos0, states is not None, device, group, branch_len
+        )
         all_hidden = [] if output_hidden_states else None
         new_states = []
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()

@@ -21,6 +21,12 @@ key                 shape / dtype            meaning
 ``fw_msum``         ``[B, n]`` float32       sum of the momentum gate over the current chunk (only with momentum)
 ==================  =======================  =========================================================================
 
+**Shared window.** The G rollout branches of one prefix start from the same window. `share_window` gives them one
+copy: ``attn_k`` / ``attn_v`` then have ``B / G`` rows (row ``r`` of the state reads window row ``r // G``), and
+``attn_k_branch`` / ``attn_v_branch`` ``[B, H, t, hd]`` hold each row's own ``t`` tokens since the window. Model calls
+keep the window shared (the same tensors) until ``t`` reaches ``W-1``, then return an ordinary window.
+`unshare_window` materialises the ordinary layout (the helpers that select or concatenate rows call it).
+
 The number of tokens in the current chunk is ``tokens_in_chunk(pos, C)``: 0 at ``pos == 0``, else in ``[1, C]``; ``C``
 means the chunk is full and is applied before the next token.
 
@@ -42,7 +48,10 @@ __all__ = [
     "map_states",
     "repeat_interleave_states",
     "select_states",
+    "share_window",
+    "shared_window_layout",
     "snapshot_states",
+    "unshare_window",
 ]
 
 LayerState = dict[str, torch.Tensor]
@@ -51,6 +60,51 @@ LayerState = dict[str, torch.Tensor]
 def map_states(states: Sequence[LayerState], fn: Callable[[torch.Tensor], torch.Tensor]) -> list[LayerState]:
     """Apply ``fn`` to every tensor; returns new dicts."""
     return [{key: fn(val) for key, val in layer.items()} for layer in states]
+
+
+def shared_window_layout(states: Sequence[LayerState]) -> tuple[int, int]:
+    """``(G, t)`` of a state whose window is shared by groups of G rows that fed t tokens since; ``(1, 0)`` for an
+    ordinary state."""
+    for layer in states:
+        if "attn_k_branch" in layer:
+            return layer["pos"].shape[0] // layer["attn_k"].shape[0], layer["attn_k_branch"].shape[2]
+    return 1, 0
+
+
+def share_window(states: Sequence[LayerState], index: torch.Tensor, group: int) -> list[LayerState]:
+    """The state of ``len(index) * group`` rows where rows ``r*group .. r*group+group-1`` continue row ``index[r]``
+    of ``states``: every tensor is selected per row, except the attention window, selected once per group and
+    shared (see the module doc). Differentiable: the gradients of all rows of a group reach the one window."""
+    if shared_window_layout(states) != (1, 0):
+        raise ValueError("share_window needs an ordinary state (this one already shares its window)")
+    rows = index.repeat_interleave(group)
+    out = []
+    for layer in states:
+        new = {key: val.index_select(0, rows) for key, val in layer.items() if key not in ("attn_k", "attn_v")}
+        if "attn_k" in layer:
+            for key in ("attn_k", "attn_v"):
+                window = layer[key].index_select(0, index)
+                new[key] = window
+                new[f"{key}_branch"] = window.new_zeros(rows.numel(), window.shape[1], 0, window.shape[3])
+        out.append(new)
+    return out
+
+
+def unshare_window(states: Sequence[LayerState]) -> list[LayerState]:
+    """The ordinary layout of a state (a copy of the window per row); an ordinary state is returned as it is."""
+    group, _ = shared_window_layout(states)
+    if group == 1 and not any("attn_k_branch" in layer for layer in states):
+        return list(states)
+    out = []
+    for layer in states:
+        new = {key: val for key, val in layer.items() if not key.endswith("_branch")}
+        for key in ("attn_k", "attn_v"):
+            if f"{key}_branch" in layer:
+                window = layer[key].repeat_interleave(group, dim=0)
+                slots = window.shape[2]
+                new[key] = torch.cat([window, layer[f"{key}_branch"].to(window.dtype)], dim=2)[:, :, -slots:]
+        out.append(new)
+    return out
 
 
 def snapshot_states(states: Sequence[LayerState]) -> list[LayerState]:
@@ -69,17 +123,17 @@ def select_states(states: Sequence[LayerState], index: torch.Tensor | Sequence[i
         idx = torch.as_tensor(index, dtype=torch.long, device=t.device)
         return t.index_select(0, idx)
 
-    return map_states(states, fn)
+    return map_states(unshare_window(states), fn)
 
 
 def repeat_interleave_states(states: Sequence[LayerState], repeats: int | torch.Tensor) -> list[LayerState]:
     """Row b becomes rows ``b*G .. b*G+G-1`` (``repeats`` may also be a per-row tensor)."""
-    return map_states(states, lambda t: t.repeat_interleave(repeats, dim=0))
+    return map_states(unshare_window(states), lambda t: t.repeat_interleave(repeats, dim=0))
 
 
 def cat_states(parts: Sequence[Sequence[LayerState]]) -> list[LayerState]:
     """Concatenate states of several batches along the batch dim (same model, same keys)."""
-    parts = [list(p) for p in parts]
+    parts = [unshare_window(p) for p in parts]
     if not parts:
         raise ValueError("cat_states needs at least one state")
     n_layers = len(parts[0])
