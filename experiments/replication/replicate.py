@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from typing import Any
@@ -32,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tasks  # noqa: E402
 
 log = logging.getLogger("replication")
+REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 PHASES = ("pretrain", "midtrain", "posttrain", "testtime", "report")
 MIDTRAIN_ARMS = ("ntp", "refine_cosine", "refine_exact", "ntp_equal_time")
@@ -276,6 +278,36 @@ class DocumentStream(torch.utils.data.IterableDataset):
         )
 
 
+def import_base(cfg: dict, out: str, device: str, held: HeldOut, tok, src: str) -> None:
+    """Start from a given base checkpoint instead of pretraining (run 2: ``pretrain.checkpoint`` or ``--base``):
+    copy it to ``<out>/pretrain/base`` (unless the weights are there already) and score it on the held-out sets."""
+    path = base_path(out)
+    if not os.path.isabs(src):
+        src = os.path.join(REPO, src)
+    if not os.path.exists(os.path.join(src, "config.json")):
+        raise SystemExit(f"base checkpoint {src}: no config.json (pass a folder written by save_pretrained)")
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        shutil.copytree(src, path, dirs_exist_ok=True)
+    model = load_model(path, device)
+    build = (
+        read_json(os.path.join(src, "build_log.json")) if os.path.exists(os.path.join(src, "build_log.json")) else {}
+    )
+    curve = build.get("curve", [])
+    result = {
+        "params": sum(x.numel() for x in model.parameters()),
+        "source": os.path.relpath(src, REPO) if src.startswith(REPO) else src,
+        "train": {
+            "steps": curve[-1]["step"] if curve else None,
+            "wall_s": 60 * curve[-1]["minutes"] if curve else None,
+            "build": {k: build[k] for k in ("config", "result", "arguments") if k in build},
+        },
+        "validation_curve": curve,
+        "eval_device": device,
+        "eval": evaluate_model(model, tok, held, device),
+    }
+    write_json(os.path.join(path, "result.json"), result)
+
+
 def phase_pretrain(cfg: dict, out: str, device: str, held: HeldOut, tok) -> None:
     path = os.path.join(out, "pretrain", "base")
     if os.path.exists(os.path.join(path, "result.json")):
@@ -287,6 +319,8 @@ def phase_pretrain(cfg: dict, out: str, device: str, held: HeldOut, tok) -> None
             write_json(os.path.join(path, "result.json"), result)
         return
     p = cfg["pretrain"]
+    if p.get("checkpoint"):
+        return import_base(cfg, out, device, held, tok, p["checkpoint"])
     seed_everything(p["seed"])
     model = new_model(cfg, tok, device)
     lengths = p.get("lengths", cfg["data"]["train_lengths"])
@@ -582,8 +616,12 @@ def phase_report(cfg: dict, out: str) -> str:
     lines = [
         f"# Replication results: {cfg['name']}\n",
         f"Base model: {cfg['model'].get('kind', 'refine_delta_net')} {base['params'] / 1e6:.2f}M params, "
-        f"pretrained {base['train']['steps']} steps ({base['train']['wall_s']:.0f} s). "
-        f"Base on the held-out grid: NIAH avg {base['eval']['niah_avg']:.1f}, doc-QA {base['eval']['doc_qa']:.1f}, "
+        + (
+            f"from `{base['source']}` ({base['train']['steps']} pretraining steps). "
+            if base.get("source")
+            else f"pretrained {base['train']['steps']} steps ({base['train']['wall_s']:.0f} s). "
+        )
+        + f"Base on the held-out grid: NIAH avg {base['eval']['niah_avg']:.1f}, doc-QA {base['eval']['doc_qa']:.1f}, "
         f"held-out NTP loss {base['eval']['heldout_ntp_loss']:.4f}.\n",
     ]
     summary: dict[str, Any] = {"base": base["eval"], "phases": {}}
@@ -714,6 +752,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the YAML's)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: the YAML's, else cpu)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    ap.add_argument("--base", default=None, help="start every arm from this checkpoint (sets pretrain.checkpoint)")
     ap.add_argument("--pretrain_seconds", type=float, default=None, help="override pretrain.max_seconds")
     ap.add_argument(
         "--pretrain_workers", type=int, default=None, help="streamed pretraining: document-generating workers"
@@ -725,6 +764,8 @@ def main(argv: list[str] | None = None) -> str:
     with open(a.config) as f:
         cfg = yaml.safe_load(f)
     device = a.device or cfg.get("device", "cpu")
+    if a.base is not None:
+        cfg["pretrain"]["checkpoint"] = a.base
     if a.pretrain_seconds is not None:
         cfg["pretrain"]["max_seconds"] = a.pretrain_seconds
     if a.pretrain_workers is not None:

@@ -1,139 +1,381 @@
-"""Pretrain a tiny reference DeltaNet for the embedded CPU defaults' needle task (issue 13 item 4; not shipped yet:
-no run so far retrieved a held-out needle, see docs/replication.md).
+"""Pretrain tiny fast-weight bases that retrieve (issue 13 item 1(a)): several configurations in lockstep on the
+same stream of fresh retrieval documents, each checked on a *validation* set, one chosen by a rule fixed in advance.
 
-Plain next-token prediction on a stream of fresh synthetic needle documents (``generate_niah``, the same
-template, essay haystack and 7-digit values as the recipes' embedded default; no document is ever repeated), short
-contexts so that a 2-layer DeltaNet learns associative recall within minutes on a CPU. Every ``--eval_every`` steps
-it scores greedy needle accuracy on a held-out set (a seed no training document uses) and stops as soon as the
-accuracy is inside ``[--target_low, --target_high]`` (a base that post-training can still move), or at
-``--max_steps`` / ``--max_minutes``. fp32, fixed seed, one thread by default::
+Why the earlier bases retrieved nothing (docs/replication.md): 3000 fixed documents were memorised, and a stream of
+one-needle documents gave the 7 value bytes of ~450 too little weight for a 2-layer model to discover copying. Here:
 
-    nice -n 10 python experiments/tiny_base/pretrain.py --output_dir outputs/tiny_needle_base
+* every document is fresh (``retrieval_data.Stream``: dense multi-fact documents, RULER prompts of the four NIAH
+  families, doc-QA, the recipes' default format), so nothing can be memorised;
+* the *answer bytes* (the retrieved values) weigh ``value_weight`` times the other bytes in the NTP loss;
+* a curriculum on length: the longest document grows from ``--start_length`` to ``--max_length`` over the first
+  ``--ramp`` fraction of the steps;
+* the loss also reports the answer-byte NLL on fixed validation documents (chance for a digit is ln 10 = 2.30).
+
+Validation (never the replication's held-out grid, whose text is another dataset): ``val_rep`` = the replication's
+own pretraining validation set (``tasks.mixed_examples(split="train", seed=999)``: NIAH families + doc-QA, 800-1200
+bytes, train text) and ``val_default`` = 32 prompts of the recipes' embedded default (NIAH single, essay haystack,
+700 bytes, generator seed 12345; the recipes use seeds 1 and 2). ``V`` = mean of the two scores (greedy, RULER
+string_match_all, ×100).
+
+Rule (fixed before the sweep ran): each configuration stops at its first check with ``V >= --stop_score`` (that
+checkpoint is its result) or at the time cap (its last check). Across configurations the chosen base is the one
+whose result has the highest ``V`` within ``[--target_low, --target_high]``; if none is inside, the one closest to
+that range (ties: fewer parameters). The chosen model is saved as the pure-PyTorch reference DeltaNet
+(``refine_delta_net``, converted from fla on a GPU: ``trl_refine.models.delta_net.convert``).
+
+    # CPU sanity check (reference DeltaNet, one thread):
+    nice -n 10 python experiments/tiny_base/pretrain.py --device cpu --sweep h64l2 --max_minutes 5 --out /tmp/tb
+    # GPU sweep (fla DeltaNet, bf16 autocast, fp32 weights):
+    python experiments/tiny_base/pretrain.py --device cuda --sweep default --max_minutes 5 --workers 12 --out runs/tb
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import logging
+import math
 import os
-import random
+import shutil
+import sys
 import time
 
 import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "replication"))
+import retrieval_data  # noqa: E402
+
+from trl_refine.models.delta_net.convert import reference_from_fla  # noqa: E402
+
+log = logging.getLogger("tiny_base")
+
+# name -> (hidden, layers, heads, intermediate (None: fla's rule), lr, value_weight)
+SWEEPS = {
+    "default": {
+        "h128l2": (128, 2, 2, None, 2e-3, 4.0),
+        "h128l4": (128, 4, 2, 256, 2e-3, 4.0),
+        "h192l4": (192, 4, 3, 384, 1.5e-3, 4.0),
+        "h128l4_w1": (128, 4, 2, 256, 2e-3, 1.0),  # control: no answer weighting
+        "h128l4_w10": (128, 4, 2, 256, 2e-3, 10.0),
+    },
+    "h64l2": {"h64l2": (64, 2, 1, 128, 3e-3, 4.0)},
+    "smoke": {"h32l1": (32, 1, 1, 64, 3e-3, 4.0)},
+}
 
 
-def documents(tokenizer, step: int, batch_size: int, lengths: tuple[int, int], seed: int) -> list[list[int]]:
-    """``batch_size`` fresh documents (prompt + " " + needle value + "."), a different generator seed per step."""
-    from trl_refine.eval import generate_niah
-
-    rng = random.Random(seed * 1_000_003 + step)
-    length = rng.randint(*lengths)
-    ds = generate_niah(
-        "single", num_examples=batch_size, context_length=length, tokenizer=None, haystack="essay",
-        seed=10_000 + seed * 1_000_003 + step,
-    )  # fmt: skip
-    return [
-        tokenizer(f"{p} {a[0]}.", add_special_tokens=False)["input_ids"] for p, a in zip(ds["prompt"], ds["answer"])
-    ]
-
-
-def batch_tensors(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        labels[i, : len(r)] = torch.tensor(r)
-    return ids, labels
+def model_fields(hidden: int, layers: int, heads: int, intermediate: int | None) -> dict:
+    """Config fields shared by fla's DeltaNetConfig and the reference RefDeltaNetConfig (byte vocabulary)."""
+    return dict(
+        vocab_size=384,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_heads=heads,
+        intermediate_size=intermediate,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        fuse_cross_entropy=False,
+    )
 
 
-@torch.no_grad()
-def needle_accuracy(model, tokenizer, eval_set) -> float:
-    """Greedy decoding, RULER string_match_all, the scorer the recipes report."""
-    from trl_refine.eval.niah import niah_score
+def new_model(fields: dict, device: str):
+    """fla DeltaNet on CUDA (its Triton kernels), the reference DeltaNet (pure PyTorch) elsewhere: the same function
+    and parameter names (tests/gpu/test_gpu_parity.py::test_reference_delta_net_matches_fla)."""
+    if device.startswith("cuda"):
+        from fla.models import DeltaNetConfig, DeltaNetForCausalLM
 
-    model.eval()
-    hits = 0.0
-    for prompt, answer in zip(eval_set["prompt"], eval_set["answer"]):
-        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-        out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        hits += niah_score(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), answer)
-    model.train()
-    return 100.0 * hits / len(eval_set)
+        return DeltaNetForCausalLM(DeltaNetConfig(**fields)).to(device)
+    import trl_refine.models  # noqa: F401
+    from trl_refine.models.delta_net import RefDeltaNetConfig, RefDeltaNetForCausalLM
+
+    return RefDeltaNetForCausalLM(RefDeltaNetConfig(**fields)).to(device)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", default="outputs/tiny_needle_base")
-    p.add_argument("--hidden_size", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--min_length", type=int, default=450, help="Shortest training prompt (characters = bytes).")
-    p.add_argument("--max_length", type=int, default=700, help="Longest training prompt.")
-    p.add_argument("--eval_length", type=int, default=700, help="Held-out prompt length (the default's).")
-    p.add_argument("--eval_examples", type=int, default=32)
-    p.add_argument("--learning_rate", type=float, default=3e-3)
-    p.add_argument("--max_steps", type=int, default=3000)
-    p.add_argument("--max_minutes", type=float, default=15.0)
-    p.add_argument("--eval_every", type=int, default=100)
+class Batches(torch.utils.data.IterableDataset):
+    """Batch ``b`` is a function of (seed, b) alone and is built by worker ``b % workers`` (the DataLoader takes
+    workers in turn), so the stream does not depend on the number of workers. The length range of batch ``b``
+    follows the curriculum."""
+
+    def __init__(self, seed: int, batch: int, curriculum, mix=None):
+        self.seed, self.batch, self.curriculum, self.mix = seed, batch, curriculum, mix
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, n = (0, 1) if info is None else (info.id, info.num_workers)
+        b = w
+        while True:
+            yield self.make(b)
+            b += n
+
+    def make(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = retrieval_data.Stream(self.seed * 1_000_003 + b, lengths=self.curriculum(b), mix=self.mix)
+        docs = [next(s) for _ in range(self.batch)]
+        width = max(len(ids) for ids, _ in docs)
+        ids = torch.zeros((len(docs), width), dtype=torch.long)
+        weight = torch.zeros((len(docs), width), dtype=torch.int8)  # 0 pad, 1 text, 2 answer byte
+        for i, (x, m) in enumerate(docs):
+            ids[i, : len(x)] = torch.tensor(x)
+            weight[i, : len(x)] = 1 + torch.tensor(m, dtype=torch.int8)
+        return ids, weight
+
+
+DIGITS = (ord("0") + 3, ord("9") + 3)  # ByT5 ids of the digits
+
+
+def weighted_loss(logits: torch.Tensor, ids: torch.Tensor, kind: torch.Tensor, value_weight: float):
+    """NTP loss with answer bytes weighted ``value_weight``; also the plain text and answer-byte NLLs."""
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    kind = kind[:, 1:]
+    w = (kind == 1).float() + value_weight * (kind == 2).float()
+    loss = (nll * w).sum() / w.sum()
+    ans = kind == 2
+    return loss, nll[kind == 1].mean().detach(), (nll[ans].mean().detach() if ans.any() else nll.new_zeros(()))
+
+
+def autocast(device: str):
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else torch.autocast("cpu", enabled=False)
+    )
+
+
+class Validation:
+    def __init__(self, n_rep: int, n_default: int, n_docs: int, seed: int = 999):
+        import tasks
+        from transformers import ByT5Tokenizer
+
+        from trl_refine.eval import generate_niah
+
+        self.tok = ByT5Tokenizer()
+        self.rep = tasks.qa_dataset(
+            tasks.mixed_examples(n_rep, split="train", seed=seed, lengths=[800, 1000, 1200]), train=False
+        )
+        self.default = generate_niah(
+            "single", num_examples=n_default, context_length=700, tokenizer=None, haystack="essay", seed=12345
+        )
+        self.docs = Batches(seed, n_docs, lambda b: (600, 1200)).make(10**9)  # fixed validation documents
+
+    def __call__(self, model, device: str) -> dict:
+        import replicate
+
+        model.eval()
+        rep = replicate.task_scores(model, self.tok, self.rep, device, batch_size=16)
+        default = replicate.task_scores(model, self.tok, self.default, device, batch_size=16)
+        with torch.no_grad(), autocast(device):
+            ids, kind = (t.to(device) for t in self.docs)
+            logits = model(input_ids=ids).logits
+            _, text_nll, ans_nll = weighted_loss(logits, ids, kind, 1.0)
+            # answer digits alone: every digit of a 7-digit value is uniform, so chance is ln 10 = 2.303 nats
+            nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+            digit = (kind[:, 1:] == 2) & (ids[:, 1:] >= DIGITS[0]) & (ids[:, 1:] <= DIGITS[1])
+            digit_nll = nll[digit].mean().item()
+        model.train()
+        v = (rep["all"] + default["all"]) / 2
+        return {
+            "V": v,
+            "val_rep": rep["all"],
+            "val_rep_niah": rep["niah_avg"],
+            "val_rep_doc_qa": rep["doc_qa"],
+            "val_default": default["all"],
+            "val_text_nll": text_nll.item(),
+            "val_answer_nll": ans_nll.item(),
+            "val_answer_digit_nll": digit_nll,
+            "predictions": rep["predictions"][:4] + default["predictions"][:4],
+        }
+
+
+def choose(results: dict, low: float, high: float) -> str:
+    """``results``: name -> {"result": {"V": ...}, "params": ...}."""
+    """The rule of the module docstring: highest V inside [low, high], else closest to it; ties: fewer params."""
+
+    def key(name):
+        v = results[name]["result"]["V"]
+        inside = low <= v <= high
+        distance = 0.0 if inside else min(abs(v - low), abs(v - high))
+        return (not inside, -v if inside else distance, results[name]["params"])
+
+    return min(results, key=key)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sweep", default="default", help=f"one of {sorted(SWEEPS)}")
+    p.add_argument("--only", default=None, help="comma-separated configurations of the sweep")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--start_length", type=int, default=300)
+    p.add_argument("--min_length", type=int, default=250)
+    p.add_argument("--max_length", type=int, default=1200)
+    p.add_argument("--ramp", type=float, default=0.4, help="fraction of --steps over which the lengths grow")
+    p.add_argument("--steps", type=int, default=6000, help="step budget (the curriculum's time axis)")
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--max_minutes", type=float, default=5.0)
+    p.add_argument("--eval_every", type=int, default=250)
+    p.add_argument("--stop_score", type=float, default=50.0)
     p.add_argument("--target_low", type=float, default=20.0)
-    p.add_argument("--target_high", type=float, default=60.0)
+    p.add_argument("--target_high", type=float, default=80.0)
+    p.add_argument("--val_rep", type=int, default=40)
+    p.add_argument("--val_default", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_choose", action="store_true", help="train only (parallel processes of one sweep)")
+    p.add_argument("--choose_only", action="store_true", help="apply the rule to out/configs/* and write out/base")
     a = p.parse_args(argv)
-
-    from transformers import AutoModelForCausalLM, ByT5Tokenizer
-
-    import trl_refine.models  # noqa: F401  (registers refine_delta_net)
-    from trl_refine.eval import generate_niah
-    from trl_refine.models.delta_net import RefDeltaNetConfig
-
+    if a.choose_only:
+        return choose_base(a.out, a.target_low, a.target_high)
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    tokenizer = ByT5Tokenizer()
-    config = RefDeltaNetConfig(
-        vocab_size=len(tokenizer), hidden_size=a.hidden_size, num_hidden_layers=a.layers, num_heads=a.heads,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config).float()
-    # held out: a seed no training document uses (training seeds are >= 10_000)
-    eval_set = generate_niah(
-        "single", num_examples=a.eval_examples, context_length=a.eval_length, tokenizer=None, haystack="essay", seed=7
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=a.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
-    warmup = 50
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    t0 = time.perf_counter()
-    history = []
-    acc = needle_accuracy(model, tokenizer, eval_set)
-    print(f"step 0: held-out needle accuracy {acc:.1f}", flush=True)
-    for step in range(1, a.max_steps + 1):
-        ids, labels = batch_tensors(
-            documents(tokenizer, step, a.batch_size, (a.min_length, a.max_length), a.seed), tokenizer.pad_token_id
+    os.makedirs(a.out, exist_ok=True)
+    sweep = SWEEPS[a.sweep]
+    if a.only:
+        sweep = {k: sweep[k] for k in a.only.split(",")}
+
+    def curriculum(b: int) -> tuple[int, int]:
+        frac = min(1.0, b / max(1.0, a.ramp * a.steps))
+        hi = round(a.start_length + frac * (a.max_length - a.start_length))
+        return (min(a.min_length, hi), hi)
+
+    runs = {}
+    for name, (hidden, layers, heads, inter, lr, vw) in sweep.items():
+        torch.manual_seed(a.seed)
+        fields = model_fields(hidden, layers, heads, inter)
+        model = new_model(fields, a.device).float().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+        n = sum(x.numel() for x in model.parameters())
+        runs[name] = dict(model=model, opt=opt, lr=lr, value_weight=vw, fields=fields, params=n, curve=[], done=False)
+        log.info("%s: %.3fM params, lr %g, value weight %g", name, n / 1e6, lr, vw)
+    val = Validation(a.val_rep, a.val_default, 64)
+    loader = iter(
+        torch.utils.data.DataLoader(
+            Batches(a.seed, a.batch, curriculum),
+            batch_size=None,
+            num_workers=a.workers,
+            prefetch_factor=8 if a.workers else None,
+            persistent_workers=bool(a.workers),
         )
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss at step {step}; lower --learning_rate")
+    )
+    t0 = time.perf_counter()
+    step, wait = 0, 0.0
+    while not all(r["done"] for r in runs.values()):
+        t_wait = time.perf_counter()
+        ids, kind = next(loader)
+        wait += time.perf_counter() - t_wait
+        ids, kind = ids.to(a.device, non_blocking=True), kind.to(a.device, non_blocking=True)
+        step += 1
         minutes = (time.perf_counter() - t0) / 60
-        if step % 20 == 0:
-            print(f"step {step}: loss {loss.item():.4f} ({step / (minutes * 60):.2f} steps/s)", flush=True)
-        if step % a.eval_every == 0 or minutes > a.max_minutes:
-            acc = needle_accuracy(model, tokenizer, eval_set)
-            history.append({"step": step, "loss": loss.item(), "needle_accuracy": acc, "minutes": minutes})
-            print(f"step {step}: held-out needle accuracy {acc:.1f} ({minutes:.1f} min)", flush=True)
-            if a.target_low <= acc <= a.target_high or acc > a.target_high or minutes > a.max_minutes:
-                break
-    model.save_pretrained(a.output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(a.output_dir)
-    with open(os.path.join(a.output_dir, "build_log.json"), "w") as f:
-        json.dump({"arguments": vars(a), "history": history, "documents_seen": step * a.batch_size}, f, indent=1)
-    print(f"saved {a.output_dir} after {step} steps ({step * a.batch_size} fresh documents), accuracy {acc:.1f}")
+        for name, r in runs.items():
+            if r["done"]:
+                continue
+            model, opt = r["model"], r["opt"]
+            scale = min(1.0, step / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / a.steps))))
+            for g in opt.param_groups:
+                g["lr"] = r["lr"] * scale
+            with autocast(a.device):
+                loss, text_nll, ans_nll = weighted_loss(model(input_ids=ids).logits, ids, kind, r["value_weight"])
+            if not torch.isfinite(loss):
+                log.warning("%s: non-finite loss at step %d: stopped", name, step)
+                r["done"] = True
+                continue
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step % 50 == 0:
+                log.info(
+                    "%s step %d len %s loss %.3f text %.3f answer %.3f (%.1f min, data wait %.0f s)",
+                    name, step, curriculum(step), loss.item(), text_nll.item(), ans_nll.item(), minutes, wait,
+                )  # fmt: skip
+            last = step >= a.steps or minutes >= a.max_minutes
+            if step % a.eval_every == 0 or last:
+                v = val(model, a.device)
+                v.update(step=step, minutes=minutes, lengths=curriculum(step), train_loss=loss.item())
+                r["curve"].append(v)
+                log.info(
+                    "%s step %d: V %.1f (rep %.1f, default %.1f), val answer NLL %.3f (digits %.3f), text NLL %.3f %s",
+                    name, step, v["V"], v["val_rep"], v["val_default"], v["val_answer_nll"],
+                    v["val_answer_digit_nll"], v["val_text_nll"],
+                    v["predictions"][:3],
+                )  # fmt: skip
+                if v["V"] >= a.stop_score or last:
+                    r["done"], r["result"] = True, v
+                    r["reference"] = reference_from_fla(model)  # fla -> pure-PyTorch reference (CPU, fp32)
+                    r["parity"] = parity(model, r["reference"], val.docs[0][:4], a.device)
+        if step % 50 == 0:
+            write_summary(a, runs)
+    for name, r in runs.items():  # every configuration's result, as the reference model (small)
+        save_reference(r, os.path.join(a.out, "configs", name), a, name)
+    write_summary(a, runs)
+    return choose_base(a.out, a.target_low, a.target_high) if not a.no_choose else {}
+
+
+def choose_base(out: str, low: float, high: float) -> dict:
+    """Apply the rule to every configuration saved under ``out/configs`` and copy the chosen one to ``out/base``."""
+    results = {}
+    for name in sorted(os.listdir(os.path.join(out, "configs"))):
+        with open(os.path.join(out, "configs", name, "build_log.json")) as f:
+            results[name] = json.load(f)
+    chosen = choose(results, low, high)
+    dst = os.path.join(out, "base")
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(os.path.join(out, "configs", chosen), dst)
+    summary = {
+        "chosen": chosen,
+        "rule": f"highest V in [{low}, {high}], else closest; ties: fewer parameters",
+        "results": {n: {"params": r["params"], **{k: v for k, v in r["result"].items() if k != "predictions"}}
+                    for n, r in results.items()},
+    }  # fmt: skip
+    with open(os.path.join(out, "choice.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    log.info("chosen base: %s %s", chosen, summary["results"][chosen])
+    return summary
+
+
+def parity(model, reference, ids: torch.Tensor, device: str) -> dict:
+    """Relative error of the converted reference model's fp32 logits against the trained model's, on ``device``."""
+    ref = copy.deepcopy(reference).to(device)
+    with torch.no_grad():
+        ids = ids.to(device)
+        a, b = model.float()(input_ids=ids).logits.float(), ref(input_ids=ids).logits.float()
+    return {"logits_rel_error": ((a - b).norm() / a.norm()).item(), "tokens": ids.numel()}
+
+
+def save_reference(r: dict, path: str, a, name: str) -> None:
+    """Save a result as the pure-PyTorch reference DeltaNet (HF save_pretrained), with its build log."""
+    from transformers import ByT5Tokenizer
+
+    r["reference"].save_pretrained(path, safe_serialization=True)
+    ByT5Tokenizer().save_pretrained(path)
+    with open(os.path.join(path, "build_log.json"), "w") as f:
+        json.dump({"config": name, "arguments": vars(a), "params": r["params"], "result": r["result"],
+                   "parity_with_trained_model": r["parity"], "curve": r["curve"]}, f, indent=1)  # fmt: skip
+
+
+def write_summary(a, runs: dict) -> None:
+    out = {
+        "arguments": vars(a),
+        "configs": {
+            name: {
+                "params": r["params"],
+                "lr": r["lr"],
+                "value_weight": r["value_weight"],
+                "fields": r["fields"],
+                "curve": r["curve"],
+                "result": r.get("result"),
+                "parity": r.get("parity"),
+            }
+            for name, r in runs.items()
+        },
+    }
+    with open(os.path.join(a.out, f"sweep_{'_'.join(runs)}.json"), "w") as f:
+        json.dump(out, f, indent=1, default=float)
 
 
 if __name__ == "__main__":
