@@ -4,6 +4,7 @@ Every document is a byte sequence (ByT5 ids: byte + 3) with a mask of its *answe
 only predict by retrieving a fact stated earlier in the same document. The trainer weights those bytes up in the
 loss. Kinds (all drawn fresh from a seed, so no document ever repeats and nothing can be memorised):
 
+* ``repeat``: a passage in which 7-digit numbers come back later (the copy itself, the simplest retrieval);
 * ``dense_niah``: RULER's needle sentences (``One of the special magic numbers for K is: V.``, RULER's word keys
   and 7-digit values) woven into a passage, then *several* questions in RULER's own question/answer-prefix wording
   (single key, several keys, a key with several values), each followed by its answer: many retrievals per document.
@@ -32,7 +33,8 @@ import tasks  # noqa: E402
 from trl_refine.eval import generate_niah  # noqa: E402
 from trl_refine.eval.niah import _unique_items  # noqa: E402
 
-KINDS = ("dense_niah", "dense_qa", "ruler", "qa", "default")
+KINDS = ("repeat", "dense_niah", "dense_qa", "ruler", "qa", "default")
+CPU_MIX = {"repeat": 0.25, "dense_niah": 0.25, "dense_qa": 0.1, "ruler": 0.15, "qa": 0.05, "default": 0.2}
 DEFAULT_MIX = {"dense_niah": 0.4, "dense_qa": 0.1, "ruler": 0.3, "qa": 0.1, "default": 0.1}
 EOS = 1  # ByT5
 
@@ -144,6 +146,27 @@ def dense_qa(rng: random.Random, length: int, pool: Sequence[str]) -> tuple[list
     return doc.done()
 
 
+def repeat(rng: random.Random, length: int, pool: Sequence[str]) -> tuple[list[int], list[int]]:
+    """A passage with 7-digit numbers that come back later in it (the repetition is the answer): copying a span
+    seen before is the circuit every retrieval above needs, and this trains it on every repeated digit."""
+    n = rng.randint(1, max(1, length // 150))
+    values = [str(rng.randint(10**6, 10**7 - 1)) for _ in range(n)]
+    body = _sentences(rng, pool, max(0, length - 40 * n))
+    slots = sorted(rng.sample(range(len(body) + 1), min(len(body) + 1, 2 * n))) if body else [0] * (2 * n)
+    events = {}
+    for i, v in enumerate(values):
+        first, second = slots[2 * i : 2 * i + 2] if len(slots) >= 2 * i + 2 else (0, 0)
+        events.setdefault(first, []).append((f"The code {v} was noted.", None))
+        events.setdefault(second, []).append(("Once more, the code is ", v))
+    doc = Doc()
+    for j in range(len(body) + 1):
+        for lead, v in events.get(j, []):
+            doc.add(lead + " ") if v is None else doc.add(lead).add(v, answer=True).add(". ")
+        if j < len(body):
+            doc.add(body[j] + " ")
+    return doc.done()
+
+
 def _prompt_answer(prompt: str, answers: Sequence[str]) -> tuple[list[int], list[int]]:
     return Doc().add(prompt + " ").add(tasks.answer_text(answers), answer=True).done()
 
@@ -166,7 +189,14 @@ def default(rng: random.Random, length: int, pool: Sequence[str]) -> tuple[list[
     return _prompt_answer(row["prompt"], row["answer"])
 
 
-_BUILD = {"dense_niah": dense_niah, "dense_qa": dense_qa, "ruler": ruler, "qa": qa, "default": default}
+_BUILD = {
+    "repeat": repeat,
+    "dense_niah": dense_niah,
+    "dense_qa": dense_qa,
+    "ruler": ruler,
+    "qa": qa,
+    "default": default,
+}
 
 
 def document(kind: str, rng: random.Random, length: int, essay_fraction: float = 0.25):
