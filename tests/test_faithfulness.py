@@ -137,9 +137,31 @@ def test_posttrain_answer_target_has_no_eos_by_default(tmp_path, byte_tokenizer)
 
     args = small_config(tmp_path, PostTrainConfig)
     _, answer = encode_prompt_answer("Question: where?", "Paris", byte_tokenizer, args)
-    assert answer[-1] != EOS and len(answer) == len(" Paris")
+    assert answer[-1] != EOS and len(answer) == len("Paris")
     args = small_config(tmp_path, PostTrainConfig, answer_append_eos=True)
     assert encode_prompt_answer("Question: where?", "Paris", byte_tokenizer, args)[1][-1] == EOS
+
+
+def test_posttrain_answer_is_tokenized_alone_and_prompts_cut_like_the_release(tmp_path, byte_tokenizer):
+    """Release (`rl_dataset.py` TTTRLHFDataset): the first gold answer tokenized on its own, right after the prompt's
+    tokens; prompts cut to their first max_prompt_length = max_length - max_answer_length tokens."""
+    from trl_refine.posttrain import PostTrainConfig, encode_prompt_answer
+
+    args = small_config(tmp_path, PostTrainConfig)
+    assert args.answer_tokenization == "alone" and args.long_examples == "error"
+    prompt, answer = "Question: where? Answer:", "Paris"
+    p, a = encode_prompt_answer(prompt, answer, byte_tokenizer, args)
+    assert a == byte_tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert byte_tokenizer.decode(p + a) == prompt + answer  # no separator
+    joint = small_config(tmp_path, PostTrainConfig, answer_tokenization="joint")
+    assert byte_tokenizer.decode(encode_prompt_answer(prompt, answer, byte_tokenizer, joint)[1]) == " Paris"
+
+    cut = small_config(tmp_path, PostTrainConfig, max_length=20, max_answer_length=4, long_examples="truncate_end")
+    long_prompt = "x" * 30 + " Question: where? Answer:"
+    p, a, was_cut = encode_prompt_answer(long_prompt, answer, byte_tokenizer, cut, return_truncated=True)
+    assert was_cut and len(p) == 16 and byte_tokenizer.decode(p) == long_prompt[:16] and len(a) == 4
+    with pytest.raises(ValueError, match="answer_tokenization"):
+        small_config(tmp_path, PostTrainConfig, answer_tokenization="separate")
 
 
 def test_paper_setting_configs_follow_the_release():
@@ -235,3 +257,88 @@ def test_trainer_and_test_time_take_the_same_step(tmp_path, byte_tokenizer, monk
     assert stats["reward"] == pytest.approx(metrics["reward"][-1], abs=1e-6)
     assert stats["ntp_loss"] == pytest.approx(metrics["ntp_loss"][-1], rel=1e-5)
     assert stats["policy_loss"] == pytest.approx(metrics["nsp/policy_loss"][-1], abs=1e-6)
+
+
+def test_testtime_samples_once_per_batch_like_the_release(byte_tokenizer):
+    """Release: one rollout round for the batch, then one optimizer step per mini-batch (the later ones off-policy:
+    their rollouts and old log-probs come from the weights before the first step). ``rollouts_per="mini_batch"``
+    samples each mini-batch with the current weights."""
+    prompts = documents(2)
+
+    class Recording(SnapshotEngine):
+        def __init__(self):
+            super().__init__(pad_token_id=0)
+            self.sampled, self.trained = [], []
+
+        def generate(self, model, docs, plan, *a, **kw):
+            out = super().generate(model, docs, plan, *a, **kw)
+            self.sampled.append(out.completion_ids.clone())
+            return out
+
+        def forward_train(self, model, docs, plan, completion_ids, *a, **kw):
+            self.trained.append(completion_ids.clone())
+            return super().forward_train(model, docs, plan, completion_ids, *a, **kw)
+
+    common = dict(nsp_num_chunks=2, nsp_margin=8, learning_rate=1e-2, mini_batch_size=1)
+    assert TestTimeConfig().rollouts_per == "batch"
+    release = Recording()
+    stats = TestTimeRefine(engine=release, **common).adapt(tiny_delta_net(), byte_tokenizer, prompts)
+    assert len(stats["steps"]) == 2 and len(release.sampled) == 1 and release.sampled[0].size(0) == 2 * 2
+    # the second prompt trains, after the first step, on the rollouts sampled before it
+    assert torch.equal(release.trained[1], release.sampled[0][2:])
+
+    on_policy = Recording()
+    TestTimeRefine(engine=on_policy, rollouts_per="mini_batch", **common).adapt(
+        tiny_delta_net(), byte_tokenizer, prompts
+    )
+    assert [s.size(0) for s in on_policy.sampled] == [2, 2]
+    assert [torch.equal(t, s) for t, s in zip(on_policy.trained, on_policy.sampled)] == [True, True]
+    with pytest.raises(ValueError, match="rollouts_per"):
+        TestTimeConfig(rollouts_per="prompt")
+
+
+def test_count_pad_targets_is_the_release_ntp_loss(tmp_path, byte_tokenizer):
+    """``ntp_count_pad_targets``: the NTP term over every position of the left-padded batch, pads as inputs and
+    targets (fla's DeltaNet loss with labels = input_ids in the release); the default counts real next tokens only."""
+    from trl_refine.losses import masked_token_nll
+    from trl_refine.modeling_utils import score_tokens
+    from trl_refine.step import padded_ntp_terms
+
+    texts = documents(2)  # two lengths: the shorter one is padded
+    ds = Dataset.from_dict({"text": texts})
+
+    def ntp_loss(**kw):
+        args = small_config(tmp_path, documents_per_device=2, nsp_engine="generic", **kw)
+        tr = NSPGRPOTrainer(tiny_delta_net(), args=args, train_dataset=ds, processing_class=byte_tokenizer)
+        tr.model.train()
+        tr.current_gradient_accumulation_steps = 1
+        inputs = tr._prepare_inputs([tr.train_dataset[0]] * 4 + [tr.train_dataset[1]] * 4)
+        tr.compute_loss(tr.model, inputs)
+        docs = DocumentBatch(inputs["doc_input_ids"], inputs["doc_attention_mask"])
+        return tr._metrics["train"]["ntp_loss"][-1], docs, tr.model
+
+    assert not small_config(tmp_path).ntp_count_pad_targets
+    counted, docs, model = ntp_loss(ntp_count_pad_targets=True)
+    assert (docs.attention_mask == 0).any()
+    scored = torch.ones_like(docs.attention_mask, dtype=torch.bool)
+    scored[:, -1] = False
+    with torch.no_grad():
+        logps, _, _ = score_tokens(model, docs.input_ids, docs.attention_mask, scored)
+        nll, count = masked_token_nll(logps, scored)
+    assert count == docs.input_ids.numel() - docs.batch_size
+    assert counted == pytest.approx((nll / count).item(), rel=1e-5)
+    real, _, _ = ntp_loss()
+    assert abs(real - counted) > 1e-3
+    with torch.no_grad():  # without padding both count the same positions (the paper's mid-training setting)
+        one = DocumentBatch(docs.input_ids[1:], docs.attention_mask[1:])
+        assert (one.attention_mask == 1).all()
+        s, c = padded_ntp_terms(model, one)
+        logps, _, _ = score_tokens(model, one.input_ids, one.attention_mask, one.label_mask())
+        s2, c2 = masked_token_nll(logps, one.label_mask())
+    assert c == c2 and s.item() == pytest.approx(s2.item(), rel=1e-6)
+
+    # test time: one mini-batch of both prompts, NTP only, no update
+    stats = TestTimeRefine(ntp_count_pad_targets=True, nsp_coef=0.0, learning_rate=0.0, nsp_margin=8).adapt(
+        model, byte_tokenizer, texts
+    )
+    assert stats["steps"][0]["ntp_loss"] == pytest.approx((nll / count).item(), rel=1e-5)

@@ -234,7 +234,7 @@ def test_gradient_accumulation_nested_runs_the_answer_step_once_per_window(tmp_p
 
 
 def test_answer_tokens_follow_the_prompt(byte_tokenizer, tmp_path):
-    args = post_config(tmp_path, max_answer_length=4)
+    args = post_config(tmp_path, max_answer_length=4, answer_tokenization="joint")
     p, a = encode_prompt_answer("Q? Answer:", "Paris", byte_tokenizer, args)
     assert byte_tokenizer.decode(p) == "Q? Answer:"
     assert byte_tokenizer.decode(a) == " Par"  # separator, then cut to 4 tokens (no room for EOS)
@@ -252,7 +252,7 @@ def test_answer_tokens_follow_the_prompt(byte_tokenizer, tmp_path):
 def test_first_gold_answer_of_a_list_is_the_target(byte_tokenizer, tmp_path):
     ds = prepare_posttrain_dataset(qa_dataset(answer_list=True), byte_tokenizer, post_config(tmp_path))
     first = qa_dataset()["answer"][0]
-    assert byte_tokenizer.decode(ds[0]["answer_ids"], skip_special_tokens=True) == " " + first
+    assert byte_tokenizer.decode(ds[0]["answer_ids"], skip_special_tokens=True) == first  # tokenized alone
     assert "prompt" not in ds.column_names and "input_ids" in ds.column_names
 
 

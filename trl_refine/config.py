@@ -173,6 +173,15 @@ class RefineFields:
         },
     )
     ntp_coef: float = field(default=1.0, metadata={"help": "Weight of the next-token CE on the whole document."})
+    ntp_count_pad_targets: bool = field(
+        default=False,
+        metadata={
+            "help": "Count the padding of a batch in the NTP term, as inputs and as targets, over all its positions "
+            "(the release's fla DeltaNet loss, labels = input_ids); costs one more forward per micro-batch. Default "
+            "False: only real next tokens count, so a document's loss does not depend on its batch "
+            "(docs/faithfulness.md)."
+        },
+    )
     nsp_coef: float = field(default=0.2, metadata={"help": "Weight of the PPO-clip next-sequence term."})
     nsp_engine: str = field(
         default="auto",

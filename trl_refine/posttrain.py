@@ -44,6 +44,7 @@ from trl_refine.losses import masked_token_nll
 from trl_refine.modeling_utils import score_tokens
 from trl_refine.rewards import exact_match_reward
 from trl_refine.rollout.base import DocumentBatch
+from trl_refine.step import padded_ntp_terms
 from trl_refine.trainer import DOC_KEYS, ROLLOUT_KEYS, NSPGRPOTrainer
 from trl_refine.utils import model_device, truncate_middle
 
@@ -54,7 +55,9 @@ POSTTRAIN_MODES = ("nested", "joint", "nested_sft", "sft")
 NESTED_MODES = ("nested", "nested_sft")
 #: modes whose inner objective is ReFINE (NTP + PPO-clip on rollouts); the others never roll out
 REFINE_MODES = ("nested", "joint")
-LONG_EXAMPLE_POLICIES = ("error", "drop", "truncate")
+LONG_EXAMPLE_POLICIES = ("error", "drop", "truncate", "truncate_end")
+#: how the answer target is tokenized: on its own (the release) or as what follows the prompt in the joint text
+ANSWER_TOKENIZATIONS = ("alone", "joint")
 #: answer-SFT tensors of a micro-batch (one row per prompt)
 SFT_KEYS = ("sft_input_ids", "sft_attention_mask", "sft_label_mask")
 
@@ -92,8 +95,10 @@ class PostTrainConfig(NSPGRPOConfig):
     long_examples: str = field(
         default="error",
         metadata={
-            "help": "Examples with prompt + answer > max_length: 'error' (default), 'drop', or 'truncate' (cut the "
-            "middle of the prompt, keeping its start and its end with the question, as LongBench does)."
+            "help": "Examples with prompt + answer > max_length: 'error' (default), 'drop', 'truncate' (cut the "
+            "middle of the prompt, keeping its start and its end with the question, as LongBench does), or "
+            "'truncate_end' (the release: every prompt cut to its first max_length - max_answer_length tokens, "
+            "which can cut off the question)."
         },
     )
     sft_coef: float = field(default=1.0, metadata={"help": "Weight of the answer cross-entropy (token mean)."})
@@ -107,11 +112,19 @@ class PostTrainConfig(NSPGRPOConfig):
             "to it × gradient_accumulation_steps."
         },
     )
+    answer_tokenization: str = field(
+        default="alone",
+        metadata={
+            "help": "alone (the release): the answer tokenized on its own without special tokens, appended to the "
+            "prompt's tokens; joint: the tokens that follow the prompt's in the tokenization of prompt + "
+            "answer_separator + answer (what a BPE tokenizer produces after the prompt)."
+        },
+    )
     answer_separator: str = field(
         default=" ",
         metadata={
-            "help": "Inserted between prompt and answer when neither has whitespace at the join ('Answer:' + "
-            "' Paris'). The answer's tokens are those of the joint text after the prompt's tokens."
+            "help": "answer_tokenization='joint' only: inserted between prompt and answer when neither has "
+            "whitespace at the join ('Answer:' + ' Paris')."
         },
     )
     answer_append_eos: bool = field(
@@ -137,6 +150,16 @@ class PostTrainConfig(NSPGRPOConfig):
             raise ValueError(f"posttrain_mode={self.posttrain_mode!r} is not one of {', '.join(POSTTRAIN_MODES)}.")
         if self.long_examples not in LONG_EXAMPLE_POLICIES:
             raise ValueError(f"long_examples={self.long_examples!r} is not one of {', '.join(LONG_EXAMPLE_POLICIES)}.")
+        if self.answer_tokenization not in ANSWER_TOKENIZATIONS:
+            raise ValueError(
+                f"answer_tokenization={self.answer_tokenization!r} is not one of {', '.join(ANSWER_TOKENIZATIONS)}."
+            )
+        truncate_end = self.long_examples == "truncate_end" and self.max_length is not None
+        if truncate_end and self.max_length <= self.max_answer_length:
+            raise ValueError(
+                f"long_examples='truncate_end' keeps max_length - max_answer_length prompt tokens: max_length="
+                f"{self.max_length} must exceed max_answer_length={self.max_answer_length}."
+            )
         if self.max_answer_length < 1:
             raise ValueError(f"max_answer_length must be >= 1, got {self.max_answer_length}.")
         if self.posttrain_inner_steps < 1:
@@ -204,32 +227,43 @@ def _strip_trailing_eos(ids: list[int], eos: int | None) -> list[int]:
 def encode_prompt_answer(
     prompt: str, answer: str, tokenizer, args: PostTrainConfig, *, return_truncated: bool = False
 ) -> tuple[list[int], list[int]] | tuple[list[int], list[int], bool]:
-    """Token ids of the prompt and of the answer that follows it (joined with ``answer_separator`` when neither side
-    has whitespace at the join), the answer cut to ``max_answer_length`` after the optional EOS is appended.
+    """Token ids of the prompt and of the answer target, the answer cut to ``max_answer_length`` after the optional
+    EOS is appended.
 
-    The answer's ids are taken from the tokenization of the joint text after the prompt's ids, so a sentencepiece
-    or BPE tokenizer produces the tokens the model would generate after the prompt; if the joint tokenization does
-    not start with the prompt's ids, the answer is tokenized on its own. With ``long_examples="truncate"`` the
-    prompt loses its middle so that prompt + answer fits ``max_length``.
+    ``answer_tokenization="alone"`` (the release, `rl_dataset.py` ``TTTRLHFDataset``): the answer is tokenized on
+    its own without special tokens and follows the prompt's ids directly. ``"joint"``: the answer's ids are those
+    after the prompt's ids in the tokenization of prompt + ``answer_separator`` (only when neither side has
+    whitespace at the join) + answer, so a BPE tokenizer gives the tokens the model would generate after the prompt;
+    if the joint tokenization does not start with the prompt's ids, the answer (with the separator) is tokenized on
+    its own. With ``long_examples="truncate"`` the prompt loses its middle so that prompt + answer fits
+    ``max_length``; with ``"truncate_end"`` (the release) every prompt keeps its first ``max_length -
+    max_answer_length`` tokens.
     """
     special = args.prompt_add_special_tokens
     eos = getattr(tokenizer, "eos_token_id", None)
     prompt_ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
-    sep = args.answer_separator if (prompt[-1:] and not prompt[-1].isspace() and not answer[0].isspace()) else ""
     if special:  # tokenizers that append EOS (T5, ByT5) would put it between prompt and answer
         prompt_ids = _strip_trailing_eos(prompt_ids, eos)
-    full = list(tokenizer(prompt + sep + answer, add_special_tokens=special)["input_ids"])
-    if special:
-        full = _strip_trailing_eos(full, eos)
-    if len(full) > len(prompt_ids) and full[: len(prompt_ids)] == prompt_ids:
-        answer_ids = full[len(prompt_ids) :]
+    if args.answer_tokenization == "alone":
+        answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
     else:
-        answer_ids = list(tokenizer(sep + answer, add_special_tokens=False)["input_ids"])
+        sep = args.answer_separator if (prompt[-1:] and not prompt[-1].isspace() and not answer[0].isspace()) else ""
+        full = list(tokenizer(prompt + sep + answer, add_special_tokens=special)["input_ids"])
+        if special:
+            full = _strip_trailing_eos(full, eos)
+        if len(full) > len(prompt_ids) and full[: len(prompt_ids)] == prompt_ids:
+            answer_ids = full[len(prompt_ids) :]
+        else:
+            answer_ids = list(tokenizer(sep + answer, add_special_tokens=False)["input_ids"])
     if args.answer_append_eos and eos is not None:
         answer_ids = answer_ids + [eos]
     answer_ids = answer_ids[: args.max_answer_length]
     truncated = False
-    if (
+    if args.max_length is not None and args.long_examples == "truncate_end":
+        room = args.max_length - args.max_answer_length  # the release's max_prompt_length (8160 of 8192)
+        truncated = len(prompt_ids) > room
+        prompt_ids = prompt_ids[:room]
+    elif (
         args.long_examples == "truncate"
         and args.max_length is not None
         and len(prompt_ids) + len(answer_ids) > args.max_length
@@ -302,11 +336,12 @@ def prepare_posttrain_dataset(
     num_truncated = sum(dataset["prompt_truncated"])
     if num_truncated:
         logger.warning(
-            "trl_refine: %d of %d prompts of %s lost their middle to fit max_length=%s (long_examples='truncate')",
+            "trl_refine: %d of %d prompts of %s were cut to fit max_length=%s (long_examples=%r)",
             num_truncated,
             len(dataset),
             name,
             max_length,
+            args.long_examples,
         )
     prompt_lengths = [len(ids) for ids in dataset["input_ids"]]
     answer_lengths = [len(ids) for ids in dataset["answer_ids"]]
@@ -330,8 +365,8 @@ def _check_lengths(prompt_lengths, answer_lengths, args, name, max_length, min_l
             f"{len(too_long)} of {n} examples in {name} do not fit max_length={max_length}: prompt + answer is "
             f"longer than the room (e.g. row {i}: {prompt_lengths[i]} prompt + {answer_lengths[i]} answer tokens, "
             f"room left for the answer: {max_length - prompt_lengths[i]}). Raise max_length, lower "
-            "max_answer_length, filter the dataset, or set long_examples='drop' (skip them) or 'truncate' (cut the "
-            "middle of the prompt)."
+            "max_answer_length, filter the dataset, or set long_examples='drop' (skip them), 'truncate' (cut the "
+            "middle of the prompt) or 'truncate_end' (cut its end, as the release)."
         )
     if too_short and args.nsp_short_documents == "error":
         i = too_short[0]
@@ -526,8 +561,11 @@ class NSPPostTrainer(NSPGRPOTrainer):
         docs = DocumentBatch(inputs["doc_input_ids"], inputs["doc_attention_mask"])
         label_mask = docs.label_mask()
         with self.accelerator.autocast():
-            logps, _, _ = score_tokens(model, docs.input_ids, docs.attention_mask, label_mask)
-        nll, count = masked_token_nll(logps, label_mask)
+            if self.args.ntp_count_pad_targets:  # the release's fla loss: pads count
+                nll, count = padded_ntp_terms(model, docs)
+            else:
+                logps, _, _ = score_tokens(model, docs.input_ids, docs.attention_mask, label_mask)
+                nll, count = masked_token_nll(logps, label_mask)
         ntp_loss = nll / count.clamp(min=1)
         self._metrics[mode]["ntp_loss"].append(self.accelerator.gather(ntp_loss.detach()).mean().item())
         return self.args.ntp_coef * ntp_loss / self._loss_scale()

@@ -10,7 +10,9 @@
 * `score_rewards`: the weighted sum of reward functions (built-in dispatch is `rewards.builtin_reward_funcs`);
 * `step_advantages`: GRPO advantages over the configured groups;
 * `rollout_generators`: the two random streams (selection, sampling) of one step from one integer seed;
-* `sampling_pass_reuse_problem`: whether the loss may reuse the engine's sampling pass, and why not.
+* `sampling_pass_reuse_problem`: whether the loss may reuse the engine's sampling pass, and why not;
+* `plain_ntp_terms`: the NTP term alone (``nsp_coef = 0``: no scan, selection, rollouts or rewards at all);
+* `padded_ntp_terms`: the NTP term with the padding counted (``ntp_count_pad_targets``, the release's fla loss).
 
 The loss terms are the engine's ``forward_train`` log-probs fed to `losses.masked_token_nll` (NTP) and to PPO-clip:
 TRL's ``_compute_loss`` in the trainer (every TRL loss type), `losses.ppo_clip_loss` at test time (the same
@@ -20,7 +22,7 @@ function for ``loss_type="bnpo"``, ``delta=3``; `tests/test_faithfulness.py` che
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +30,8 @@ import torch
 
 from trl_refine.advantages import group_advantages
 from trl_refine.config import RefineFields
-from trl_refine.modeling_utils import backbone_of, capture_last_hidden_state, unwrap
+from trl_refine.losses import masked_token_nll
+from trl_refine.modeling_utils import backbone_of, capture_last_hidden_state, score_tokens, unwrap
 from trl_refine.reward_checks import check_reward_output
 from trl_refine.rewards import has_custom_rewards, needs_hidden_states
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutOutput, RolloutPlan, ScanOutput
@@ -43,6 +46,8 @@ __all__ = [
     "hidden_states_needed",
     "hidden_states_problem",
     "masked_rollout_tokens",
+    "padded_ntp_terms",
+    "plain_ntp_terms",
     "reward_call_args",
     "reward_rows",
     "rollout_generators",
@@ -247,3 +252,25 @@ def sampling_pass_reuse_problem(
     if fsdp2_owner_of_lm_head(model) is not None:
         return "the model is sharded by FSDP2"
     return None
+
+
+def plain_ntp_terms(model: torch.nn.Module, docs: DocumentBatch) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(Σ NLL, label count)`` of each document's next-token predictions, from one plain forward per document
+    without its padding (with gradients if enabled): the NTP term of a run with ``nsp_coef = 0``, which needs no
+    engine. One forward per document on every process, so FSDP / ZeRO-3 collectives stay in step."""
+    for b in range(docs.batch_size):
+        first = int(docs.first_valid[b])
+        doc = DocumentBatch(docs.input_ids[b : b + 1, first:], docs.attention_mask[b : b + 1, first:])
+        label_mask = doc.label_mask()
+        logps, _, _ = score_tokens(model, doc.input_ids, doc.attention_mask, label_mask)
+        yield masked_token_nll(logps, label_mask)
+
+
+def padded_ntp_terms(model: torch.nn.Module, docs: DocumentBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ NLL, position count)`` over every position of the left-padded batch but the last, pad tokens counted
+    as inputs and as targets: the loss of the release's fla ``DeltaNetForCausalLM`` with ``labels=input_ids``
+    (no pad masking), the NTP term under ``ntp_count_pad_targets``. One forward over the whole batch."""
+    scored = torch.ones_like(docs.attention_mask, dtype=torch.bool)
+    scored[:, -1] = False
+    logps, _, _ = score_tokens(model, docs.input_ids, docs.attention_mask, scored)
+    return masked_token_nll(logps, scored)

@@ -34,7 +34,7 @@ import torch
 
 from trl_refine.config import RefineFields, check_batch_ranges, check_field_types
 from trl_refine.losses import CLIP_EPSILON, DUAL_CLIP, masked_token_nll, ppo_clip_loss
-from trl_refine.modeling_utils import fused_lm_head, score_tokens, unwrap
+from trl_refine.modeling_utils import fused_lm_head, unwrap
 from trl_refine.precision import warn_if_updates_vanish
 from trl_refine.rewards import builtin_reward_funcs
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutPlan
@@ -42,6 +42,8 @@ from trl_refine.rollout.registry import build_engine
 from trl_refine.rollout.sampling import masked_rollout_tokens
 from trl_refine.step import (
     hidden_states_needed,
+    padded_ntp_terms,
+    plain_ntp_terms,
     reward_rows,
     rollout_generators,
     sample_rollouts,
@@ -56,6 +58,8 @@ logger = logging.getLogger("trl_refine")
 __all__ = ["TestTimeConfig", "TestTimeRefine", "test_time_adaptation", "test_time_refine"]
 
 RESETS = ("batch", "never")
+#: what one rollout round covers: the adaptation batch (the release) or each mini-batch
+ROLLOUT_UNITS = ("batch", "mini_batch")
 #: fields of an NSPGRPOConfig / GRPOConfig that mean the same at test time (besides the nsp_* / ntp_* ones)
 _SHARED_TRAINING_FIELDS = (
     "learning_rate",
@@ -91,6 +95,13 @@ class TestTimeConfig(RefineFields):
         default=None,
         metadata={"help": "Prompts per optimizer step within a batch (official: 4 of 8); None = the whole batch."},
     )
+    rollouts_per: str = field(
+        default="batch",
+        metadata={
+            "help": "batch: one rollout round for the whole batch, then its mini-batch steps (later ones "
+            "off-policy), as the release; mini_batch: each mini-batch samples its own rollouts (on-policy)."
+        },
+    )
     # the ReFINE step's fields come from RefineFields; these defaults differ at test time (official release)
     nsp_reward: str = field(default="exact", metadata={"help": "exact (official at test time), cosine or hybrid."})
     nsp_coef: float = field(default=0.4, metadata={"help": "Weight of the PPO-clip term (official 0.4 at test time)."})
@@ -125,6 +136,7 @@ class TestTimeConfig(RefineFields):
         check_batch_ranges(self)
         self.validate_refine()
         choice("reset", RESETS)
+        choice("rollouts_per", ROLLOUT_UNITS)
         choice("short_prompts", SHORT_PROMPT_POLICIES)
         choice("scale_rewards", ("group", "batch", "none"))
         if self.mixed_precision is not None:
@@ -295,22 +307,22 @@ class TestTimeRefine:
         try:
             with fused_lm_head(model), self._autocast(device):
                 for step in range(cfg.steps):
-                    for start in range(0, len(keep), mbs):
-                        idx = keep[start : start + mbs]
-                        stats["steps"].append(
-                            self._one_step(
-                                model,
-                                tok,
-                                engine,
-                                optimizer,
-                                params,
-                                [encoded[i] for i in idx],
-                                [prompts[i] for i in idx],
-                                pad,
-                                device,
-                                step,
+                    # one rollout round per unit (the batch, or each mini-batch), then one optimizer step per
+                    # mini-batch of the unit
+                    per_unit = len(keep) if cfg.rollouts_per == "batch" else mbs
+                    for start in range(0, len(keep), per_unit):
+                        unit = keep[start : start + per_unit]
+                        docs = left_pad([encoded[i] for i in unit], pad, device)
+                        parts = [range(s, min(s + mbs, len(unit))) for s in range(0, len(unit), mbs)]
+                        if cfg.nsp_coef == 0:
+                            for part in parts:
+                                stats["steps"].append(self._ntp_step(model, optimizer, params, _rows(docs, part)))
+                            continue
+                        sampled = self._sample(model, tok, engine, docs, [prompts[i] for i in unit], device, step)
+                        for part in parts:
+                            stats["steps"].append(
+                                self._optimize(model, engine, optimizer, params, docs, sampled, part)
                             )
-                        )
         except BaseException:
             optimizer.zero_grad(set_to_none=True)  # no half-accumulated gradients left on the parameters
             raise
@@ -368,16 +380,16 @@ class TestTimeRefine:
         """``nsp_coef = 0`` (the NTP-only "SFT" test-time baseline): no rollouts, CE on the prompts only."""
         cfg = self.config
         optimizer.zero_grad(set_to_none=True)
-        label_mask = docs.label_mask()
-        total_tokens = label_mask.sum().clamp(min=1)
+        total_tokens = docs.label_mask().sum().clamp(min=1)
         ntp_total = 0.0
-        for b in range(docs.batch_size):
-            f = int(docs.first_valid[b])
-            doc = DocumentBatch(docs.input_ids[b : b + 1, f:], docs.attention_mask[b : b + 1, f:])
-            logps, _, _ = score_tokens(model, doc.input_ids, doc.attention_mask, doc.label_mask())
-            nll, _ = masked_token_nll(logps, doc.label_mask())
-            (cfg.ntp_coef * nll / total_tokens).backward()
-            ntp_total += nll.item()
+        if cfg.ntp_count_pad_targets:  # the release's fla loss: one forward, pads counted
+            nll, total_tokens = padded_ntp_terms(model, docs)
+            (cfg.ntp_coef * nll / total_tokens.clamp(min=1)).backward()
+            ntp_total = nll.item()
+        else:
+            for nll, _ in plain_ntp_terms(model, docs):
+                (cfg.ntp_coef * nll / total_tokens).backward()
+                ntp_total += nll.item()
         grad_norm = float("nan")
         if cfg.max_grad_norm and cfg.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -393,16 +405,13 @@ class TestTimeRefine:
             "grad_norm": grad_norm,
         }
 
-    def _one_step(self, model, tok, engine, optimizer, params, seqs, texts, pad, device, step) -> dict[str, float]:
+    def _sample(self, model, tok, engine, docs, texts, device, step) -> _Sampled:
+        """One rollout round for ``docs`` (no grad): positions, rollouts, rewards and advantages."""
         cfg = self.config
-        if cfg.nsp_coef == 0:
-            return self._ntp_step(model, optimizer, params, left_pad(seqs, pad, device))
-        n, g, k = cfg.nsp_num_chunks, cfg.nsp_num_rollouts, cfg.nsp_rollout_length
-        docs = left_pad(seqs, pad, device)
         funcs, weights = self._reward_funcs()
         need_hidden = self._needs_hidden(model, funcs)
         # one prompt (no padding): its loss forward is exactly the sampling pass, run with gradients
-        single_use = None if docs.batch_size == 1 else "a mini-batch of several prompts is trained prompt by prompt"
+        single_use = None if docs.batch_size == 1 else "a round of several prompts is trained prompt by prompt"
         reuse = sampling_pass_reuse_problem(cfg, engine, model, single_use=single_use) is None
         step_out = sample_rollouts(
             engine,
@@ -414,27 +423,36 @@ class TestTimeRefine:
             train_model=model if reuse else None,
             need_hidden=need_hidden,
         )
-        positions, rollout = step_out.positions, step_out.rollout
-        truth_ids = step_out.ground_truth_ids
         with torch.no_grad():
             rows = reward_rows(step_out, tok, tail_tokens=cfg.nsp_prompt_tail_tokens, need_hidden=need_hidden)
-            rewards = score_rewards(funcs, weights, rows, truth_ids.device)
+            rewards = score_rewards(funcs, weights, rows, step_out.positions.device)
             advantages, _ = step_advantages(rewards, cfg, scale=cfg.scale_rewards)
-        del step_out
+        return _Sampled(step_out.positions, step_out.rollout, step_out.ground_truth_ids, rewards, advantages)
 
-        # one optimizer step; the backward runs document by document (gradients accumulate), the loss is the
-        # token mean over the whole mini-batch: NTP over all prompt tokens, PPO-clip over all rollout tokens
+    def _optimize(self, model, engine, optimizer, params, docs, sampled: _Sampled, part: range) -> dict[str, float]:
+        """One optimizer step on the documents ``part`` of ``docs`` and their rollouts of ``sampled``; the backward
+        runs document by document (gradients accumulate), the loss is the token mean over the mini-batch: NTP over
+        all its prompt tokens, PPO-clip over all its rollout tokens."""
+        cfg = self.config
+        g, k = cfg.nsp_num_rollouts, cfg.nsp_rollout_length
+        per_doc = cfg.nsp_num_chunks * g
+        rollout = sampled.rollout
+        mine = slice(part.start * per_doc, part.stop * per_doc)
         optimizer.zero_grad(set_to_none=True)
-        label_mask = docs.label_mask()
-        ntp_tokens = label_mask.sum().clamp(min=1)
-        rollout_tokens = rollout.completion_ids.numel()
-        per_doc = n * g
+        ntp_tokens = _rows(docs, part).label_mask().sum().clamp(min=1)
+        rollout_tokens = rollout.completion_ids[mine].numel()
         first = docs.first_valid
         ntp_total, pg_total, clip_total = 0.0, 0.0, 0.0
-        for b in range(docs.batch_size):
+        count_pads = cfg.ntp_count_pad_targets
+        if count_pads:  # the release's fla loss: the mini-batch's NTP in one forward, pads counted
+            nll, ntp_tokens = padded_ntp_terms(model, _rows(docs, part))
+            ntp_tokens = ntp_tokens.clamp(min=1)
+            (cfg.ntp_coef * nll / ntp_tokens).backward()
+            ntp_total = nll.item()
+        for b in part:
             f = int(first[b])
             doc = DocumentBatch(docs.input_ids[b : b + 1, f:], docs.attention_mask[b : b + 1, f:])
-            sub_plan = RolloutPlan(positions[b : b + 1] - f, g, k)
+            sub_plan = RolloutPlan(sampled.positions[b : b + 1] - f, g, k)
             rows = slice(b * per_doc, (b + 1) * per_doc)
             fwd = engine.forward_train(
                 model, doc, sub_plan, rollout.completion_ids[rows], sampling_pass=rollout.sampling_pass
@@ -443,15 +461,17 @@ class TestTimeRefine:
             pg_sum, pg_stats = ppo_clip_loss(
                 fwd.rollout_logps.float(),
                 rollout.old_logps[rows].float(),
-                advantages[rows].float(),
+                sampled.advantages[rows].float(),
                 epsilon_low=cfg.epsilon,
                 epsilon_high=cfg.epsilon_high,
                 dual_clip=cfg.dual_clip,
                 reduction="sum",
             )
-            loss = cfg.ntp_coef * nll / ntp_tokens + cfg.nsp_coef * pg_sum / rollout_tokens
+            loss = cfg.nsp_coef * pg_sum / rollout_tokens
+            if not count_pads:
+                loss = loss + cfg.ntp_coef * nll / ntp_tokens
+                ntp_total += nll.item()
             loss.backward()
-            ntp_total += nll.item()
             pg_total += pg_sum.item()
             clip_total += pg_stats["clip_fraction"].item() * pg_stats["num_tokens"].item()
         grad_norm = float("nan")
@@ -462,11 +482,29 @@ class TestTimeRefine:
         return {
             "ntp_loss": ntp_total / float(ntp_tokens),
             "policy_loss": pg_total / rollout_tokens,
-            "reward": torch.nanmean(rewards).item(),
-            "exact_match": (rollout.completion_ids == truth_ids).float().mean().item(),
+            "reward": torch.nanmean(sampled.rewards[mine]).item(),
+            "exact_match": (rollout.completion_ids[mine] == sampled.truth_ids[mine]).float().mean().item(),
             "clip_fraction": clip_total / rollout_tokens,
             "grad_norm": grad_norm,
         }
+
+
+@dataclass
+class _Sampled:
+    """One rollout round of test-time ReFINE (no grad)."""
+
+    positions: torch.LongTensor
+    rollout: Any
+    truth_ids: torch.LongTensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+
+
+def _rows(docs: DocumentBatch, part: range) -> DocumentBatch:
+    """The documents ``part`` of a left-padded batch, padded only to the longest of them."""
+    rows = slice(part.start, part.stop)
+    first = int(docs.first_valid[rows].min())
+    return DocumentBatch(docs.input_ids[rows, first:], docs.attention_mask[rows, first:])
 
 
 @contextlib.contextmanager

@@ -43,6 +43,8 @@ from trl_refine.step import (
     combine_rewards,
     hidden_states_needed,
     hidden_states_problem,
+    padded_ntp_terms,
+    plain_ntp_terms,
     reward_rows,
     rollout_generators,
     sample_rollouts,
@@ -56,6 +58,8 @@ DOC_KEYS = ("doc_input_ids", "doc_attention_mask", "positions")
 ROLLOUT_KEYS = ("completion_ids", "completion_mask", "old_per_token_logps", "advantages")
 #: batch key of the engine's sampling pass kept for the loss (`nsp_reuse_sampling_pass`)
 SAMPLING_PASS_KEY = "nsp_sampling_pass"
+#: per-generation statistics of the rollouts (NaN in an NTP-only run, `nsp_coef` = 0)
+NSP_STAT_KEYS = ("nsp/exact_match", "nsp/entropy_selected", "nsp/entropy_document")
 
 
 class NSPGRPOTrainer(GRPOTrainer):
@@ -180,19 +184,16 @@ class NSPGRPOTrainer(GRPOTrainer):
                 checkpoint_segments=args.nsp_segment_checkpointing,
             )
         deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if deepspeed is not None and deepspeed.zero_stage == 3 and self.engine.applies_lm_head_outside_forward:
-            raise ValueError(
-                f"the {self.engine.name} engine applies the LM head to hidden states outside the model call, where DeepSpeed "
-                "ZeRO-3 has released the partitioned head weight. With ZeRO-3 set nsp_engine='generic'; or keep the "
-                "snapshot engine with ZeRO-2 or FSDP2 (docs/distributed.md)."
-            )
         # `activation_checkpointing` is the transformers >= 5.19 name; older versions only have `gradient_checkpointing`
         checkpointing = args.gradient_checkpointing or getattr(args, "activation_checkpointing", False)
-        if checkpointing and self.engine.needs_recurrent_cache_in_training:
-            raise ValueError(
-                "activation (gradient) checkpointing makes HF models drop their recurrent cache in training, which breaks the "
-                f"{self.engine.name} engine. Set activation_checkpointing=False or nsp_engine='generic'."
+        if args.nsp_coef > 0:  # nsp_coef = 0: the engine never runs (NTP only)
+            problem = engine_training_problem(
+                self.engine,
+                zero_stage=deepspeed.zero_stage if deepspeed is not None else None,
+                activation_checkpointing=bool(checkpointing),
             )
+            if problem is not None:
+                raise ValueError(problem)
         if args.nsp_on_divergence == "skip" and deepspeed is not None:
             raise ValueError(
                 "nsp_on_divergence='skip' drops a step's gradients before the optimizer step, which DeepSpeed's "
@@ -311,6 +312,8 @@ class NSPGRPOTrainer(GRPOTrainer):
             raise RuntimeError(f"got {len(inputs)} rows, not a multiple of n·G = {per_doc}")
         doc_rows = inputs[::per_doc]
         docs = self._collate_documents(doc_rows)
+        if args.nsp_coef == 0:
+            return self._ntp_only_inputs(docs, mode)
 
         with (
             torch.no_grad(),
@@ -406,6 +409,34 @@ class NSPGRPOTrainer(GRPOTrainer):
             "num_items_in_batch": num_items,
         }
 
+    def _ntp_only_inputs(self, docs: DocumentBatch, mode: str) -> dict[str, Any]:
+        """``nsp_coef = 0`` (an NTP-only run): no scan, selection, rollouts or rewards. The ReFINE metrics are logged
+        as NaN (the logger drops them) so that both kinds of run have the same keys; every process makes the same
+        collective calls (one reduce here, the empty policy term in `compute_loss`)."""
+        args = self.args
+        metrics = self._metrics[mode]
+        nan = float("nan")
+        for name in self.reward_func_names:
+            metrics[f"rewards/{name}/mean"].append(nan)
+            metrics[f"rewards/{name}/std"].append(nan)
+        for key in ("reward", "reward_std", "frac_reward_zero_std") + NSP_STAT_KEYS:
+            metrics[key].append(nan)
+        tokens = self.accelerator.reduce(docs.attention_mask.sum().float(), reduction="sum")
+        if mode == "train":
+            self.state.num_input_tokens_seen += int(tokens.item())
+        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+        no_rows = docs.input_ids.new_zeros((0, args.nsp_rollout_length))
+        return {
+            "doc_input_ids": docs.input_ids,
+            "doc_attention_mask": docs.attention_mask,
+            "positions": docs.input_ids.new_zeros((docs.batch_size, 0)),
+            "completion_ids": no_rows,
+            "completion_mask": no_rows,
+            "old_per_token_logps": no_rows.float(),
+            "advantages": no_rows.new_zeros(0, dtype=torch.float),
+            "num_items_in_batch": no_rows.new_zeros(()),
+        }
+
     # ------------------------------------------------------------------------------------------------------------------
     # step 6
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -427,17 +458,28 @@ class NSPGRPOTrainer(GRPOTrainer):
                     "sampling pass was built for nothing. Set nsp_reuse_sampling_pass=False."
                 )
             sampling_pass = None
-        with self.accelerator.autocast():
-            fwd = self.engine.forward_train(model, docs, plan, inputs["completion_ids"], sampling_pass=sampling_pass)
-        label_mask = docs.label_mask()
-        nll, count = masked_token_nll(fwd.doc_logps, label_mask)
+        if args.nsp_coef == 0:  # NTP only: a plain forward per document, no engine; the policy term has no rows
+            if not args.ntp_count_pad_targets:
+                with self.accelerator.autocast():
+                    terms = list(plain_ntp_terms(model, docs))
+                nll, count = (torch.stack(t).sum() for t in zip(*terms))
+            rollout_logps = inputs["old_per_token_logps"]
+            entropy = torch.zeros_like(rollout_logps)
+        else:
+            with self.accelerator.autocast():
+                fwd = self.engine.forward_train(
+                    model, docs, plan, inputs["completion_ids"], sampling_pass=sampling_pass
+                )
+            nll, count = masked_token_nll(fwd.doc_logps, docs.label_mask())
+            rollout_logps, entropy = fwd.rollout_logps, fwd.rollout_entropy
+            if entropy is None:
+                entropy = torch.zeros_like(fwd.rollout_logps)
+        if args.ntp_count_pad_targets:  # the release's fla loss: pads count as inputs and targets (one more forward)
+            with self.accelerator.autocast():
+                nll, count = padded_ntp_terms(model, docs)
         ntp_loss = nll / count.clamp(min=1)
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-
-        entropy = fwd.rollout_entropy
-        if entropy is None:
-            entropy = torch.zeros_like(fwd.rollout_logps)
-        self._nsp_precomputed = (fwd.rollout_logps, entropy)
+        self._nsp_precomputed = (rollout_logps, entropy)
         rollout_inputs = {
             "prompt_ids": inputs["completion_ids"][:, :0],
             "prompt_mask": inputs["completion_mask"][:, :0],
@@ -447,18 +489,27 @@ class NSPGRPOTrainer(GRPOTrainer):
             "old_per_token_logps": inputs["old_per_token_logps"],
             "num_items_in_batch": inputs["num_items_in_batch"],
         }
+        logged = {key: len(values) for key, values in self._metrics[mode].items()}
         try:
             policy_loss = self._compute_loss(model, rollout_inputs)
         finally:
             self._nsp_precomputed = None
-        loss = args.ntp_coef * ntp_loss / scale + args.nsp_coef * policy_loss
+        if args.nsp_coef == 0:  # TRL's policy metrics of zero rollouts read 0: log them as missing
+            for key, values in self._metrics[mode].items():
+                values[logged.get(key, 0) :] = [float("nan")] * (len(values) - logged.get(key, 0))
+        loss = args.ntp_coef * ntp_loss / scale
+        if args.nsp_coef > 0:
+            loss = loss + args.nsp_coef * policy_loss
 
         metrics = self._metrics[mode]
         ntp_mean = self.accelerator.gather(ntp_loss.detach()).mean().item()
         policy_mean = self.accelerator.gather(policy_loss.detach() * scale).mean().item()
+        if args.nsp_coef == 0:
+            policy_mean = float("nan")  # no rollouts: no policy term
         if mode == "train":
             self.divergence_guard.observe(self.state, "the NTP loss", ntp_mean)
-            self.divergence_guard.observe(self.state, "the policy (PPO-clip) loss", policy_mean)
+            if args.nsp_coef > 0:
+                self.divergence_guard.observe(self.state, "the policy (PPO-clip) loss", policy_mean)
         metrics["ntp_loss"].append(ntp_mean)
         metrics["nsp/policy_loss"].append(policy_mean)
         return loss
@@ -520,3 +571,21 @@ def check_model_hidden_states(model: torch.nn.Module, device: torch.device | Non
     problem = hidden_states_problem(model, device)
     if problem is not None:
         raise ValueError(f"{problem}. Use nsp_reward='exact' or pass reward_funcs that do not read hidden states.")
+
+
+def engine_training_problem(
+    engine: RolloutEngine, *, zero_stage: int | None, activation_checkpointing: bool
+) -> str | None:
+    """Why ``engine`` cannot train under this setup, from the abilities it declares (`RolloutEngine`), or None."""
+    if zero_stage == 3 and engine.applies_lm_head_outside_forward:
+        return (
+            f"the {engine.name} engine applies the LM head to hidden states outside the model call, where DeepSpeed "
+            "ZeRO-3 has released the partitioned head weight. With ZeRO-3 set nsp_engine='generic'; or keep the "
+            f"{engine.name} engine with ZeRO-2 or FSDP2 (docs/distributed.md)."
+        )
+    if activation_checkpointing and engine.needs_recurrent_cache_in_training:
+        return (
+            "activation (gradient) checkpointing makes HF models drop their recurrent cache in training, which breaks "
+            f"the {engine.name} engine. Set activation_checkpointing=False or nsp_engine='generic'."
+        )
+    return None

@@ -141,6 +141,9 @@ class RolloutEngine(ABC):
     applies_lm_head_outside_forward: bool = False
     #: whether the engine needs the model's recurrent cache in training mode (HF activation checkpointing drops it)
     needs_recurrent_cache_in_training: bool = False
+    #: the abilities above; each built-in engine declares every one in its own class body (a subclass never
+    #: inherits a claim unchecked), and the trainer decides from them alone (`trainer.engine_training_problem`)
+    ABILITIES = ("reuses_sampling_pass", "applies_lm_head_outside_forward", "needs_recurrent_cache_in_training")
 
     @abstractmethod
     def scan(self, model: torch.nn.Module, docs: DocumentBatch) -> ScanOutput:

@@ -44,6 +44,9 @@ class GenericEngine(RolloutEngine):
     """Per-prefix recomputation (the official algorithm), for any causal LM."""
 
     name = "generic"
+    reuses_sampling_pass = False
+    applies_lm_head_outside_forward = False  # every log-prob comes from a model call (TRL's fused head)
+    needs_recurrent_cache_in_training = False  # the loss re-reads [prefix; rollout] in full, no cache
 
     def __init__(self, rows_per_call: int | None = None, pad_token_id: int = 0):
         self.rows_per_call = rows_per_call

@@ -34,6 +34,10 @@ class OnePassEngine(SnapshotEngine):
     """Snapshot engine whose document pass is a single forward returning the states at the positions."""
 
     name = "onepass"
+    # declared, not inherited: what the trainer checks (ZeRO-3, activation checkpointing) is this engine's own claim
+    reuses_sampling_pass = True
+    applies_lm_head_outside_forward = True  # the snapshot engine's branch decoding applies the head to hidden states
+    needs_recurrent_cache_in_training = True  # the branch calls of the loss continue from the states as a cache
 
     def __init__(self, pad_token_id: int = 0, adapter=None, checkpoint_segments: bool = False):
         if checkpoint_segments:
