@@ -106,7 +106,9 @@ def test_testtime_default_quick_runs_and_writes_the_table_with_the_ntp_arm_besid
     assert report["results"]["with sft"]["niah_single"]["adapted"] is True
     assert report["results"]["without"]["niah_single"]["num_examples"] == 3
     nll = {run: report["answer_nll"][run]["niah_single"] for run in ("without", "with sft", "with")}
-    assert len(set(nll.values())) == 3, nll  # each adaptation changed the weights, differently
+    # each adaptation changed the weights (the random tiny model's exact-match rewards are all 0, so the ReFINE arm's
+    # policy gradient is 0 and it may equal the NTP-only arm: not asserted)
+    assert nll["with"] != nll["without"] and nll["with sft"] != nll["without"], nll
     assert "answer NLL" in (out / "testtime_report.md").read_text()
 
 
