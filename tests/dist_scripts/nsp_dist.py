@@ -354,7 +354,12 @@ def accelerate_fsdp2(model: torch.nn.Module) -> torch.nn.Module:
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True
     )
-    stub = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no", torch_device_mesh=None, device=next(model.parameters()).device)
+    stub = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        mixed_precision="no",
+        torch_device_mesh=None,
+        device=next(model.parameters()).device,
+    )
     return fsdp2_prepare_model(stub, model)
 
 
