@@ -48,6 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "replication"))
 import retrieval_data  # noqa: E402
+from replicate import autocast  # noqa: E402  (bf16 on CUDA: fla's chunk kernels refuse fp32)
 
 from trl_refine.models.delta_net.convert import reference_from_fla  # noqa: E402
 
@@ -135,14 +136,6 @@ def weighted_loss(logits: torch.Tensor, ids: torch.Tensor, kind: torch.Tensor, v
     loss = (nll * w).sum() / w.sum()
     ans = kind == 2
     return loss, nll[kind == 1].mean().detach(), (nll[ans].mean().detach() if ans.any() else nll.new_zeros(()))
-
-
-def autocast(device: str):
-    return (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.startswith("cuda")
-        else torch.autocast("cpu", enabled=False)
-    )
 
 
 class Validation:
