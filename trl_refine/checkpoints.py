@@ -6,7 +6,8 @@ states) parses and a weights file is present; a run killed during a save leaves 
 
 Every checkpoint also gets ``refine_settings.json`` with the settings that decide what a resumed run does. On resume,
 a change of the settings that decide which documents each optimizer step reads (resuming skips the batches already
-seen, counted in steps) is refused; a change of the objective (n, k, G, reward, engine, ...) is warned about.
+seen, counted in steps) is refused; a change of the objective (n, k, G, reward, engine, EOS masking, NTP padding
+rule, answer target, ...) is warned about.
 """
 
 from __future__ import annotations
@@ -33,28 +34,72 @@ WEIGHT_FILES = (
     "adapter_model.bin",
 )
 #: settings whose change makes a resumed run read other documents than the interrupted run would have
+#: (``train_documents``: the training documents left after filtering, which nsp_min_length, nsp_short_documents and
+#: post-training's long_examples / max_length decide; ``num_iterations``: TRL's sampler repeats every batch
+#: num_iterations · steps_per_generation times)
 DATA_ORDER_SETTINGS = (
     "documents_per_device",
     "num_processes",
     "gradient_accumulation_steps",
     "steps_per_generation",
+    "num_iterations",
     "seed",
     "shuffle_dataset",
+    "train_documents",
 )
 #: settings whose change alters the objective from the resumed step on (warned about)
 OBJECTIVE_SETTINGS = (
+    # the ReFINE step (RefineFields)
     "nsp_num_chunks",
     "nsp_rollout_length",
     "nsp_num_rollouts",
     "nsp_selection",
+    "nsp_smoothing_width",
+    "nsp_selection_temperature",
     "nsp_margin",
     "nsp_group_by",
+    "nsp_sample_eos",
     "ntp_coef",
+    "ntp_count_pad_targets",
     "nsp_coef",
+    "nsp_prompt_tail_tokens",
     "rewards",
     "engine",
+    # the documents (NSPGRPOConfig)
+    "document_column",
+    "nsp_max_length",
+    "nsp_min_length",
+    "nsp_add_special_tokens",
+    # the PPO-clip loss (GRPOConfig fields ReFINE uses)
     "loss_type",
+    "epsilon",
+    "epsilon_high",
+    "delta",
+    "scale_rewards",
+    # post-training (PostTrainConfig)
+    "posttrain_mode",
+    "answer_column",
+    "max_answer_length",
+    "max_length",
+    "long_examples",
+    "sft_coef",
+    "posttrain_inner_steps",
+    "answer_tokenization",
+    "answer_separator",
+    "answer_append_eos",
+    "prompt_add_special_tokens",
 )
+#: our config fields that are not compared, and why (tests/test_checkpoints.py checks that every field of
+#: RefineFields, NSPGRPOConfig and PostTrainConfig is in one of the three)
+NOT_COMPARED_SETTINGS = {
+    "nsp_reward": "compared as `rewards` (the reward functions in use)",
+    "nsp_engine": "compared as `engine` (the engine it resolves to)",
+    "nsp_reuse_sampling_pass": "same rollouts, losses and gradients either way",
+    "nsp_generic_rows_per_call": "memory only",
+    "nsp_segment_checkpointing": "memory only",
+    "nsp_on_divergence": "decides what a fault does, not what a step optimises",
+    "nsp_short_documents": "decides which documents are kept: compared as `train_documents`",
+}
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 RESUME_LAST = ("last", "latest", "true")
 
@@ -147,6 +192,9 @@ def check_resume_settings(checkpoint: str, current: dict[str, Any]) -> None:
     refused = {key: change for key, change in changed.items() if key in DATA_ORDER_SETTINGS}
     if refused:
         what = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
+        others = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items() if key not in refused)
+        if others:
+            what += f" (also changed: {others})"
         raise ValueError(
             f"cannot resume from {checkpoint}: {what}. Resuming skips the batches already trained on, counted in "
             "steps, so with these changed the run would skip or repeat other documents than it trained on. Resume "
@@ -167,10 +215,12 @@ def refine_settings(trainer) -> dict[str, Any]:
     """What `check_resume_settings` compares: `DATA_ORDER_SETTINGS` and `OBJECTIVE_SETTINGS` of a trainer."""
     args = trainer.args
     settings = {name: getattr(args, name, None) for name in DATA_ORDER_SETTINGS + OBJECTIVE_SETTINGS}
+    dataset = getattr(trainer, "train_dataset", None)
     settings.update(
         num_processes=trainer.accelerator.num_processes,
         rewards=list(trainer.reward_func_names),
         engine=trainer.engine.name,
+        train_documents=len(dataset) if hasattr(dataset, "__len__") else None,  # None for a stream
     )
     return settings
 
