@@ -31,6 +31,7 @@ from trl_refine.data import load_any_dataset
 from trl_refine.eval import generate_niah, get_scorer
 from trl_refine.eval.evaluator import DECODING_HELP
 from trl_refine.eval.plot import plot_runs
+from trl_refine.posttrain import eval_prompt_truncation
 from trl_refine.recipe_utils import (
     ModelArguments,
     answer_nll_sharded,
@@ -162,14 +163,8 @@ def task_of(script: PosttrainArguments, ds: datasets.Dataset):
     return "ruler_qa"
 
 
-def max_prompt_tokens(args: PostTrainConfig) -> int | None:
-    """With long_examples='truncate', evaluate on prompts cut the way training cut them."""
-    if args.long_examples == "truncate" and args.max_length is not None:
-        return args.max_length - args.max_answer_length
-    return None
-
-
 def run_eval(model, tokenizer, evals, script, args, stage: str) -> dict:
+    max_prompt_tokens, prompt_truncation = eval_prompt_truncation(args)  # prompts cut as training cut them
     out = {}
     for label, ds in evals.items():
         if script.eval_max_examples is not None:
@@ -184,7 +179,8 @@ def run_eval(model, tokenizer, evals, script, args, stage: str) -> dict:
             decoding=script.eval_decoding,
             seed=args.seed,
             add_special_tokens=args.prompt_add_special_tokens,
-            max_prompt_tokens=max_prompt_tokens(args),
+            max_prompt_tokens=max_prompt_tokens,
+            prompt_truncation=prompt_truncation,
             show_progress=False,
             name=f"{label} ({stage})",
         )

@@ -248,3 +248,30 @@ def test_compare_and_write_report(tmp_path):
     assert "| hotpotqa | 15.7 | 23.0 | +7.3 |" in p2["markdown"].read_text() and p2["plot"] is None
     p3 = write_report(result(0.5, "trec"), tmp_path / "out3", plot=False)
     assert "| trec | 50.0 |" in p3["markdown"].read_text()
+
+
+def test_prompt_truncation_end_keeps_the_start_of_the_prompt(model, tok):
+    """``prompt_truncation="end"`` (post-training's truncate_end, the release's cut) keeps the first
+    ``max_prompt_tokens``; the default ``middle`` keeps both ends."""
+    prompt = "abcdefghij" * 3
+    seen = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0][0].tolist()))
+    try:
+        for how in ("end", "middle"):
+            generate_answers(
+                model,
+                tok,
+                [prompt],
+                max_new_tokens=1,
+                batch_size=1,
+                max_prompt_tokens=8,
+                prompt_truncation=how,
+                use_generate=False,
+                show_progress=False,
+            )
+    finally:
+        handle.remove()
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert seen == [ids[:8], ids[:4] + ids[-4:]]
+    with pytest.raises(ValueError, match="prompt_truncation='start' is not one of middle, end"):
+        generate_answers(model, tok, [prompt], prompt_truncation="start", show_progress=False)

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from trl import TrlParser
@@ -91,6 +92,42 @@ def test_posttrain_bad_data_fails_before_any_work(tmp_path):
             ["--quick", "--dataset_name", str(data), "--output_dir", str(tmp_path / "x"), "--skip_eval", "true"]
         )
     assert not (tmp_path / "x" / "posttrain_report.md").exists()
+
+
+@pytest.mark.parametrize("long_examples", ["error", "drop", "truncate", "truncate_end"])
+def test_posttrain_eval_cuts_prompts_as_training_cut_them(tmp_path, monkeypatch, byte_tokenizer, long_examples):
+    """The recipe evaluates the prompt training saw: its middle cut (truncate), its first max_length -
+    max_answer_length tokens (truncate_end, the release's cut; evaluated whole before), or the whole prompt (error /
+    drop, under which no training prompt is cut)."""
+    import datasets
+    from conftest import small_config
+
+    from trl_refine.posttrain import PostTrainConfig, encode_prompt_answer
+    from trl_refine.utils import truncate_prompt
+
+    recipe = load_recipe("posttrain")
+    seen = {}
+
+    def evaluate_spy(model, tokenizer, dataset, task, **kwargs):
+        seen.update(kwargs)
+        return {"score": 0.0}
+
+    monkeypatch.setattr(recipe, "evaluate_sharded", evaluate_spy)
+    monkeypatch.setattr(recipe, "answer_nll_sharded", lambda *args, **kwargs: 0.0)
+    args = small_config(tmp_path, PostTrainConfig, max_length=20, max_answer_length=4, long_examples=long_examples)
+    script = SimpleNamespace(
+        eval_max_examples=None, eval_task="ruler_qa", eval_max_new_tokens=4, eval_batch_size=1, eval_decoding="greedy"
+    )
+    prompt = "x" * 10 + "y" * 20 + " Question: where? Answer:"
+    ds = datasets.Dataset.from_dict({"prompt": [prompt], "answer": [["Paris"]]})
+    recipe.run_eval(None, byte_tokenizer, {"held out": ds}, script, args, "before")
+    ids = byte_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    evaluated = truncate_prompt(ids, seen["max_prompt_tokens"], seen["prompt_truncation"])
+    if long_examples in ("error", "drop"):
+        assert evaluated == ids
+    else:
+        trained, _ = encode_prompt_answer(prompt, "Pari", byte_tokenizer, args)  # an answer of max_answer_length
+        assert evaluated == trained and len(trained) == 16
 
 
 @pytest.mark.slow

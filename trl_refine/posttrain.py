@@ -275,6 +275,18 @@ def encode_prompt_answer(
     return prompt_ids, answer_ids
 
 
+def eval_prompt_truncation(args: PostTrainConfig) -> tuple[int | None, str]:
+    """``(max_prompt_tokens, prompt_truncation)`` for `trl_refine.eval.evaluate`: evaluation prompts cut the way
+    `encode_prompt_answer` cuts training prompts. ``long_examples="truncate"``: the middle of prompts longer than
+    ``max_length - max_answer_length`` (the room left for the longest answer); ``"truncate_end"``: every prompt keeps
+    its first ``max_length - max_answer_length`` tokens (the release cuts its validation prompts as its training
+    ones); ``"error"`` / ``"drop"`` (no training prompt was cut) or ``max_length=None``: prompts stay whole."""
+    how = {"truncate": "middle", "truncate_end": "end"}.get(args.long_examples)
+    if how is None or args.max_length is None:
+        return None, "middle"
+    return max(args.max_length - args.max_answer_length, 1), how
+
+
 def prepare_posttrain_dataset(
     dataset: Dataset | IterableDataset, tokenizer, args: PostTrainConfig, name: str = "train_dataset"
 ) -> Dataset | IterableDataset:

@@ -33,6 +33,21 @@ def truncate_middle(ids: list[int], limit: int | None) -> list[int]:
     return ids[:head] + ids[len(ids) - (limit - head) :]
 
 
+#: how a prompt longer than a limit is cut: ``middle`` (LongBench; post-training's ``long_examples="truncate"``)
+#: keeps its start and its end with the question, ``end`` (post-training's ``long_examples="truncate_end"``, the
+#: release's ``rl_dataset.py`` for training and validation prompts alike) keeps its first ``limit`` ids
+PROMPT_TRUNCATIONS = ("middle", "end")
+
+
+def truncate_prompt(ids: list[int], limit: int | None, how: str = "middle") -> list[int]:
+    """``ids`` cut to ``limit`` tokens the way ``how`` (`PROMPT_TRUNCATIONS`) says; unchanged if they fit."""
+    if how not in PROMPT_TRUNCATIONS:
+        raise ValueError(f"prompt_truncation={how!r} is not one of {', '.join(PROMPT_TRUNCATIONS)}")
+    if how == "end":
+        return ids if limit is None else ids[:limit]
+    return truncate_middle(ids, limit)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where the model's weights are (``model.device`` when it has one; CPU for a model without parameters)."""
     device = getattr(model, "device", None)

@@ -49,7 +49,7 @@ from trl_refine.eval.longbench import LONGBENCH_TASK_METRICS, longbench_scorer
 from trl_refine.eval.niah import niah_score, normalize_niah_task
 from trl_refine.eval.plot import plot_scores, result_spread
 from trl_refine.eval.ruler import load_qa_dataset, ruler_qa_score
-from trl_refine.utils import left_pad, model_device, truncate_middle
+from trl_refine.utils import left_pad, model_device, truncate_prompt
 
 __all__ = [
     "AdaptFn",
@@ -248,6 +248,7 @@ def generate_answers(
     *,
     add_special_tokens: bool = False,
     max_prompt_tokens: int | None = None,
+    prompt_truncation: str = "middle",
     sort_by_length: bool = True,
     use_generate: bool | None = None,
     show_progress: bool = True,
@@ -269,8 +270,9 @@ def generate_answers(
         adapt: optional test-time-training hook, ``adapt(model, tokenizer, batch_prompts) -> context manager``,
             called once per batch; the batch is decoded inside the context (see the module docstring).
         add_special_tokens: passed to the tokenizer (default False: the raw prompt, as in the paper).
-        max_prompt_tokens: if set, longer prompts keep their first and last ``max_prompt_tokens // 2`` tokens
-            (LongBench's middle truncation).
+        max_prompt_tokens: if set, longer prompts are cut to this many tokens as ``prompt_truncation`` says.
+        prompt_truncation: ``middle`` (default, LongBench's): keep the first ``max_prompt_tokens // 2`` tokens and
+            the last ones; ``end``: keep the first ``max_prompt_tokens`` (the release's prompt cut).
         sort_by_length: batch prompts of similar length together (longest first); results keep the input order.
         use_generate: force ``model.generate`` (True) or the cache-free manual greedy loop (False); default: generate
             when the model supports it.
@@ -284,6 +286,7 @@ def generate_answers(
         seed: the sampling seed of ``release`` decoding (batch ``i`` draws from a generator seeded ``seed + i``).
     """
     mode = _check_decoding(decoding)
+    truncate_prompt([], None, prompt_truncation)  # a bad value fails before any work
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not a single string")
     prompts = list(prompts)
@@ -306,7 +309,7 @@ def generate_answers(
     encoded = tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
     encoded = [list(ids) for ids in encoded]
     if max_prompt_tokens is not None:
-        encoded = [truncate_middle(ids, max_prompt_tokens) for ids in encoded]
+        encoded = [truncate_prompt(ids, max_prompt_tokens, prompt_truncation) for ids in encoded]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
         raise ValueError(f"prompt(s) {empty[:10]} tokenize to nothing; cannot generate from an empty prompt")
@@ -561,6 +564,7 @@ def evaluate(
     split: str | None = None,
     max_examples: int | None = None,
     max_prompt_tokens: int | None = None,
+    prompt_truncation: str = "middle",
     add_special_tokens: bool = False,
     use_generate: bool | None = None,
     show_progress: bool = True,
@@ -579,7 +583,7 @@ def evaluate(
             takes each example's task from the dataset's ``task`` column.
         max_new_tokens: the generation budget and cap (paper: 32 for RULER QA and LongBench; use 128 for NIAH).
             ``None`` means "the dataset's per-example budget only".
-        batch_size, adapt, max_prompt_tokens, add_special_tokens, use_generate, show_progress: see
+        batch_size, adapt, max_prompt_tokens, prompt_truncation, add_special_tokens, use_generate, show_progress: see
             :func:`generate_answers`.
         length_column: per-example budget column; ``"auto"`` uses ``max_gen_tokens`` when present. Each example
             gets ``min(max_new_tokens, row[length_column])``. ``max_answer_length`` (the gold answer's length in
@@ -632,6 +636,7 @@ def evaluate(
         adapt=adapt,
         add_special_tokens=add_special_tokens,
         max_prompt_tokens=max_prompt_tokens,
+        prompt_truncation=prompt_truncation,
         use_generate=use_generate,
         show_progress=show_progress,
         synced_gpus=synced_gpus,
