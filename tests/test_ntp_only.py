@@ -77,3 +77,24 @@ def test_ntp_only_loss_is_the_plain_ntp_loss(tmp_path, byte_tokenizer):
     assert loss.item() == pytest.approx(0.7 * (nll / count).item(), rel=1e-6)
     loss.backward()  # the loss has gradients
     assert all(p.grad is not None for p in tr.model.parameters() if p.requires_grad)
+
+
+def test_ntp_only_with_pad_targets_is_the_padded_batch_loss_and_logs_no_policy_term(tmp_path, byte_tokenizer):
+    """``nsp_coef = 0`` with ``ntp_count_pad_targets``: the release's padded-batch NTP loss, still no engine call;
+    the policy loss and TRL's policy metrics of the micro-step are logged as missing (NaN), not as 0."""
+    from trl_refine.step import padded_ntp_terms
+
+    tr = trainer(tmp_path, byte_tokenizer, 0.0, ntp_coef=0.5, ntp_count_pad_targets=True)
+    calls = counting(tr.engine)
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 2
+    inputs = tr._prepare_inputs([tr.train_dataset[0]] * 4 + [tr.train_dataset[1]] * 4)
+    loss = tr.compute_loss(tr.model, inputs)
+    docs = DocumentBatch(inputs["doc_input_ids"], inputs["doc_attention_mask"])
+    with torch.no_grad():
+        nll, count = padded_ntp_terms(tr.model, docs)
+    assert (docs.attention_mask == 0).any() and calls == {"scan": 0, "generate": 0, "forward_train": 0}
+    assert loss.item() == pytest.approx(0.5 * (nll / count).item() / 2, rel=1e-6)
+    metrics = tr._metrics["train"]
+    assert metrics["ntp_loss"][-1] == pytest.approx((nll / count).item(), rel=1e-6)
+    assert math.isnan(metrics["nsp/policy_loss"][-1]) and math.isnan(metrics["clip_ratio/low_mean"][-1])

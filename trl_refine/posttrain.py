@@ -562,9 +562,6 @@ class NSPPostTrainer(NSPGRPOTrainer):
 
     # ------------------------------------------------------------------------------------------------------------------
     # losses
-    def _loss_scale(self) -> float:
-        return self.current_gradient_accumulation_steps if self.model.training else 1.0
-
     def _inner_loss(self, model, inputs) -> torch.Tensor:
         """ReFINE (``ntp_coef``·NTP + ``nsp_coef``·PPO-clip) or, for ``nested_sft``, ``ntp_coef``·NTP alone."""
         if self.args.uses_refine:

@@ -440,8 +440,11 @@ class NSPGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------------
     # step 6
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``ntp_coef · NTP / GA + nsp_coef · PPO-clip``; with ``nsp_coef = 0`` the NTP term alone (`_ntp_only_loss`)."""
         if return_outputs:
             raise ValueError("NSPGRPOTrainer does not return outputs")
+        if self.args.nsp_coef == 0:
+            return self._ntp_only_loss(model, inputs)
         args = self.args
         mode = "train" if self.model.training else "eval"
         docs = DocumentBatch(inputs["doc_input_ids"], inputs["doc_attention_mask"])
@@ -458,27 +461,56 @@ class NSPGRPOTrainer(GRPOTrainer):
                     "sampling pass was built for nothing. Set nsp_reuse_sampling_pass=False."
                 )
             sampling_pass = None
-        if args.nsp_coef == 0:  # NTP only: a plain forward per document, no engine; the policy term has no rows
-            if not args.ntp_count_pad_targets:
-                with self.accelerator.autocast():
-                    terms = list(plain_ntp_terms(model, docs))
-                nll, count = (torch.stack(t).sum() for t in zip(*terms))
-            rollout_logps = inputs["old_per_token_logps"]
-            entropy = torch.zeros_like(rollout_logps)
+        with self.accelerator.autocast():
+            fwd = self.engine.forward_train(model, docs, plan, inputs["completion_ids"], sampling_pass=sampling_pass)
+        if args.ntp_count_pad_targets:
+            ntp_loss = self._padded_ntp_loss(model, docs)
+        else:
+            nll, count = masked_token_nll(fwd.doc_logps, docs.label_mask())
+            ntp_loss = nll / count.clamp(min=1)
+        entropy = fwd.rollout_entropy if fwd.rollout_entropy is not None else torch.zeros_like(fwd.rollout_logps)
+        policy_loss = self._policy_loss(model, inputs, fwd.rollout_logps, entropy)
+        scale = self._loss_scale()
+        loss = args.ntp_coef * ntp_loss / scale
+        loss = loss + args.nsp_coef * policy_loss
+        self._log_losses(mode, ntp_loss, policy_loss.detach() * scale)
+        return loss
+
+    def _ntp_only_loss(self, model, inputs) -> torch.Tensor:
+        """``nsp_coef = 0`` (an NTP-only run): ``ntp_coef`` · the NTP loss of one plain forward per document
+        (`plain_ntp_terms`, or the padded batch under ``ntp_count_pad_targets``), no engine. TRL's policy loss still
+        runs on the zero rollout rows, so that its metrics get the keys of a ReFINE run; they and the policy loss are
+        logged as missing (NaN), as zero rollouts have no policy term."""
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        docs = DocumentBatch(inputs["doc_input_ids"], inputs["doc_attention_mask"])
+        if args.ntp_count_pad_targets:
+            ntp_loss = self._padded_ntp_loss(model, docs)
         else:
             with self.accelerator.autocast():
-                fwd = self.engine.forward_train(
-                    model, docs, plan, inputs["completion_ids"], sampling_pass=sampling_pass
-                )
-            nll, count = masked_token_nll(fwd.doc_logps, docs.label_mask())
-            rollout_logps, entropy = fwd.rollout_logps, fwd.rollout_entropy
-            if entropy is None:
-                entropy = torch.zeros_like(fwd.rollout_logps)
-        if args.ntp_count_pad_targets:  # the release's fla loss: pads count as inputs and targets (one more forward)
-            with self.accelerator.autocast():
-                nll, count = padded_ntp_terms(model, docs)
-        ntp_loss = nll / count.clamp(min=1)
-        scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+                terms = list(plain_ntp_terms(model, docs))
+            nll, count = (torch.stack(t).sum() for t in zip(*terms))
+            ntp_loss = nll / count.clamp(min=1)
+        logged = {key: len(values) for key, values in self._metrics[mode].items()}
+        no_rows = inputs["old_per_token_logps"]
+        self._policy_loss(model, inputs, no_rows, torch.zeros_like(no_rows))
+        for key, values in self._metrics[mode].items():  # TRL's policy metrics of zero rollouts read 0
+            values[logged.get(key, 0) :] = [float("nan")] * (len(values) - logged.get(key, 0))
+        self._log_losses(mode, ntp_loss, None)
+        return args.ntp_coef * ntp_loss / self._loss_scale()
+
+    def _padded_ntp_loss(self, model, docs: DocumentBatch) -> torch.Tensor:
+        """``ntp_count_pad_targets``: the release's fla loss, pads counted as inputs and targets (one more forward)."""
+        with self.accelerator.autocast():
+            nll, count = padded_ntp_terms(model, docs)
+        return nll / count.clamp(min=1)
+
+    def _loss_scale(self) -> float:
+        """What a micro-step's loss is divided by: the gradient accumulation steps in training, 1 in evaluation."""
+        return self.current_gradient_accumulation_steps if self.model.training else 1.0
+
+    def _policy_loss(self, model, inputs, rollout_logps: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        """TRL's GRPO loss (`GRPOTrainer._compute_loss`) of the rollout rows, given the engine's log-probs."""
         self._nsp_precomputed = (rollout_logps, entropy)
         rollout_inputs = {
             "prompt_ids": inputs["completion_ids"][:, :0],
@@ -489,30 +521,23 @@ class NSPGRPOTrainer(GRPOTrainer):
             "old_per_token_logps": inputs["old_per_token_logps"],
             "num_items_in_batch": inputs["num_items_in_batch"],
         }
-        logged = {key: len(values) for key, values in self._metrics[mode].items()}
         try:
-            policy_loss = self._compute_loss(model, rollout_inputs)
+            return self._compute_loss(model, rollout_inputs)
         finally:
             self._nsp_precomputed = None
-        if args.nsp_coef == 0:  # TRL's policy metrics of zero rollouts read 0: log them as missing
-            for key, values in self._metrics[mode].items():
-                values[logged.get(key, 0) :] = [float("nan")] * (len(values) - logged.get(key, 0))
-        loss = args.ntp_coef * ntp_loss / scale
-        if args.nsp_coef > 0:
-            loss = loss + args.nsp_coef * policy_loss
 
+    def _log_losses(self, mode: str, ntp_loss: torch.Tensor, policy_loss: torch.Tensor | None) -> None:
+        """Log the NTP loss and the (unscaled) policy loss (``None``: no policy term, logged as NaN), both averaged
+        over the processes, and have the divergence guard check them in training."""
         metrics = self._metrics[mode]
         ntp_mean = self.accelerator.gather(ntp_loss.detach()).mean().item()
-        policy_mean = self.accelerator.gather(policy_loss.detach() * scale).mean().item()
-        if args.nsp_coef == 0:
-            policy_mean = float("nan")  # no rollouts: no policy term
+        policy_mean = None if policy_loss is None else self.accelerator.gather(policy_loss).mean().item()
         if mode == "train":
             self.divergence_guard.observe(self.state, "the NTP loss", ntp_mean)
-            if args.nsp_coef > 0:
+            if policy_mean is not None:
                 self.divergence_guard.observe(self.state, "the policy (PPO-clip) loss", policy_mean)
         metrics["ntp_loss"].append(ntp_mean)
-        metrics["nsp/policy_loss"].append(policy_mean)
-        return loss
+        metrics["nsp/policy_loss"].append(float("nan") if policy_mean is None else policy_mean)
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The Trainer's gradient norm (all-reduced, before clipping), checked by the divergence guard."""
