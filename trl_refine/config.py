@@ -177,7 +177,8 @@ class RefineFields:
         default=False,
         metadata={
             "help": "Count the padding of a batch in the NTP term, as inputs and as targets, over all its positions "
-            "(the release's fla DeltaNet loss, labels = input_ids); costs one more forward per micro-batch. Default "
+            "(the release's fla DeltaNet loss, labels = input_ids); costs one more forward per micro-batch when "
+            "rollouts run (an NTP-only step, nsp_coef = 0, runs this one forward instead of its plain ones). Default "
             "False: only real next tokens count, so a document's loss does not depend on its batch "
             "(docs/faithfulness.md)."
         },

@@ -440,7 +440,7 @@ class NSPGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------------
     # step 6
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """``ntp_coef · NTP / GA + nsp_coef · PPO-clip``; with ``nsp_coef = 0`` the NTP term alone (`_ntp_only_loss`)."""
+        """``ntp_coef · NTP / GA + nsp_coef · PPO-clip``; ``nsp_coef = 0``: the NTP term alone (`_ntp_only_loss`)."""
         if return_outputs:
             raise ValueError("NSPGRPOTrainer does not return outputs")
         if self.args.nsp_coef == 0:
@@ -500,7 +500,8 @@ class NSPGRPOTrainer(GRPOTrainer):
         return args.ntp_coef * ntp_loss / self._loss_scale()
 
     def _padded_ntp_loss(self, model, docs: DocumentBatch) -> torch.Tensor:
-        """``ntp_count_pad_targets``: the release's fla loss, pads counted as inputs and targets (one more forward)."""
+        """``ntp_count_pad_targets``: the release's fla loss, pads counted as inputs and targets, from one forward of
+        the padded batch (one more when the engine has already run)."""
         with self.accelerator.autocast():
             nll, count = padded_ntp_terms(model, docs)
         return nll / count.clamp(min=1)
