@@ -81,6 +81,7 @@ def test_private_transformers_accelerate_torch_names_are_present():
         ("transformers.Trainer", "_defer_fsdp_gradient_reduction"),
         ("accelerate.state.GradientState", "_set_sync_gradients"),
         ("torch.distributed.fsdp.FSDPModule", "_get_fsdp_state"),
+        ("transformers.PreTrainedConfig", "_attn_implementation"),
     ],
 )
 def test_private_name_drift_fails_loudly(monkeypatch, owner, name):
@@ -100,7 +101,8 @@ def test_no_private_framework_names_outside_compat():
     root = Path(_compat.__file__).parent
     pattern = re.compile(
         r"\.(_clip_grad_norm|_defer_fsdp_gradient_reduction|_set_sync_gradients|_get_fsdp_state|_fsdp_param_groups?|"
-        r"_auto_reshard_after_forward|_training_state)\b|_fully_shard|from trl\.trainer\.grpo_trainer"
+        r"_auto_reshard_after_forward|_training_state|_attn_implementation)\b|_fully_shard|"
+        r"from trl\.trainer\.grpo_trainer"
     )
     offenders = [
         str(path.relative_to(root))
@@ -108,3 +110,33 @@ def test_no_private_framework_names_outside_compat():
         if path.name != "_compat.py" and pattern.search(path.read_text())
     ]
     assert not offenders, offenders
+
+
+def test_attn_implementation_switch_reaches_the_attention_layers():
+    """Setting ``config._attn_implementation`` through _compat changes the function transformers' attention layers
+    call at the next forward (what the hybrids' shared-prefix attention relies on), and reads back."""
+    import torch
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from trl_refine.models.tiny_configs import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("lfm2", vocab_size=32, hidden_size=32)).eval()
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(1)
+        return sdpa_attention_forward(*args, **kwargs)
+
+    AttentionInterface.register("trl_refine_test_spy", spy)
+    AttentionMaskInterface.register("trl_refine_test_spy", sdpa_mask)
+    original = _compat.attn_implementation(model)
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        _compat.set_attn_implementation(model, "trl_refine_test_spy")
+        assert _compat.attn_implementation(model) == "trl_refine_test_spy"
+        out = model(input_ids=ids).logits
+    _compat.set_attn_implementation(model, original)
+    assert seen and torch.allclose(out, ref, atol=1e-6)

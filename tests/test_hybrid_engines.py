@@ -5,9 +5,11 @@ import pytest
 import torch
 from test_snapshot_engine import batch, rel
 
+from trl_refine._compat import attn_implementation
 from trl_refine.modeling_utils import ensure_fused_lm_head
 from trl_refine.models.tiny_configs import TRANSFORMERS_HYBRIDS, tiny_config
 from trl_refine.rollout import GenericEngine, RolloutPlan, SnapshotEngine
+from trl_refine.rollout.adapters.transformers_hybrid import SHARED_PREFIX_MODEL_TYPES, TransformersHybridStateAdapter
 from trl_refine.rollout.registry import build_engine
 
 VOCAB = 96
@@ -52,6 +54,106 @@ def test_hybrid_snapshot_equals_generic(model_type):
     assert rel(fs.rollout_logps, fg.rollout_logps) < 1e-5
     assert rel(gs, gg) < 1e-5
     assert gs.abs().sum() > 0
+
+
+@pytest.mark.parametrize("model_type", SHARED_PREFIX_MODEL_TYPES)
+def test_hybrid_shared_prefix_kv_equals_copied_and_generic(model_type, monkeypatch):
+    """The G branches of a prefix read one copy of its attention K/V (the default): rollouts, log-probs, hidden states
+    and gradients equal those of G copies and of the generic engine (fp32, left padding, GQA), the branch calls go
+    through the shared-prefix attention, and the model's attention implementation is its own again afterwards."""
+    from transformers import AttentionInterface
+
+    from trl_refine.rollout.adapters import shared_prefix_attention as spa
+
+    model = tiny_hybrid(model_type, seed=3)
+    original = attn_implementation(model)
+    docs = batch((40, 27), vocab=VOCAB, seed=2)
+    plan = RolloutPlan(torch.tensor([[9, 21, 30], [16, 20, 33]]), 3, 4)
+    calls = []
+    inner = spa.shared_prefix_attention
+
+    def counted(module, query, key, *args, **kwargs):
+        calls.append(key.shape[0])
+        return inner(module, query, key, *args, **kwargs)
+
+    spa.register()
+    monkeypatch.setitem(AttentionInterface._global_mapping, spa.ATTENTION_NAME, counted)
+    engines = {
+        "share": SnapshotEngine(),
+        "copy": SnapshotEngine(adapter=TransformersHybridStateAdapter(model.config, share_prefix_kv=False)),
+        "generic": GenericEngine(),
+    }
+    adv = torch.linspace(-1, 1, plan.num_rows)
+    results = {}
+    for name, engine in engines.items():
+        with torch.no_grad():
+            out = engine.generate(model, docs, plan, torch.Generator().manual_seed(5))
+        model.zero_grad()
+        fwd = engine.forward_train(model, docs, plan, out.completion_ids)
+        mask = docs.label_mask()
+        (-(fwd.doc_logps * mask).sum() / mask.sum() - (adv[:, None] * fwd.rollout_logps).mean()).backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results[name] = (out, fwd, grad)
+        assert attn_implementation(model) == original
+        if name == "share":  # k decode calls (the last reads hidden states) + one branch call, every attention layer
+            attention_layers = sum(1 for t in model.config.layer_types if t in ("full_attention", "attention"))
+            attention_layers = attention_layers or model.config.num_hidden_layers  # falcon_h1: every layer
+            expected = [plan.num_rows] * (plan.rollout_length + 1) * attention_layers
+            assert calls == expected
+    assert calls == expected  # the copied path and the generic engine do not use it
+    assert engines["share"]._adapter(model).share_prefix_kv
+    assert not engines["copy"].adapter.share_prefix_kv
+    assert results["share"][2].abs().sum() > 0
+    for other in ("copy", "generic"):
+        (o1, f1, g1), (o2, f2, g2) = results["share"], results[other]
+        assert torch.equal(o1.completion_ids, o2.completion_ids)
+        assert rel(o1.old_logps, o2.old_logps) < 1e-5
+        assert rel(o1.hidden_states, o2.hidden_states) < 1e-5
+        assert rel(f1.rollout_logps, f2.rollout_logps) < 1e-5
+        assert rel(f1.doc_logps, f2.doc_logps) < 1e-5
+        assert rel(g1, g2) < 1e-5
+
+
+def test_hybrid_shared_prefix_state_and_attention_switch():
+    """The branch state holds one K/V copy per prefix; a cache built from it refuses to run outside the shared-prefix
+    attention; the switch restores the model's implementation even when the call fails."""
+    from trl_refine.rollout.adapters.shared_prefix_attention import ATTENTION_NAME, shared_prefix_attention_for
+    from trl_refine.rollout.adapters.transformers_hybrid import shared_prefix_layout
+
+    model = tiny_hybrid("lfm2")
+    adapter = TransformersHybridStateAdapter(model.config)
+    docs = batch((30, 24), vocab=VOCAB)
+    plan = RolloutPlan(torch.tensor([[10, 20], [12, 22]]), 4, 3)
+    engine = SnapshotEngine(adapter=adapter)
+    with torch.no_grad():
+        snapshots, _ = engine.document_pass(model, docs, plan)
+        rows = engine._branch_rows(snapshots, plan)
+    assert shared_prefix_layout(rows) == (4, 0)
+    attn = next(e for e in rows if "keys" in e)
+    assert attn["keys"].shape[0] == 4 and attn["keys_branch"].shape[0] == plan.num_rows
+    assert next(e for e in rows if "conv" in e)["conv"][0].shape[0] == plan.num_rows
+    with pytest.raises(ValueError, match="shares its prefix K/V"):
+        adapter.concat([rows])
+    ids = torch.zeros(plan.num_rows, 1, dtype=torch.long)
+    extra = adapter.continuation_kwargs(rows, 0, 1, ids.device)
+    assert extra["attention_mask"].shape == (plan.num_rows, attn["keys"].shape[2] + 1)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=ATTENTION_NAME):
+        model(input_ids=ids, past_key_values=adapter.build_cache(rows), use_cache=True, **extra)
+    original = attn_implementation(model)
+    with pytest.raises(KeyError), shared_prefix_attention_for(model):
+        assert attn_implementation(model) == ATTENTION_NAME
+        raise KeyError("inside")
+    assert attn_implementation(model) == original != ATTENTION_NAME
+    with torch.no_grad(), shared_prefix_attention_for(model):
+        out = model(input_ids=ids, past_key_values=adapter.build_cache(rows), use_cache=True, **extra)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_kimi_linear_copies_the_prefix_kv():
+    config = tiny_config("kimi_linear", vocab_size=VOCAB, hidden_size=32, layers=2, heads=2)
+    assert not TransformersHybridStateAdapter(config).share_prefix_kv
+    with pytest.raises(ValueError, match="MLA"):
+        TransformersHybridStateAdapter(config, share_prefix_kv=True)
 
 
 @pytest.mark.parametrize("model_type", TRANSFORMERS_HYBRIDS)

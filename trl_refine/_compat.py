@@ -8,7 +8,8 @@ Post-training's nested step makes the calls the HF ``Trainer`` makes at a sync s
 ``Trainer._defer_fsdp_gradient_reduction``, accelerate's ``GradientState._set_sync_gradients``), and the snapshot
 engine's FSDP2 LM-head hold reads FSDP2's parameter groups (``FSDPModule._get_fsdp_state`` and the state's
 ``_fsdp_param_groups``, ``_auto_reshard_after_forward``, a group's ``_training_state`` and
-``torch.distributed.fsdp._fully_shard._fsdp_common.TrainingState``). The wrappers below are the only users;
+``torch.distributed.fsdp._fully_shard._fsdp_common.TrainingState``); the shared-prefix attention of the transformers
+hybrids switches a model's ``config._attn_implementation``. The wrappers below are the only users;
 `check_private_api` (run by the drift test) says which one moved.
 """
 
@@ -200,6 +201,18 @@ def fsdp2_clear_leftover_forward_state(groups) -> None:
             group._training_state = TrainingState.IDLE
 
 
+def attn_implementation(model) -> str | None:
+    """``model.config._attn_implementation``: the name transformers' attention layers look up in
+    ``ALL_ATTENTION_FUNCTIONS`` at every call (so a change applies to the next call)."""
+    return model.config._attn_implementation
+
+
+def set_attn_implementation(model, name: str | None) -> None:
+    """Set ``model.config._attn_implementation`` (and its sub-configs') without `PreTrainedModel.set_attn_implementation`'s
+    checks and submodule walk: the shared-prefix attention switches it around the engine's branch calls only."""
+    model.config._attn_implementation = name
+
+
 def check_private_api() -> None:
     """Raise `PrivateAPIDrift` if a private transformers / accelerate / torch name we use is gone."""
     from accelerate.state import GradientState
@@ -227,10 +240,16 @@ def check_private_api() -> None:
         raise _drift("torch FSDPState has neither _fsdp_param_groups nor _fsdp_param_group")
     if not hasattr(state, "_auto_reshard_after_forward"):
         raise _drift("torch FSDPState._auto_reshard_after_forward is missing")
+    from transformers import PreTrainedConfig
+
+    prop = getattr(PreTrainedConfig, "_attn_implementation", None)
+    if not isinstance(prop, property) or prop.fset is None:
+        raise _drift("transformers PreTrainedConfig._attn_implementation is no longer a settable property")
 
 
 __all__ = [
     "PrivateAPIDrift",
+    "attn_implementation",
     "check_private_api",
     "fsdp2_auto_reshard_after_forward",
     "fsdp2_clear_leftover_forward_state",
@@ -238,6 +257,7 @@ __all__ = [
     "fsdp2_state",
     "fsdp2_training_states",
     "is_fsdp_managed_module",
+    "set_attn_implementation",
     "set_fsdp2_auto_reshard_after_forward",
     "set_sync_gradients",
     "trainer_clip_grad_norm",

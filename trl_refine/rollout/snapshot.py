@@ -259,7 +259,10 @@ class SnapshotEngine(RolloutEngine):
             rows = self._branch_rows(snapshots, plan)
             cache = self.adapter.build_cache(rows)
             del snapshots  # kept by the sampling pass if it is reused, freed before decoding otherwise
-            ids, logps, hidden = self._decode(model, cache, rows, doc_hidden.detach(), plan, generator, need_hidden)
+            with self.adapter.branch_calls(model, rows):
+                ids, logps, hidden = self._decode(
+                    model, cache, rows, doc_hidden.detach(), plan, generator, need_hidden
+                )
         return RolloutOutput(ids, logps, hidden, sampling_pass=sampling_pass)
 
     def _decode(
@@ -325,7 +328,7 @@ class SnapshotEngine(RolloutEngine):
             rows = self._branch_rows(snapshots, plan)
             cache = self.adapter.build_cache(rows)
             extra = self.adapter.continuation_kwargs(rows, 0, k - 1, completion_ids.device)
-            with capture_last_hidden_state(model) as store:
+            with capture_last_hidden_state(model) as store, self.adapter.branch_calls(model, rows):
                 model(
                     input_ids=completion_ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1, **extra
                 )

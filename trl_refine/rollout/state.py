@@ -3,13 +3,15 @@
 A *snapshot* is a list (one entry per layer) of the layer's state dict, holding tensors with the batch on dim 0
 (nested in tuples for conv states). Snapshots are references, not copies: caches of the supported models rebind
 new tensors instead of writing into old ones, except fla's single-token no-grad conv step, so every cache built from
-a snapshot goes through `select_rows`, which copies. The one exception is LaCT's attention window, which
-`LaCTStateAdapter.branch_rows` gives the G rollout branches of a prefix as one shared copy (LaCT writes nothing in
-place).
+a snapshot goes through `select_rows`, which copies. The exceptions are attention K/V of a prefix, which
+`LaCTStateAdapter.branch_rows` (LaCT's window; LaCT writes nothing in place) and
+`TransformersHybridStateAdapter.branch_rows` (their cache layers append by concatenation) give the G rollout
+branches of a prefix as one shared copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -94,6 +96,11 @@ class FlaStateAdapter:
         ``state``. Here every tensor is copied per branch (`select_rows`); adapters whose models can read one copy
         per prefix (an attention window) override it."""
         return self.select_rows(state, index.repeat_interleave(group))
+
+    def branch_calls(self, model: torch.nn.Module, state: State):
+        """A context manager around the model calls that continue ``state``, a `branch_rows` state (decoding, the
+        loss's branch call); adapters whose shared states need a different attention function switch it here."""
+        return contextlib.nullcontext()
 
     @staticmethod
     def scatter_rows(state: State, index: torch.Tensor, rows: State) -> State:

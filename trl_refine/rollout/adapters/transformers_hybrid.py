@@ -17,6 +17,11 @@ transformers' cache layers write states in place (``copy_`` into preallocated bu
 would overwrite snapshots and break autograd. The caches built here use layer classes that **rebind** new tensors
 instead (`rebinding_layer_class`), and route single-token conv updates through the same rebinding path.
 
+**Shared prefix K/V** (``share_prefix_kv``, on by default where the model allows it): the G rollout branches of a
+prefix read one copy of its attention K/V (`branch_rows`; layout and attention in
+`trl_refine.rollout.adapters.shared_prefix_attention`) instead of G copies. ``kimi_linear`` always copies: its MLA
+layer caches latents and expands them (``kv_b_proj``) over the whole length inside the layer, before attention.
+
 Documents are run one per call (``packing = "serial"``): transformers' recurrent layers zero padded inputs but do not
 keep the state still across them (a Mamba-2 or Gated DeltaNet state still decays on a padded token), so a padded row
 continuing from a non-empty state would not be exact.
@@ -24,11 +29,17 @@ continuing from a non-empty state would not be exact.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
-from trl_refine.rollout.state import FlaStateAdapter, State, zip_tensors
+from trl_refine.rollout.adapters.shared_prefix_attention import (
+    SharedPrefixKV,
+    shared_prefix_attention_for,
+    shared_prefix_layer_class,
+)
+from trl_refine.rollout.state import FlaStateAdapter, State, map_tensors, zip_tensors
 
 #: transformers model types served by this adapter (the text model of each; all run on CPU with torch fallbacks)
 HYBRID_MODEL_TYPES = ("qwen3_next", "kimi_linear", "falcon_h1", "bamba", "granitemoehybrid", "lfm2")
@@ -36,6 +47,15 @@ HYBRID_MODEL_TYPES = ("qwen3_next", "kimi_linear", "falcon_h1", "bamba", "granit
 #: families whose recurrent single-token step (transformers' ``mamba2_selective_state_update``) writes the state in
 #: place: a call of one token with gradients cannot be differentiated
 _IN_PLACE_SINGLE_STEP = ("falcon_h1", "bamba", "granitemoehybrid")
+
+#: families whose attention layer calls ``past_key_values.update`` and hands the result straight to the attention
+#: interface, so their branches can share the prefix K/V (`trl_refine.rollout.adapters.shared_prefix_attention`)
+SHARED_PREFIX_MODEL_TYPES = ("qwen3_next", "falcon_h1", "bamba", "granitemoehybrid", "lfm2")
+#: why the others copy the prefix K/V per branch
+COPIED_PREFIX_REASONS = {
+    "kimi_linear": "its MLA layer caches latents and expands them (kv_b_proj) over the whole length inside the "
+    "layer, before attention: one copy per prefix would be expanded per row at every call",
+}
 
 
 class _RebindingStates:
@@ -83,6 +103,13 @@ def rebinding_layer_class(cls: type) -> type:
     return type(f"Rebinding{cls.__name__}", (_RebindingStates, cls), {"__slots__": ()})
 
 
+def _with_class(layer, cls: type):
+    """A ``cls`` object with ``layer``'s attributes (``__class__`` assignment fails across transformers' layer bases)."""
+    new = object.__new__(cls)
+    new.__dict__.update(vars(layer))
+    return new
+
+
 def _left_pad(t: torch.Tensor, width: int, dim: int, value=0) -> torch.Tensor:
     missing = width - t.size(dim)
     if missing == 0:
@@ -97,9 +124,17 @@ class TransformersHybridStateAdapter(FlaStateAdapter):
 
     packing = "serial"
 
-    def __init__(self, config):
+    def __init__(self, config, share_prefix_kv: bool | None = None):
         self.config = config
         self.model_type = config.model_type
+        if share_prefix_kv and self.model_type not in SHARED_PREFIX_MODEL_TYPES:
+            why = COPIED_PREFIX_REASONS.get(self.model_type, "not supported for this model")
+            raise ValueError(f"share_prefix_kv=True: {self.model_type} cannot share the prefix K/V ({why}); pass None")
+        #: the G branches of one prefix read one copy of its attention K/V (None: where the model allows it, see
+        #: `SHARED_PREFIX_MODEL_TYPES`); equal to copying up to float summation order (docs/engines.md)
+        self.share_prefix_kv = (
+            self.model_type in SHARED_PREFIX_MODEL_TYPES if share_prefix_kv is None else share_prefix_kv
+        )
 
     # ------------------------------------------------------------------------------------------------ caches
     def empty_cache(self):
@@ -110,10 +145,8 @@ class TransformersHybridStateAdapter(FlaStateAdapter):
         cache = DynamicCache(config=self.config)
         for i, layer in enumerate(cache.layers):
             if isinstance(layer, LinearAttentionCacheLayerMixin):
-                rebinding = object.__new__(rebinding_layer_class(type(layer)))
-                rebinding.__dict__.update(vars(layer))
-                rebinding.__dict__.pop("record_past", None)
-                cache.layers[i] = rebinding
+                cache.layers[i] = _with_class(layer, rebinding_layer_class(type(layer)))
+                cache.layers[i].__dict__.pop("record_past", None)
         return cache
 
     def snapshot(self, cache) -> State:
@@ -131,7 +164,10 @@ class TransformersHybridStateAdapter(FlaStateAdapter):
                     layer.recurrent_states[i] if layer.is_recurrent_states_initialized[i] else None
                     for i in range(layer.number_of_states)
                 )
-            if isinstance(layer, CacheLayerMixin) and layer.is_initialized and layer.keys is not None:
+            if isinstance(layer, SharedPrefixKV):
+                entry.update(keys=layer.prefix_keys, values=layer.prefix_values, valid=layer.prefix_valid)
+                entry.update(keys_branch=layer.keys, values_branch=layer.values)
+            elif isinstance(layer, CacheLayerMixin) and layer.is_initialized and layer.keys is not None:
                 entry["keys"], entry["values"] = layer.keys, layer.values
                 entry["valid"] = torch.ones(
                     layer.keys.shape[0], layer.keys.shape[-2], dtype=torch.bool, device=layer.keys.device
@@ -143,6 +179,9 @@ class TransformersHybridStateAdapter(FlaStateAdapter):
         """A cache continuing from ``state``. Conv / recurrent tensors are cloned (differentiably): some models still
         write them in place (single-token steps), which must touch neither the snapshot nor its autograd history."""
         cache = self.empty_cache()
+        for i, entry in enumerate(state):
+            if "keys_branch" in entry:  # prefix K/V shared by groups of rows (`branch_rows`)
+                cache.layers[i] = _with_class(cache.layers[i], shared_prefix_layer_class(type(cache.layers[i])))
         for layer, entry in zip(cache.layers, state):
             for i, t in enumerate(entry.get("conv", ())):
                 if t is not None:
@@ -154,16 +193,49 @@ class TransformersHybridStateAdapter(FlaStateAdapter):
                 if t is not None:
                     layer.recurrent_states[i] = t.clone()
                     layer.is_recurrent_states_initialized[i] = layer.has_previous_state[i] = True
-            if "keys" in entry:
+            if "keys_branch" in entry:
+                layer.prefix_keys, layer.prefix_values = entry["keys"], entry["values"]
+                layer.prefix_valid = entry["valid"]
+                layer.keys, layer.values = entry["keys_branch"], entry["values_branch"]
+            elif "keys" in entry:
                 layer.keys, layer.values = entry["keys"], entry["values"]
+            if "keys" in entry:
                 layer.dtype, layer.device = entry["keys"].dtype, entry["keys"].device
                 layer.is_initialized = True
         return cache
 
     # ------------------------------------------------------------------------------------------------ rows
+    def branch_rows(self, state: State, index: torch.Tensor, group: int) -> State:
+        """With ``share_prefix_kv``: conv / recurrent states copied per branch, attention K/V (and ``valid``) selected
+        once per prefix, plus empty ``keys_branch`` / ``values_branch`` ``[B, H, 0, D]`` for the branches' own."""
+        if not self.share_prefix_kv or group == 1:
+            return super().branch_rows(state, index, group)
+        _refuse_shared(state, "branch_rows")
+        rows = index.repeat_interleave(group)
+        out = []
+        for entry in state:
+            new = {
+                k: map_tensors(entry[k], lambda t: t.index_select(0, rows))
+                for k in ("conv", "recurrent")
+                if k in entry
+            }
+            if "keys" in entry:
+                new.update({k: entry[k].index_select(0, index) for k in ("keys", "values", "valid")})
+                for k in ("keys", "values"):
+                    new[f"{k}_branch"] = new[k].new_zeros(rows.numel(), new[k].shape[1], 0, new[k].shape[3])
+            out.append(new)
+        return out
+
+    @staticmethod
+    def select_rows(state: State, index: torch.Tensor) -> State:
+        _refuse_shared(state, "select_rows")
+        return FlaStateAdapter.select_rows(state, index)
+
     @staticmethod
     def concat(states: list[State]) -> State:
         """Concatenate along rows; attention K/V of different prefix lengths are left-padded (``valid`` False)."""
+        for state in states:
+            _refuse_shared(state, "concat")
         width = max((e["keys"].shape[-2] for s in states for e in s if "keys" in e), default=0)
         padded = [
             [
@@ -201,6 +273,33 @@ class TransformersHybridStateAdapter(FlaStateAdapter):
             if state is None:
                 return {"position_ids": steps[None]}
             return {}
+        group, own = shared_prefix_layout(state)
+        if group > 1 or own:  # the prefix's slots, per row, then the row's own tokens (all valid)
+            valid = valid.repeat_interleave(group, dim=0)
+            valid = torch.cat([valid, valid.new_ones(valid.size(0), own)], dim=1)
         seen = valid.sum(-1, keepdim=True)
         mask = torch.cat([valid.long(), valid.new_ones(valid.size(0), offset + width, dtype=torch.long)], dim=1)
         return {"position_ids": seen + steps[None], "attention_mask": mask}
+
+    def branch_calls(self, model, state: State):
+        """Model calls from a state whose prefix K/V are shared (`branch_rows`) run with the shared-prefix attention
+        (the model's own attention implementation is restored on exit)."""
+        if shared_prefix_layout(state) == (1, 0):
+            return contextlib.nullcontext()
+        from trl_refine.modeling_utils import unwrap
+
+        return shared_prefix_attention_for(unwrap(model))
+
+
+def shared_prefix_layout(state: State) -> tuple[int, int]:
+    """``(G, t)`` of a state whose prefix K/V are shared by groups of G rows that have t own tokens each;
+    ``(1, 0)`` for an ordinary state."""
+    for entry in state:
+        if "keys_branch" in entry:
+            return entry["keys_branch"].shape[0] // entry["keys"].shape[0], entry["keys_branch"].shape[-2]
+    return 1, 0
+
+
+def _refuse_shared(state: State, what: str) -> None:
+    if any("keys_branch" in entry for entry in state):
+        raise ValueError(f"{what}: this state shares its prefix K/V between rows (a branch state); use the snapshots")
