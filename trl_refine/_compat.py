@@ -9,7 +9,8 @@ Post-training's nested step makes the calls the HF ``Trainer`` makes at a sync s
 engine's FSDP2 LM-head hold reads FSDP2's parameter groups (``FSDPModule._get_fsdp_state`` and the state's
 ``_fsdp_param_groups``, ``_auto_reshard_after_forward``, a group's ``_training_state`` and
 ``torch.distributed.fsdp._fully_shard._fsdp_common.TrainingState``); the shared-prefix attention of the transformers
-hybrids switches a model's ``config._attn_implementation``. The wrappers below are the only users;
+hybrids switches a model's ``config._attn_implementation``; the snapshot engine's checkpointed segments flatten
+recurrent states with ``torch.utils._pytree``. The wrappers below are the only users;
 `check_private_api` (run by the drift test) says which one moved.
 """
 
@@ -213,6 +214,20 @@ def set_attn_implementation(model, name: str | None) -> None:
     model.config._attn_implementation = name
 
 
+def tree_flatten(tree):
+    """``torch.utils._pytree.tree_flatten``: the leaves of nested tuples / lists / dicts and how to rebuild them."""
+    from torch.utils import _pytree
+
+    return _pytree.tree_flatten(tree)
+
+
+def tree_unflatten(leaves, spec):
+    """``torch.utils._pytree.tree_unflatten``: the inverse of `tree_flatten`."""
+    from torch.utils import _pytree
+
+    return _pytree.tree_unflatten(leaves, spec)
+
+
 def check_private_api() -> None:
     """Raise `PrivateAPIDrift` if a private transformers / accelerate / torch name we use is gone."""
     from accelerate.state import GradientState
@@ -245,6 +260,11 @@ def check_private_api() -> None:
     prop = getattr(PreTrainedConfig, "_attn_implementation", None)
     if not isinstance(prop, property) or prop.fset is None:
         raise _drift("transformers PreTrainedConfig._attn_implementation is no longer a settable property")
+    from torch.utils import _pytree
+
+    for name in ("tree_flatten", "tree_unflatten"):
+        if not callable(getattr(_pytree, name, None)):
+            raise _drift(f"torch.utils._pytree.{name} is missing")
 
 
 __all__ = [
@@ -262,6 +282,8 @@ __all__ = [
     "set_sync_gradients",
     "trainer_clip_grad_norm",
     "trainer_defer_fsdp_gradient_reduction",
+    "tree_flatten",
+    "tree_unflatten",
     "GRPOTrainer",
     "TRLCompatibilityError",
     "add_fused_lm_head",

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trl_refine._compat import tree_flatten, tree_unflatten
 from trl_refine.modeling_utils import capture_last_hidden_state, lm_head_logps, unwrap
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutOutput, RolloutPlan, ScanOutput, TrainForward
 from trl_refine.rollout.fsdp_head import fsdp2_owner_of_lm_head, hold_lm_head
@@ -199,8 +200,6 @@ class SnapshotEngine(RolloutEngine):
         return hidden, self.adapter.snapshot(out.past_key_values)
 
     def _checkpointed_segment(self, model, ids, cu, width: int, rows: State | None) -> tuple[torch.Tensor, State]:
-        from torch.utils._pytree import tree_flatten, tree_unflatten
-
         flat, spec = tree_flatten(rows) if rows is not None else ([], None)
         out_spec = []
 
