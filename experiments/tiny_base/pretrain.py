@@ -49,6 +49,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "replication"))
 import retrieval_data  # noqa: E402
 from replicate import autocast  # noqa: E402  (bf16 on CUDA: fla's chunk kernels refuse fp32)
+from contextlib import nullcontext  # noqa: E402
 
 from trl_refine.models.delta_net.convert import reference_from_fla  # noqa: E402
 
@@ -64,6 +65,13 @@ SWEEPS = {
         "h128l4_w10": (128, 4, 2, 256, 2e-3, 10.0),
     },
     "h64l2": {"h64l2": (64, 2, 1, 128, 3e-3, 4.0)},
+    # run 3 (GPU, reference DeltaNet fp32, staged mix): sizes the embedded default can run in ~2 min on 2 CPU cores
+    "run3": {
+        "h64l2": (64, 2, 1, 128, 3e-3, 4.0),
+        "h96l2": (96, 2, 1, 192, 3e-3, 4.0),
+        "h128l2": (128, 2, 2, 256, 2e-3, 4.0),
+        "h128l4": (128, 4, 2, 256, 2e-3, 4.0),
+    },
     "cpu": {"h64l2_cpu": (64, 2, 1, 128, 3e-3, 5.0)},
     "smoke": {"h32l1": (32, 1, 1, 64, 3e-3, 4.0)},
 }
@@ -84,10 +92,10 @@ def model_fields(hidden: int, layers: int, heads: int, intermediate: int | None)
     )
 
 
-def new_model(fields: dict, device: str):
-    """fla DeltaNet on CUDA (its Triton kernels), the reference DeltaNet (pure PyTorch) elsewhere: the same function
-    and parameter names (tests/gpu/test_gpu_parity.py::test_reference_delta_net_matches_fla)."""
-    if device.startswith("cuda"):
+def new_model(fields: dict, device: str, impl: str = "auto"):
+    """fla DeltaNet (its Triton kernels) or the reference DeltaNet (pure PyTorch): the same function and parameter
+    names (tests/gpu/test_gpu_parity.py::test_reference_delta_net_matches_fla). ``auto``: fla on CUDA."""
+    if impl == "fla" or (impl == "auto" and device.startswith("cuda")):
         from fla.models import DeltaNetConfig, DeltaNetForCausalLM
 
         return DeltaNetForCausalLM(DeltaNetConfig(**fields)).to(device)
@@ -114,7 +122,8 @@ class Batches(torch.utils.data.IterableDataset):
             b += n
 
     def make(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = retrieval_data.Stream(self.seed * 1_000_003 + b, lengths=self.curriculum(b), mix=self.mix)
+        mix = self.mix(b) if callable(self.mix) else self.mix
+        s = retrieval_data.Stream(self.seed * 1_000_003 + b, lengths=self.curriculum(b), mix=mix)
         docs = [next(s) for _ in range(self.batch)]
         width = max(len(ids) for ids, _ in docs)
         ids = torch.zeros((len(docs), width), dtype=torch.long)
@@ -207,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min_length", type=int, default=250)
     p.add_argument("--max_length", type=int, default=1200)
     p.add_argument("--ramp", type=float, default=0.4, help="fraction of --steps over which the lengths grow")
-    p.add_argument("--steps", type=int, default=6000, help="step budget (the curriculum's time axis)")
+    p.add_argument("--steps", type=int, default=6000,
+                   help="step budget (the curriculum's time axis); 0: calibrate it to --max_minutes (calibrate_steps)")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--max_minutes", type=float, default=5.0)
     p.add_argument("--eval_every", type=int, default=250)
@@ -216,7 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--target_high", type=float, default=80.0)
     p.add_argument("--val_rep", type=int, default=40)
     p.add_argument("--val_default", type=int, default=32)
-    p.add_argument("--mix", default="default", choices=("default", "cpu"), help="document kinds (retrieval_data)")
+    p.add_argument("--mix", default="default", choices=("default", "cpu", "staged"), help="document kinds (retrieval_data)")
+    p.add_argument("--stage_a", type=float, default=0.25, help="staged mix: fraction of --steps on STAGED_MIX[0]")
+    p.add_argument("--impl", default="auto", choices=("auto", "fla", "reference"),
+                   help="auto: fla on CUDA (bf16 autocast), the reference DeltaNet elsewhere; reference on CUDA "
+                        "runs fp32 without Triton (no compile or autotune)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -238,19 +252,28 @@ def main(argv: list[str] | None = None) -> dict:
         hi = round(a.start_length + frac * (a.max_length - a.start_length))
         return (min(a.min_length, hi), hi)
 
+    def mix_of(b: int) -> dict | None:
+        if a.mix == "staged":
+            return retrieval_data.STAGED_MIX[0 if b < a.stage_a * a.steps else 1]
+        return retrieval_data.CPU_MIX if a.mix == "cpu" else None
+
+    uses_fla = a.impl == "fla" or (a.impl == "auto" and a.device.startswith("cuda"))
+    amp = (lambda: autocast(a.device)) if uses_fla else nullcontext
     runs = {}
     for name, (hidden, layers, heads, inter, lr, vw) in sweep.items():
         torch.manual_seed(a.seed)
         fields = model_fields(hidden, layers, heads, inter)
-        model = new_model(fields, a.device).float().train()
+        model = new_model(fields, a.device, a.impl).float().train()
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
         n = sum(x.numel() for x in model.parameters())
         runs[name] = dict(model=model, opt=opt, lr=lr, value_weight=vw, fields=fields, params=n, curve=[], done=False)
         log.info("%s: %.3fM params, lr %g, value weight %g", name, n / 1e6, lr, vw)
     val = Validation(a.val_rep, a.val_default, 64)
+    if a.steps <= 0:
+        a.steps = calibrate_steps(runs, a, amp)
     loader = iter(
         torch.utils.data.DataLoader(
-            Batches(a.seed, a.batch, curriculum, mix=retrieval_data.CPU_MIX if a.mix == "cpu" else None),
+            Batches(a.seed, a.batch, curriculum, mix=mix_of),
             batch_size=None,
             num_workers=a.workers,
             prefetch_factor=8 if a.workers else None,
@@ -273,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
             scale = min(1.0, step / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / a.steps))))
             for g in opt.param_groups:
                 g["lr"] = r["lr"] * scale
-            with autocast(a.device):
+            with amp():
                 loss, text_nll, ans_nll = weighted_loss(model(input_ids=ids).logits, ids, kind, r["value_weight"])
             if not torch.isfinite(loss):
                 log.warning("%s: non-finite loss at step %d: stopped", name, step)
@@ -301,7 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
                 )  # fmt: skip
                 if v["V"] >= a.stop_score or last:
                     r["done"], r["result"] = True, v
-                    r["reference"] = reference_from_fla(model)  # fla -> pure-PyTorch reference (CPU, fp32)
+                    r["reference"] = (  # the pure-PyTorch reference (CPU, fp32), converted from fla if needed
+                        copy.deepcopy(model).to("cpu", torch.float32) if uses_fla is False
+                        else reference_from_fla(model)
+                    )
                     r["parity"] = parity(model, r["reference"], val.docs[0][:4], a.device)
         if step % 50 == 0:
             write_summary(a, runs)
@@ -309,6 +335,37 @@ def main(argv: list[str] | None = None) -> dict:
         save_reference(r, os.path.join(a.out, "configs", name), a, name)
     write_summary(a, runs)
     return choose_base(a.out, a.target_low, a.target_high) if not a.no_choose else {}
+
+
+def calibrate_steps(runs: dict, a, amp) -> int:
+    """The step budget that fits ``--max_minutes``: time a few steps of every configuration (on copies, then thrown
+    away) on a batch of the longest documents and keep 75% of the time for training (the rest: shorter documents
+    early on make up for the validation checks). The result is logged and saved, so the run can be repeated with
+    ``--steps N``."""
+    ids = torch.randint(3, 259, (a.batch, a.max_length + 1), device=a.device)
+    kind = torch.ones_like(ids, dtype=torch.int8)
+    per_step = 0.0
+    for r in runs.values():
+        model = copy.deepcopy(r["model"])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for i in range(8):
+            if i == 3:
+                if a.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            with amp():
+                loss = weighted_loss(model(input_ids=ids).logits, ids, kind, 1.0)[0]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        per_step += (time.perf_counter() - t0) / 5
+        del model, opt
+    steps = max(100, int(0.75 * a.max_minutes * 60 / per_step))
+    log.info("calibrated: %.3f s per step at length %d for %d configuration(s): --steps %d", per_step, a.max_length,
+             len(runs), steps)  # fmt: skip
+    return steps
 
 
 def choose_base(out: str, low: float, high: float) -> dict:

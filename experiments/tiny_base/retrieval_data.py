@@ -14,6 +14,11 @@ loss. Kinds (all drawn fresh from a seed, so no document ever repeats and nothin
   the format of the replication's held-out grid (other text, other seeds).
 * ``qa``: one doc-QA prompt and its answer (``tasks.qa_example``), the grid's doc-QA format.
 * ``default``: the recipes' embedded default (``generate_niah("single", haystack="essay")``, prompt + " " + value).
+* ``copy``: random digit strings, each followed at once by its copy (``code 8812. again: 8812.``): the induction
+  copy on every copied byte, the densest signal there is (a 64-wide 2-layer reference DeltaNet learns it in a few
+  hundred steps, where it never learned it from the sparse kinds above in 3400).
+* ``kv``: RULER needle sentences back to back without filler, then every key asked and answered in RULER's wording:
+  associative recall *by key* with the evaluation's own phrasing, one target per ~260 bytes.
 
 Text comes from ``tasks.passages("train")`` (the replication's *train* text; never the held-out text) or the
 essay-like filler. Lengths are in bytes (= characters for the filler; the passages are nearly all ASCII).
@@ -33,9 +38,15 @@ import tasks  # noqa: E402
 from trl_refine.eval import generate_niah  # noqa: E402
 from trl_refine.eval.niah import _unique_items  # noqa: E402
 
-KINDS = ("repeat", "dense_niah", "dense_qa", "ruler", "qa", "default")
+KINDS = ("repeat", "dense_niah", "dense_qa", "ruler", "qa", "default", "copy", "kv")
 CPU_MIX = {"repeat": 0.25, "dense_niah": 0.25, "dense_qa": 0.1, "ruler": 0.15, "qa": 0.05, "default": 0.2}
 DEFAULT_MIX = {"dense_niah": 0.4, "dense_qa": 0.1, "ruler": 0.3, "qa": 0.1, "default": 0.1}
+# run 3: the copy and key-value kinds first (STAGED_MIX[0] for the first --stage_a fraction of the steps), then all
+STAGED_MIX = (
+    {"copy": 0.35, "kv": 0.35, "default": 0.15, "dense_niah": 0.15},
+    {"copy": 0.1, "kv": 0.15, "repeat": 0.05, "dense_niah": 0.2, "dense_qa": 0.1, "ruler": 0.2, "qa": 0.05,
+     "default": 0.15},
+)
 EOS = 1  # ByT5
 
 
@@ -167,6 +178,32 @@ def repeat(rng: random.Random, length: int, pool: Sequence[str]) -> tuple[list[i
     return doc.done()
 
 
+def copy(rng: random.Random, length: int, pool: Sequence[str]) -> tuple[list[int], list[int]]:
+    doc = Doc()
+    while len(doc.ids) < length:
+        code = "".join(rng.choice("0123456789") for _ in range(rng.randint(7, 24)))
+        doc.add(f"code {code}. again: ").add(code, answer=True).add(". ")
+    return doc.done()
+
+
+def kv(rng: random.Random, length: int, pool: Sequence[str]) -> tuple[list[int], list[int]]:
+    n = max(2, min(16, length // 260))
+    taken: set[str] = set()
+    keys = _unique_items(rng, "words", n, taken)
+    values = _unique_items(rng, "numbers", n, taken)
+    doc = Doc().add(
+        "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+        "I will quiz you about the numbers afterwards.\n"
+        + " ".join(f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values))
+    )
+    for i in rng.sample(range(n), n):
+        doc.add(
+            f"\nWhat is the special magic number for {keys[i]} mentioned in the provided text? "
+            f"The special magic number for {keys[i]} mentioned in the provided text is "
+        ).add(values[i], answer=True)
+    return doc.done()
+
+
 def _prompt_answer(prompt: str, answers: Sequence[str]) -> tuple[list[int], list[int]]:
     return Doc().add(prompt + " ").add(tasks.answer_text(answers), answer=True).done()
 
@@ -196,13 +233,15 @@ _BUILD = {
     "ruler": ruler,
     "qa": qa,
     "default": default,
+    "copy": copy,
+    "kv": kv,
 }
 
 
 def document(kind: str, rng: random.Random, length: int, essay_fraction: float = 0.25):
     """One document of ``kind`` of about ``length`` bytes: (ids ending in EOS, answer mask)."""
     pool = tasks.essay_pool(2) if rng.random() < essay_fraction else tasks.passages("train")[0]
-    floor = {"ruler": 760, "default": 420}.get(kind, 200)  # RULER templates and needles need room
+    floor = {"ruler": 760, "default": 420, "copy": 40, "kv": 400}.get(kind, 200)  # RULER templates and needles need room
     return _BUILD[kind](rng, max(length, floor), pool)
 
 
