@@ -49,23 +49,8 @@ done
 note "arms started"
 
 # 3. the paper-setting YAMLs on the GPU, a few steps each, lengths cut to the tiny model (issue 13 item 5)
-CK=$W/fla_base; D=$REPLICATION_DATA
-python3 -m trl_refine.models.delta_net.convert to-fla "$W/tb/base" "$CK" > "$W/paper.log" 2>&1
-timeout 120 python3 recipes/midtrain.py --config recipes/configs/midtrain_delta_net_1.3B.yaml --model_name_or_path $CK \
-  --dataset_name $D/ruler/ruler_squadqa_delta_net_4096_200_test.parquet --document_column prompt --max_steps 4 \
-  --nsp_min_length 2048 --nsp_max_length 8192 --save_strategy no --output_dir $W/paper_mid > $W/paper_mid.log 2>&1; rc=$?
-python3 experiments/replication/weight_delta.py $CK $W/paper_mid > $W/paper_mid_delta.json 2>> $W/paper_mid.log
-note "paper midtrain rc=$rc"
-timeout 120 python3 recipes/posttrain.py --config recipes/configs/posttrain_delta_net_1.3B.yaml --model_name_or_path $CK \
-  --dataset_name $D/ruler/ruler_hotpotqa_delta_net_4096_200_test.parquet \
-  --eval_dataset_name $D/ruler/ruler_squadqa_delta_net_4096_200_test.parquet --eval_max_examples 8 --max_steps 4 \
-  --max_train_examples 32 --long_examples truncate --save_strategy no --output_dir $W/paper_post > $W/paper_post.log 2>&1; rc=$?
-python3 experiments/replication/weight_delta.py $CK $W/paper_post > $W/paper_post_delta.json 2>> $W/paper_post.log
-note "paper posttrain rc=$rc"
-timeout 120 python3 recipes/testtime.py --config recipes/configs/testtime_delta_net_1.3B.yaml --model_name_or_path $CK \
-  --dataset_name $D/longbench/trec_16384.parquet,$D/longbench/samsum_16384.parquet --max_examples 8 \
-  --output_dir $W/paper_tt > $W/paper_tt.log 2>&1
-note "paper testtime rc=$?"
+bash experiments/replication/paper_yamls.sh "$W" "$W/tb/base"
+note "paper yamls done"
 
 while [ -n "$(jobs -rp)" ] && [ $(( $(date +%s) - T0 )) -lt $(( ARMS_S + 420 )) ]; do sleep 5; done
 kill $(jobs -rp) 2>/dev/null

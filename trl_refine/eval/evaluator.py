@@ -147,7 +147,8 @@ def _hf_generate(
         rng = torch.random.fork_rng(devices=devices)
     with rng:
         if mode["do_sample"]:
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator).item()))
+            device = generator.device if generator is not None else "cpu"  # a CUDA generator draws on CUDA
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator, device=device).item()))
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **extra)
     sequences = out.sequences if hasattr(out, "sequences") else out
     return sequences[:, input_ids.shape[1] :]
