@@ -70,6 +70,13 @@ class MidtrainArguments(ScriptArguments):
         },
     )
     eval_needle_chars: int = field(default=700, metadata={"help": "Characters per held-out needle prompt."})
+    needle_task: str = field(
+        default="single",
+        metadata={
+            "help": "NIAH family of the needle documents and of the held-out needle check (single, multikey, "
+            "multivalue, multiquery)."
+        },
+    )
     baseline_mode: str | None = field(
         default=None,
         metadata={
@@ -96,15 +103,15 @@ def check_script(script: MidtrainArguments) -> None:
             raise ValueError("baseline_mode needs a metric to compare the arms on: set eval_needles > 0.")
 
 
-def needle_documents(num: int, chars: int, seed: int) -> datasets.Dataset:
-    """Needle prompts followed by their answer, as plain documents (the held-out check's format)."""
-    ds = generate_niah("single", num_examples=num, context_length=chars, tokenizer=None, haystack="essay", seed=seed)
-    return datasets.Dataset.from_dict({"text": [f"{p} {a[0]}." for p, a in zip(ds["prompt"], ds["answer"])]})
+def needle_documents(num: int, chars: int, seed: int, task: str = "single") -> datasets.Dataset:
+    """Needle prompts followed by their answer(s), as plain documents (the held-out check's format)."""
+    ds = generate_niah(task, num_examples=num, context_length=chars, tokenizer=None, haystack="essay", seed=seed)
+    return datasets.Dataset.from_dict({"text": [f"{p} {', '.join(a)}." for p, a in zip(ds["prompt"], ds["answer"])]})
 
 
 def training_documents(script: MidtrainArguments, seed: int, num: int) -> datasets.Dataset:
     if script.synthetic_format == "needle":
-        return needle_documents(num, script.synthetic_chars, seed)
+        return needle_documents(num, script.synthetic_chars, seed, script.needle_task)
     return synthetic_documents(num, script.synthetic_chars, seed=seed)
 
 
@@ -163,7 +170,10 @@ def main(argv: list[str] | None = None) -> str:
     needles = nll_config = None
     if script.eval_needles > 0:
         needles = generate_niah(
-            "single", num_examples=script.eval_needles, context_length=script.eval_needle_chars, seed=args.seed + 2
+            script.needle_task,
+            num_examples=script.eval_needles,
+            context_length=script.eval_needle_chars,
+            seed=args.seed + 2,
         )
         nll_config = answer_nll_config(args.output_dir, args.use_cpu, None, False)
 

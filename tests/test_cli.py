@@ -49,6 +49,7 @@ def test_wheel_ships_recipes_configs_templates_and_the_command(tmp_path):
         assert f"trl_refine/recipes/configs/{name}_default.yaml" in names
     assert "trl_refine/recipes/accelerate/multi_gpu.yaml" in names
     assert "trl_refine/templates/model_card.md" in names
+    assert "trl_refine/assets/tiny_retrieval_delta_net/model.safetensors" in names  # the embedded defaults' base
     assert "trl_refine/eval/metrics/refine_eval/refine_eval.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "trl-refine = trl_refine.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

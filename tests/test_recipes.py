@@ -66,7 +66,7 @@ def test_midtrain_random_lact_model(tmp_path):
     recipe = load_recipe("midtrain")
     out = tmp_path / "lact"
     argv = ["--tiny_model_type", "lact_swiglu", "--tiny_hidden_size", "32", "--tiny_heads", "2"]
-    argv += ["--output_dir", str(out), "--max_steps", "1", "--synthetic_documents", "2", "--synthetic_chars", "400"]
+    argv += ["--output_dir", str(out), "--max_steps", "1", "--synthetic_documents", "2", "--synthetic_chars", "600"]
     argv += ["--save_strategy", "no", "--disable_tqdm", "true", "--baseline_mode", "none", "--eval_needles", "0"]
     recipe.main(argv)
     assert not (out / "midtrain_report.md").exists()  # no needle check, no arms

@@ -53,13 +53,13 @@ def test_posttrain_default_quick_runs_and_writes_the_table_with_the_sft_arm_besi
     table = (out / "posttrain_report.md").read_text()
     assert (out / "posttrain_report.png").stat().st_size > 0  # the before/after chart
     assert "Reinforced Fast Weights" in (out / "README.md").read_text()  # the model card
-    assert "niah_single: string_match_all" in table and "answer NLL" in table and "What you are looking at" in table
+    assert "niah_multikey: string_match_all" in table and "answer NLL" in table and "What you are looking at" in table
     report = json.loads((out / "posttrain_report.json").read_text())
     assert report["posttrain_mode"] == "nested" and report["global_step"] == 2 and report["inner_optimizer_steps"] == 2
-    before = report["before"]["niah_single"]
+    before = report["before"]["niah_multikey"]
     assert before["result"]["num_examples"] == 4 and len(before["result"]["examples"]) == 4
     assert report["baseline_mode"] == "sft"
-    sft, nested = (report[k]["niah_single"]["answer_nll"] for k in ("baseline", "after"))
+    sft, nested = (report[k]["niah_multikey"]["answer_nll"] for k in ("baseline", "after"))
     assert sft < before["answer_nll"] and nested < before["answer_nll"]  # two steps on the answers help
     assert sft != nested  # both arms trained, and differently
     assert not (out / "baseline-sft").exists() or not any((out / "baseline-sft").glob("*.safetensors"))
@@ -139,10 +139,10 @@ def test_testtime_default_quick_runs_and_writes_the_table_with_the_ntp_arm_besid
     assert "| metric | without | with sft | with ReFINE | Δ |" in printed
     assert "What you are looking at: " in printed and "1 NTP-only step(s) on each prompt (with sft)" in printed
     report = json.loads((out / "testtime_report.json").read_text())
-    assert report["results"]["with"]["niah_single"]["adapted"] is True
-    assert report["results"]["with sft"]["niah_single"]["adapted"] is True
-    assert report["results"]["without"]["niah_single"]["num_examples"] == 3
-    nll = {run: report["answer_nll"][run]["niah_single"] for run in ("without", "with sft", "with")}
+    assert report["results"]["with"]["niah_multikey"]["adapted"] is True
+    assert report["results"]["with sft"]["niah_multikey"]["adapted"] is True
+    assert report["results"]["without"]["niah_multikey"]["num_examples"] == 3
+    nll = {run: report["answer_nll"][run]["niah_multikey"] for run in ("without", "with sft", "with")}
     # each adaptation changed the weights (the random tiny model's exact-match rewards are all 0, so the ReFINE arm's
     # policy gradient is 0 and it may equal the NTP-only arm: not asserted)
     assert nll["with"] != nll["without"] and nll["with sft"] != nll["without"], nll
@@ -196,9 +196,17 @@ def test_default_configs_parse():
     model_args, script, args = TrlParser(post.ARGUMENT_CLASSES).parse_args_and_config(
         args=["--config", post.DEFAULT_CONFIG]
     )
-    assert args.use_cpu and model_args.model_name_or_path is None and args.posttrain_mode == "nested"
+    assert (
+        args.use_cpu
+        and model_args.model_name_or_path == "trl-refine:tiny_retrieval_delta_net"
+        and args.posttrain_mode == "nested"
+    )
     ttt = load_recipe("testtime")
     model_args, script, cfg = TrlParser(ttt.ARGUMENT_CLASSES).parse_args_and_config(
         args=["--config", ttt.DEFAULT_CONFIG]
     )
-    assert model_args.model_name_or_path is None and cfg.reset == "batch" and cfg.steps >= 1
+    assert (
+        model_args.model_name_or_path == "trl-refine:tiny_retrieval_delta_net"
+        and cfg.reset == "batch"
+        and cfg.steps >= 1
+    )

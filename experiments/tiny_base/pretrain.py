@@ -47,9 +47,10 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "replication"))
+from contextlib import nullcontext  # noqa: E402
+
 import retrieval_data  # noqa: E402
 from replicate import autocast  # noqa: E402  (bf16 on CUDA: fla's chunk kernels refuse fp32)
-from contextlib import nullcontext  # noqa: E402
 
 from trl_refine.models.delta_net.convert import reference_from_fla  # noqa: E402
 
@@ -216,8 +217,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min_length", type=int, default=250)
     p.add_argument("--max_length", type=int, default=1200)
     p.add_argument("--ramp", type=float, default=0.4, help="fraction of --steps over which the lengths grow")
-    p.add_argument("--steps", type=int, default=6000,
-                   help="step budget (the curriculum's time axis); 0: calibrate it to --max_minutes (calibrate_steps)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=6000,
+        help="step budget (the curriculum's time axis); 0: calibrate it to --max_minutes (calibrate_steps)",
+    )
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--max_minutes", type=float, default=5.0)
     p.add_argument("--eval_every", type=int, default=250)
@@ -226,11 +231,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--target_high", type=float, default=80.0)
     p.add_argument("--val_rep", type=int, default=40)
     p.add_argument("--val_default", type=int, default=32)
-    p.add_argument("--mix", default="default", choices=("default", "cpu", "staged"), help="document kinds (retrieval_data)")
+    p.add_argument(
+        "--mix", default="default", choices=("default", "cpu", "staged"), help="document kinds (retrieval_data)"
+    )
     p.add_argument("--stage_a", type=float, default=0.25, help="staged mix: fraction of --steps on STAGED_MIX[0]")
-    p.add_argument("--impl", default="auto", choices=("auto", "fla", "reference"),
-                   help="auto: fla on CUDA (bf16 autocast), the reference DeltaNet elsewhere; reference on CUDA "
-                        "runs fp32 without Triton (no compile or autotune)")
+    p.add_argument(
+        "--impl",
+        default="auto",
+        choices=("auto", "fla", "reference"),
+        help="auto: fla on CUDA (bf16 autocast), the reference DeltaNet elsewhere; reference on CUDA "
+        "runs fp32 without Triton (no compile or autotune)",
+    )
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -325,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if v["V"] >= a.stop_score or last:
                     r["done"], r["result"] = True, v
                     r["reference"] = (  # the pure-PyTorch reference (CPU, fp32), converted from fla if needed
-                        copy.deepcopy(model).to("cpu", torch.float32) if uses_fla is False
+                        copy.deepcopy(model).to("cpu", torch.float32)
+                        if uses_fla is False
                         else reference_from_fla(model)
                     )
                     r["parity"] = parity(model, r["reference"], val.docs[0][:4], a.device)

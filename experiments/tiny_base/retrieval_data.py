@@ -44,8 +44,16 @@ DEFAULT_MIX = {"dense_niah": 0.4, "dense_qa": 0.1, "ruler": 0.3, "qa": 0.1, "def
 # run 3: the copy and key-value kinds first (STAGED_MIX[0] for the first --stage_a fraction of the steps), then all
 STAGED_MIX = (
     {"copy": 0.35, "kv": 0.35, "default": 0.15, "dense_niah": 0.15},
-    {"copy": 0.1, "kv": 0.15, "repeat": 0.05, "dense_niah": 0.2, "dense_qa": 0.1, "ruler": 0.2, "qa": 0.05,
-     "default": 0.15},
+    {
+        "copy": 0.1,
+        "kv": 0.15,
+        "repeat": 0.05,
+        "dense_niah": 0.2,
+        "dense_qa": 0.1,
+        "ruler": 0.2,
+        "qa": 0.05,
+        "default": 0.15,
+    },
 )
 EOS = 1  # ByT5
 
@@ -241,7 +249,9 @@ _BUILD = {
 def document(kind: str, rng: random.Random, length: int, essay_fraction: float = 0.25):
     """One document of ``kind`` of about ``length`` bytes: (ids ending in EOS, answer mask)."""
     pool = tasks.essay_pool(2) if rng.random() < essay_fraction else tasks.passages("train")[0]
-    floor = {"ruler": 760, "default": 420, "copy": 40, "kv": 400}.get(kind, 200)  # RULER templates and needles need room
+    floor = {"ruler": 760, "default": 420, "copy": 40, "kv": 400}.get(
+        kind, 200
+    )  # RULER templates and needles need room
     return _BUILD[kind](rng, max(length, floor), pool)
 
 
