@@ -3,7 +3,7 @@
 # reused sampling pass) on fla DeltaNet 1.3B at 8K, fp32 master weights + bf16 autocast ("amp") and bf16 weights; the
 # GPU parity suite; the families' GPU tests. Each step under its own time limit. Carry .whl (fetch_device_wheels.sh plus
 # transformers 5.23 and regex) in the call. Autotune results: benchmarks/triton_autotune_h200.tgz (the union of every
-# session's, 193 entries on 2026-12-02).
+# session's, 282 entries after run 3 on 2026-12-02).
 #   run: setsid bash benchmarks/onepass_session.sh /tmp/w1 > /dev/null 2>&1 < /dev/null & bash benchmarks/gpu_poll.sh /tmp/w1 530
 set -u
 R=${1:-/tmp/w1}; mkdir -p "$R"

@@ -93,3 +93,24 @@ def test_toy_pretraining_then_replication_from_its_base(tmp_path):
     base = json.loads((rep / "pretrain" / "base" / "result.json").read_text())
     assert base["source"] == str(out / "base") and base["train"]["steps"] == 4
     assert "held-out NTP loss" in text and base["eval"]["heldout_ntp_loss"] > 0
+
+
+def test_a_staged_mix_is_a_function_of_the_batch_index():
+    staged = pretrain.Batches(0, 3, lambda b: (250, 300), mix=lambda b: {"copy": 1.0} if b < 2 else {"kv": 1.0})
+    first, later = (text(row.tolist()) for row in (staged.make(1)[0][0], staged.make(2)[0][0]))
+    assert "again: " in first and "special magic number" not in first
+    assert "special magic number" in later and "again: " not in later
+    assert set(retrieval_data.STAGED_MIX[0]) <= set(retrieval_data.KINDS)
+    assert set(retrieval_data.STAGED_MIX[1]) <= set(retrieval_data.KINDS)
+
+
+def test_calibrated_steps_fit_the_time_budget_and_leave_the_models_untouched():
+    fields = pretrain.model_fields(32, 1, 1, 64)
+    model = pretrain.new_model(fields, "cpu", "reference")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = type("A", (), {"batch": 2, "max_length": 200, "device": "cpu", "max_minutes": 0.5})()
+    from contextlib import nullcontext
+
+    steps = pretrain.calibrate_steps({"m": {"model": model}}, args, nullcontext)
+    assert 100 <= steps < 0.5 * 60 / 1e-4
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
