@@ -17,6 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 from trl_refine.checkpoints import last_complete_checkpoint
+from trl_refine.utils import local_tensor, model_device
 
 logger = logging.getLogger("trl_refine")
 
@@ -94,19 +95,11 @@ class DivergenceGuard(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if control.should_save and model is not None:
-            finite = torch.tensor(float(all(_is_finite(_local(p)) for p in model.parameters())), device=_device(model))
+            finite = torch.tensor(
+                float(all(_is_finite(local_tensor(p)) for p in model.parameters())), device=model_device(model)
+            )
             if self.accelerator is not None and self.accelerator.num_processes > 1:  # FSDP: each rank a shard
                 finite = self.accelerator.reduce(finite, reduction="sum") / self.accelerator.num_processes
             if float(finite) < 1.0:
                 control.should_save = False
                 raise DivergenceError(self.message(state.global_step, "a weight of the model is not finite", True))
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
-    return p.to_local() if hasattr(p, "to_local") else p
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return _local(p).device if p is not None else torch.device("cpu")

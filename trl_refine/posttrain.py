@@ -46,7 +46,7 @@ from trl_refine.rewards import exact_match_reward
 from trl_refine.rollout.base import DocumentBatch
 from trl_refine.step import padded_ntp_terms
 from trl_refine.trainer import DOC_KEYS, ROLLOUT_KEYS, NSPGRPOTrainer
-from trl_refine.utils import model_device, truncate_middle
+from trl_refine.utils import left_pad, model_device, truncate_middle
 
 logger = logging.getLogger("trl_refine")
 
@@ -407,16 +407,13 @@ def collate_prompt_answer(
 ) -> dict[str, torch.Tensor]:
     """Left-padded ``prompt + answer`` rows and the mask of positions whose next token is an answer token."""
     seqs = [list(p) + list(a) for p, a in zip(prompt_ids, answer_ids)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    batch = left_pad(seqs, pad_token_id)
+    width = batch.input_ids.size(1)
     label = torch.zeros((len(seqs), width), dtype=torch.bool)
     for i, (s, p, a) in enumerate(zip(seqs, prompt_ids, answer_ids)):
         start = width - len(s)
-        ids[i, start:] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, start:] = 1
         label[i, start + len(p) - 1 : start + len(p) - 1 + len(a)] = True
-    return {"sft_input_ids": ids, "sft_attention_mask": mask, "sft_label_mask": label}
+    return {"sft_input_ids": batch.input_ids, "sft_attention_mask": batch.attention_mask, "sft_label_mask": label}
 
 
 def split_posttrain_batch(batch: dict[str, Any], num_splits: int) -> list[dict[str, Any]]:

@@ -51,7 +51,7 @@ from trl_refine.step import (
     score_rewards,
     step_advantages,
 )
-from trl_refine.utils import left_pad, model_device, restored_weights, truncate_middle
+from trl_refine.utils import left_pad, model_device, restoring, truncate_middle
 
 logger = logging.getLogger("trl_refine")
 
@@ -250,16 +250,12 @@ class TestTimeRefine:
     def adapting(self, model, tokenizer, prompts: Sequence[str]) -> Iterator[dict[str, Any]]:
         """Adapt on ``prompts``, yield the stats, then restore (``reset="batch"``) and reset the train flag."""
         restore = self.config.reset == "batch"
-        was_training = model.training
-        try:
-            with restored_weights(model, enabled=restore):
-                try:
-                    yield self.adapt(model, tokenizer, prompts)
-                finally:
-                    if restore:
-                        self._optimizer = None  # fresh AdamW state for the next batch
-        finally:
-            model.train(was_training)
+        with restoring(model, "trainable" if restore else "none"):
+            try:
+                yield self.adapt(model, tokenizer, prompts)
+            finally:
+                if restore:
+                    self._optimizer = None  # fresh AdamW state for the next batch
 
     def reset_state(self) -> None:
         """Forget the optimizer state kept across batches by ``reset="never"``."""

@@ -51,6 +51,7 @@ from trl_refine.step import (
     sampling_pass_reuse_problem,
     step_advantages,
 )
+from trl_refine.utils import left_pad
 
 logger = logging.getLogger("trl_refine")
 
@@ -252,13 +253,7 @@ class NSPGRPOTrainer(GRPOTrainer):
                 f"a document with {too_short[0]} tokens reached the trainer; ReFINE needs at least "
                 f"{self.args.min_document_length}. Filter the (streaming) dataset or lower n / k / margin."
             )
-        length = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), length), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, length - len(s) :] = s
-            mask[i, length - len(s) :] = 1
-        return DocumentBatch(ids, mask).to(self.accelerator.device)
+        return left_pad(seqs, pad, self.accelerator.device)
 
     def _reuses_sampling_pass(self) -> bool:
         """Whether this generation runs the engine's document pass with gradients for the loss to reuse

@@ -9,7 +9,7 @@ import torch
 
 from trl_refine.rollout.base import DocumentBatch
 
-__all__ = ["left_pad", "model_device", "restored_weights", "truncate_middle"]
+__all__ = ["RESTORED_TENSORS", "left_pad", "local_tensor", "model_device", "restoring", "truncate_middle"]
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device | str | None = None) -> DocumentBatch:
@@ -19,7 +19,7 @@ def left_pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device | str
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if len(s):
-            ids[i, width - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
+            ids[i, width - len(s) :] = torch.as_tensor(s if isinstance(s, torch.Tensor) else list(s), dtype=torch.long)
             mask[i, width - len(s) :] = 1
     batch = DocumentBatch(ids, mask)
     return batch if device is None else batch.to(device)
@@ -48,32 +48,50 @@ def truncate_prompt(ids: list[int], limit: int | None, how: str = "middle") -> l
     return truncate_middle(ids, limit)
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
-    """Where the model's weights are (``model.device`` when it has one; CPU for a model without parameters)."""
+    """Where the model's weights are: the device of its first parameter's local shard (FSDP2 shards parameters as
+    DTensors), else ``model.device`` when it has one, else CPU."""
+    p = next(model.parameters(), None)
+    if p is not None:
+        return local_tensor(p).device
     device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    return device if isinstance(device, torch.device) else torch.device("cpu")
+
+
+#: which tensors `restoring` puts back: ``state_dict`` (everything ``model.state_dict()`` holds, loaded back with
+#: ``load_state_dict``; the evaluator's adaptation hooks), ``trainable`` (the trainable parameters and all buffers,
+#: persistent or not, copied back in place; test-time ReFINE), ``none`` (only the train flag)
+RESTORED_TENSORS = ("state_dict", "trainable", "none")
 
 
 @contextlib.contextmanager
-def restored_weights(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Put the trainable parameters and all buffers back exactly (same storage, copied bits) on exit."""
-    if not enabled:
-        yield
-        return
-    params = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+def restoring(model: torch.nn.Module, tensors: str = "state_dict") -> Iterator[None]:
+    """Snapshot the model's ``tensors`` (`RESTORED_TENSORS`; detached copies) and its train flag, and put both back
+    exactly (same storage, copied bits) on exit. Optimizer state or other objects an adaptation creates are the
+    caller's business."""
+    if tensors not in RESTORED_TENSORS:
+        raise ValueError(f"tensors={tensors!r} is not one of {', '.join(RESTORED_TENSORS)}")
+    if tensors == "state_dict":
+        saved = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    elif tensors == "trainable":
+        named = [*((n, p) for n, p in model.named_parameters() if p.requires_grad), *model.named_buffers()]
+        saved = {name: t.detach().clone() for name, t in named}
+    else:
+        saved = {}
+    was_training = model.training
     try:
         yield
     finally:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in params:
-                    p.copy_(params[name])
-            for name, b in model.named_buffers():
-                if name in buffers:
-                    b.copy_(buffers[name])
+        if tensors == "state_dict":
+            model.load_state_dict(saved)
+        elif saved:
+            with torch.no_grad():
+                for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                    if name in saved:
+                        t.copy_(saved[name])
+        model.train(was_training)

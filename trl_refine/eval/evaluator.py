@@ -35,7 +35,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from trl_refine.eval.longbench import LONGBENCH_TASK_METRICS, longbench_scorer
 from trl_refine.eval.niah import niah_score, normalize_niah_task
 from trl_refine.eval.plot import plot_scores, result_spread
 from trl_refine.eval.ruler import load_qa_dataset, ruler_qa_score
-from trl_refine.utils import left_pad, model_device, truncate_prompt
+from trl_refine.utils import left_pad, model_device, restoring, truncate_prompt
 
 __all__ = [
     "AdaptFn",
@@ -73,21 +73,6 @@ AdaptFn = Callable[[Any, Any, list[str]], AbstractContextManager]
 # ----------------------------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def restoring(model: torch.nn.Module) -> Iterator[None]:
-    """Snapshot ``model.state_dict()`` (a detached copy) and load it back on exit, also restoring the train flag.
-
-    Optimizer state or other objects the adaptation creates are the hook's business.
-    """
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    was_training = model.training
-    try:
-        yield
-    finally:
-        model.load_state_dict(state)
-        model.train(was_training)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
