@@ -129,7 +129,7 @@ def test_recipe_takes_resume_from_checkpoint_last(tmp_path, caplog):
     sys.modules["recipe_midtrain_resume"] = recipe
     spec.loader.exec_module(recipe)
     out = tmp_path / "mid"
-    argv = ["--output_dir", str(out), "--save_steps", "1", "--synthetic_documents", "4", "--synthetic_chars", "400"]
+    argv = ["--output_dir", str(out), "--save_steps", "1", "--synthetic_documents", "4", "--synthetic_chars", "600"]
     argv += ["--disable_tqdm", "true", "--nsp_max_length", "128", "--nsp_num_chunks", "2", "--nsp_margin", "8"]
     argv += ["--tiny_hidden_size", "32", "--tiny_heads", "2"]
     argv += ["--eval_needles", "0", "--baseline_mode", "none"]  # the default's needle check and NTP arm: not needed
