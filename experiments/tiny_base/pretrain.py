@@ -40,6 +40,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,6 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "replication"))
-from contextlib import nullcontext  # noqa: E402
-
 import retrieval_data  # noqa: E402
 from replicate import autocast  # noqa: E402  (bf16 on CUDA: fla's chunk kernels refuse fp32)
 
@@ -93,10 +92,15 @@ def model_fields(hidden: int, layers: int, heads: int, intermediate: int | None)
     )
 
 
+def uses_fla(device: str, impl: str) -> bool:
+    """``--impl``: fla's DeltaNet for ``fla``, and for ``auto`` on CUDA; the reference DeltaNet otherwise."""
+    return impl == "fla" or (impl == "auto" and device.startswith("cuda"))
+
+
 def new_model(fields: dict, device: str, impl: str = "auto"):
     """fla DeltaNet (its Triton kernels) or the reference DeltaNet (pure PyTorch): the same function and parameter
-    names (tests/gpu/test_gpu_parity.py::test_reference_delta_net_matches_fla). ``auto``: fla on CUDA."""
-    if impl == "fla" or (impl == "auto" and device.startswith("cuda")):
+    names (tests/gpu/test_gpu_parity.py::test_reference_delta_net_matches_fla)."""
+    if uses_fla(device, impl):
         from fla.models import DeltaNetConfig, DeltaNetForCausalLM
 
         return DeltaNetForCausalLM(DeltaNetConfig(**fields)).to(device)
@@ -268,8 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
             return retrieval_data.STAGED_MIX[0 if b < a.stage_a * a.steps else 1]
         return retrieval_data.CPU_MIX if a.mix == "cpu" else None
 
-    uses_fla = a.impl == "fla" or (a.impl == "auto" and a.device.startswith("cuda"))
-    amp = (lambda: autocast(a.device)) if uses_fla else nullcontext
+    fla = uses_fla(a.device, a.impl)
+    amp = (lambda: autocast(a.device)) if fla else nullcontext
     runs = {}
     for name, (hidden, layers, heads, inter, lr, vw) in sweep.items():
         torch.manual_seed(a.seed)
@@ -336,9 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if v["V"] >= a.stop_score or last:
                     r["done"], r["result"] = True, v
                     r["reference"] = (  # the pure-PyTorch reference (CPU, fp32), converted from fla if needed
-                        copy.deepcopy(model).to("cpu", torch.float32)
-                        if uses_fla is False
-                        else reference_from_fla(model)
+                        reference_from_fla(model) if fla else copy.deepcopy(model).to("cpu", torch.float32)
                     )
                     r["parity"] = parity(model, r["reference"], val.docs[0][:4], a.device)
         if step % 50 == 0:
@@ -356,22 +358,21 @@ def calibrate_steps(runs: dict, a, amp) -> int:
     ``--steps N``."""
     ids = torch.randint(3, 259, (a.batch, a.max_length + 1), device=a.device)
     kind = torch.ones_like(ids, dtype=torch.int8)
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     per_step = 0.0
     for r in runs.values():
         model = copy.deepcopy(r["model"])
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         for i in range(8):
-            if i == 3:
-                if a.device.startswith("cuda"):
-                    torch.cuda.synchronize()
+            if i == 3:  # three warm-up steps
+                sync()
                 t0 = time.perf_counter()
             with amp():
                 loss = weighted_loss(model(input_ids=ids).logits, ids, kind, 1.0)[0]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if a.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync()
         per_step += (time.perf_counter() - t0) / 5
         del model, opt
     steps = max(100, int(0.75 * a.max_minutes * 60 / per_step))
