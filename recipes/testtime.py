@@ -139,6 +139,31 @@ class _WithAnswerNLL:
         return combine_across_processes(self.total, self.tokens)
 
 
+def adaptation_line(name: str, summary: dict) -> str:
+    """One report line per adapted arm: what its optimizer steps saw, first step → last (means over batches)."""
+    steps = summary["per_step"]
+    if not steps:
+        return f"\nAdaptation ({name}): no prompt was adapted on ({summary['skipped_prompts']} too short).\n"
+    shown = [
+        ("ntp_loss", "NTP loss"),
+        ("policy_loss", "policy loss"),
+        ("reward", "reward"),
+        ("grad_norm", "grad norm"),
+    ]
+    parts = []
+    for key, label in shown:
+        values = [step.get(key, float("nan")) for step in (steps[0], steps[-1])]
+        if all(v == v for v in values):  # skip the stats an arm does not have (NaN: the NTP-only arm's reward)
+            parts.append(f"{label} {values[0]:.4g}" + (f" → {values[1]:.4g}" if len(steps) > 1 else ""))
+    return (
+        f"\nAdaptation ({name}): {summary['batches']} batch(es), {summary['optimizer_steps']} optimizer step(s)"
+        + (f" ({len(steps)} per batch, first → last)" if len(steps) > 1 else "")
+        + ": "
+        + ", ".join(parts)
+        + ".\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = with_embedded_default(argv, DEFAULT_CONFIG)  # the embedded CPU default, with any overrides
@@ -234,9 +259,10 @@ def main(argv: list[str] | None = None) -> str:
         title = (
             f"# Test-time ReFINE: {cfg.steps} step(s) per batch of {script.batch_size}, reset={cfg.reset}\n\n"
             f"Model: {model_args.model_label}; lr {cfg.learning_rate}, "
-            f"reward {cfg.nsp_reward}, {cfg.ntp_coef}·NTP + {cfg.nsp_coef}·PPO-clip; greedy, ≤ "
+            f"reward {cfg.nsp_reward}, {cfg.ntp_coef}·NTP + {cfg.nsp_coef}·PPO-clip; {script.decoding} decoding, ≤ "
             f"{script.max_new_tokens} new tokens.\n\n"
         )
+        adaptation = {shown[run]: arms[run].summary() for run in runs_shown if arms.get(run) is not None}
         table = before_after_table(rows, labels=labels)
         first = next(iter(sets))
         res = results["with"][first]
@@ -256,11 +282,18 @@ def main(argv: list[str] | None = None) -> str:
             )
             + "\n"
         )
+        explanation += "".join(adaptation_line(name, summary) for name, summary in adaptation.items())
         with open(os.path.join(out, "testtime_report.md"), "w") as f:
             f.write(title + table + explanation)
         write_json(
             os.path.join(out, "testtime_report.json"),
-            {"config": cfg.__dict__, "results": results, "answer_nll": nlls, "seconds": t1 - t0},
+            {
+                "config": cfg.__dict__,
+                "results": results,
+                "answer_nll": nlls,
+                "adaptation": adaptation,
+                "seconds": t1 - t0,
+            },
         )
         runs = {shown[run]: results[run] for run in runs_shown if results.get(run)}
         extra = None

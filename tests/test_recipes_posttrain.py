@@ -147,6 +147,11 @@ def test_testtime_default_quick_runs_and_writes_the_table_with_the_ntp_arm_besid
     # policy gradient is 0 and it may equal the NTP-only arm: not asserted)
     assert nll["with"] != nll["without"] and nll["with sft"] != nll["without"], nll
     assert "answer NLL" in (out / "testtime_report.md").read_text()
+    # the adaptation's own numbers are reported: one line per adapted arm, and the summary in the JSON
+    assert "Adaptation (with ReFINE): " in printed and "NTP loss" in printed and "reward" in printed
+    assert report["adaptation"]["with ReFINE"]["optimizer_steps"] >= 1
+    assert report["adaptation"]["with sft"]["per_step"][0]["ntp_loss"] > 0
+    assert "greedy decoding" in printed  # the decoding named in the title is the one used
 
 
 def test_testtime_refuses_an_unknown_baseline_mode(tmp_path):

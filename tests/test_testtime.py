@@ -187,3 +187,20 @@ def test_reusing_the_sampling_pass_adapts_exactly_the_same(byte_tokenizer):
     for a, b in zip(s1, s2):
         assert a["policy_loss"] == pytest.approx(b["policy_loss"], rel=1e-6, abs=1e-9)
         assert a["ntp_loss"] == pytest.approx(b["ntp_loss"], rel=1e-6)
+
+
+def test_summary_averages_each_step_index_over_batches_and_skips_nans(byte_tokenizer):
+    model = tiny_delta_net()
+    _, adapter = ttr(model, byte_tokenizer, prompts(2), steps=2, return_adapter=True, **FAST)
+    summary = adapter.summary()
+    assert summary["batches"] == 2 and summary["optimizer_steps"] == 4 and summary["skipped_prompts"] == 0
+    assert len(summary["per_step"]) == 2
+    for i, step in enumerate(summary["per_step"]):
+        expected = sum(batch["steps"][i]["ntp_loss"] for batch in adapter.history) / 2
+        assert step["ntp_loss"] == pytest.approx(expected)
+    # the second step sees weights the first moved: a different loss (lr 1e-2 on a random model)
+    assert summary["per_step"][0]["ntp_loss"] != summary["per_step"][1]["ntp_loss"]
+    # NTP-only adaptation has no reward: the mean leaves the NaNs out and stays NaN, it does not become 0
+    _, ntp_only = ttr(model, byte_tokenizer, prompts(1), steps=1, nsp_coef=0.0, return_adapter=True, **FAST)
+    step = ntp_only.summary()["per_step"][0]
+    assert step["reward"] != step["reward"] and step["ntp_loss"] > 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -260,6 +261,27 @@ class TestTimeRefine:
     def reset_state(self) -> None:
         """Forget the optimizer state kept across batches by ``reset="never"``."""
         self._optimizer = None
+
+    def summary(self) -> dict[str, Any]:
+        """What the adaptation did so far: batches, optimizer steps, skipped prompts, and per step index (the i-th
+        optimizer step of each batch) the mean of each stat over the batches, NaNs (e.g. the NTP-only arm's reward)
+        left out, so a run's log shows its losses and rewards move from the first step to the last."""
+        per_index: dict[int, dict[str, list[float]]] = {}
+        for batch in self.history:
+            for i, step in enumerate(batch["steps"]):
+                for key, value in step.items():
+                    per_index.setdefault(i, {}).setdefault(key, []).append(float(value))
+
+        def mean(values: list[float]) -> float:
+            finite = [v for v in values if math.isfinite(v)]
+            return sum(finite) / len(finite) if finite else float("nan")
+
+        return {
+            "batches": len(self.history),
+            "optimizer_steps": sum(len(b["steps"]) for b in self.history),
+            "skipped_prompts": sum(b["skipped"] for b in self.history),
+            "per_step": [{k: mean(v) for k, v in per_index[i].items()} for i in sorted(per_index)],
+        }
         self._optimizer_model = None
 
     def adapt(self, model, tokenizer, prompts: Sequence[str]) -> dict[str, Any]:
