@@ -1,18 +1,19 @@
 """The one-pass engine is the snapshot engine (and so the generic engine) with one document pass instead of n+1
-segments: same seed → same rollouts, log-probs, hidden states, rewards and parameter gradients (reference DeltaNet,
-fp32, left-padded variable-length batches, positions on both sides of 64-token chunk boundaries)."""
+segments: same seed → same rollouts, log-probs, hidden states, rewards and parameter gradients (reference DeltaNet
+and LaCT, fp32, left-padded variable-length batches, positions on both sides of chunk boundaries)."""
 
 import pytest
 import torch
 from conftest import documents, small_config, tiny_delta_net, tiny_llama
 from datasets import Dataset
-from test_snapshot_engine import batch, rel
+from test_snapshot_engine import batch, rel, tiny_lact
 
 from trl_refine import NSPGRPOTrainer
 from trl_refine.modeling_utils import ensure_fused_lm_head
 from trl_refine.rewards import cosine_scores
 from trl_refine.rollout import GenericEngine, OnePassEngine, RolloutPlan, SnapshotEngine
 from trl_refine.rollout.registry import build_engine
+from trl_refine.rollout.state import LaCTStateAdapter
 from trl_refine.selection import select_positions
 
 
@@ -21,6 +22,25 @@ def model():
     m = tiny_delta_net(seed=4)
     ensure_fused_lm_head(m)
     return m
+
+
+def strong_lact(seed=2, window=16):
+    """`tiny_lact` (chunks of 16) with learning rates ~1 instead of ~1e-3 and spread momentum gates, so that the
+    fast-weight updates (and a wrong chunk boundary) change the outputs."""
+    m = tiny_lact(seed=seed, window=window)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("lr_proj.bias"):
+                p.uniform_(1.0, 2.0)
+            elif name.endswith("momentum_proj.0.bias"):
+                p.normal_(0.0, 1.0)
+    ensure_fused_lm_head(m)
+    return m
+
+
+@pytest.fixture(scope="module")
+def lact():
+    return strong_lact()
 
 
 def test_states_at_positions_equal_the_caches_of_the_prefixes(model):
@@ -46,6 +66,46 @@ def test_states_at_positions_equal_the_caches_of_the_prefixes(model):
             cu_seqlens=torch.tensor([0, 100, 200], dtype=torch.int32),
             state_positions=pos[:1],
         )
+
+
+@pytest.mark.parametrize("variant", ["default", "lowrank_prenorm", "nope_plain", "window_ne_chunk", "muon"])
+def test_lact_states_at_positions_equal_the_caches_of_the_prefixes(variant):
+    """LaCT's forward(state_positions=...): from one pass, each layer's state after each position (fast weights of
+    the position's chunk, the chunk's update sums so far, momentum, the attention window, the position) equals what
+    a call on the prefix alone leaves in its cache: positions in the first chunk, at a chunk's end (the full chunk
+    pending) and just after it, at the first token, left padding, every config variant of tests/test_models_lact.py
+    (chunks of 4, or 5 with a window of 3)."""
+    from test_models_lact import VARIANTS, _model
+
+    model = _model(**VARIANTS[variant])
+    tol = 1e-4 if variant == "muon" else 1e-5  # fp32 Newton-Schulz amplifies summation-order rounding (~2e-5)
+    docs = batch((23, 17, 9), vocab=model.config.vocab_size, seed=1)
+    pos = torch.tensor([[0, 3, 4, 5, 22], [6, 9, 10, 14, 22], [14, 15, 18, 19, 22]])
+    worst = 0.0
+    with torch.no_grad():
+        out = model(input_ids=docs.input_ids, attention_mask=docs.attention_mask, state_positions=pos)
+        first = docs.first_valid
+        for b in range(pos.size(0)):
+            for j in range(pos.size(1)):
+                ref = model(input_ids=docs.input_ids[b : b + 1, first[b] : pos[b, j] + 1], use_cache=True)
+                for layer, want in enumerate(ref.past_key_values.states):
+                    got = out.position_states[layer]
+                    assert got.keys() == want.keys()
+                    assert got["pos"][b, j] == want["pos"][0] == pos[b, j] - first[b] + 1
+                    for key in want.keys() - {"pos"}:
+                        g, w = got[key][b, j], want[key][0]
+                        assert g.shape == w.shape and g.dtype == w.dtype, key
+                        err = rel(g, w) if w.norm() > 0 else g.abs().max().item()
+                        assert err < tol, (b, j, layer, key, err)
+                        worst = max(worst, err)
+        # the states moved: past the first chunk the fast weights are not the initial ones
+        w0 = out.position_states[0]["fw_w0"]
+        assert rel(w0[0, 4], w0[0, 0]) > 1e-2
+    print(f"LaCT {variant}: worst state rel err {worst:.2e}")
+    with pytest.raises(ValueError, match="no past_key_values"):
+        model(input_ids=docs.input_ids[:1, :5], past_key_values=ref.past_key_values, state_positions=pos[:1, :1])
+    with pytest.raises(ValueError, match="must lie in"):
+        model(input_ids=docs.input_ids, state_positions=pos + 1)
 
 
 def _engine_outputs(engine, model, docs, plan, reuse):
@@ -74,30 +134,82 @@ def test_onepass_equals_snapshot_and_generic(model, lengths, n, g, reuse):
         generator=torch.Generator().manual_seed(1),
     )  # fmt: skip
     pos[:, 1] = pos[:, 0]  # two chunks on the same prefix
-    plan = RolloutPlan(pos, g, k)
+    _assert_engines_agree(model, docs, RolloutPlan(pos, g, k), scan, reuse, onepass, snap, generic)
+
+
+def _assert_engines_agree(model, docs, plan, scan, reuse, onepass, snap, generic) -> float:
+    """The one-pass engine against the snapshot and generic engines; returns the largest relative error."""
     out_o, fwd_o, grad_o = _engine_outputs(onepass, model, docs, plan, reuse)
+    truth = plan.ground_truth_hidden(scan)
+    worst = 0.0
     for engine in (snap, generic):
         out, fwd, grad = _engine_outputs(engine, model, docs, plan, reuse and engine is snap)
         assert torch.equal(out_o.completion_ids, out.completion_ids)
-        assert rel(out_o.old_logps, out.old_logps) < 1e-5
-        assert rel(out_o.hidden_states, out.hidden_states) < 1e-5
-        truth = plan.ground_truth_hidden(scan)
         assert torch.allclose(
             cosine_scores(out_o.hidden_states, truth), cosine_scores(out.hidden_states, truth), atol=1e-5
         )
-        assert rel(fwd_o.doc_logps, fwd.doc_logps) < 1e-5
-        assert rel(fwd_o.rollout_logps, fwd.rollout_logps) < 1e-5
-        assert rel(fwd_o.rollout_entropy, fwd.rollout_entropy) < 1e-5
-        assert rel(grad_o, grad) < 1e-5
+        errors = {
+            "old_logps": rel(out_o.old_logps, out.old_logps),
+            "hidden_states": rel(out_o.hidden_states, out.hidden_states),
+            "doc_logps": rel(fwd_o.doc_logps, fwd.doc_logps),
+            "rollout_logps": rel(fwd_o.rollout_logps, fwd.rollout_logps),
+            "rollout_entropy": rel(fwd_o.rollout_entropy, fwd.rollout_entropy),
+            "grad": rel(grad_o, grad),
+        }
+        for key, err in errors.items():
+            assert err < 1e-5, (type(engine).__name__, key, err)
+        worst = max(worst, *errors.values())
+    return worst
 
 
-def test_one_document_call_per_pass_and_the_gradient_goes_through_the_states(model):
+@pytest.mark.parametrize(
+    "lengths, n, g, reuse, window, share",
+    [
+        ((120, 47, 90), 4, 2, False, 16, True),  # hand-placed positions at / next to the 16-token chunk boundaries
+        ((100, 70), 5, 3, True, 16, True),
+        ((120, 47, 90), 4, 2, True, 4, True),  # window 4 < k: the branches leave the shared window while decoding
+        ((100, 70), 5, 3, False, 16, False),  # a window copied per branch
+    ],
+)
+def test_onepass_equals_snapshot_and_generic_on_lact(lengths, n, g, reuse, window, share):
+    """LaCT through the one-pass engine (states from forward(state_positions=...)) against the snapshot engine
+    (n+1 left-padded segment calls) and the generic engine, with the G branches of a prefix reading one shared copy
+    of its attention window (or copies)."""
+    model = strong_lact(window=window)
+    docs = batch(lengths, seed=3)
+    k = 5
+    engines = [
+        OnePassEngine(adapter=LaCTStateAdapter(share_prefix_kv=share)),
+        SnapshotEngine(adapter=LaCTStateAdapter(share_prefix_kv=share)),
+        GenericEngine(),
+    ]
+    with torch.no_grad():
+        scan = engines[0].scan(model, docs)
+    if len(lengths) == 3:  # first valid tokens 0, 73, 30: counts 16 (a full chunk pending), 17, 32, 33, ...
+        pos = torch.tensor([[15, 15, 16, 109], [88, 88, 89, 111], [61, 61, 62, 111]])
+    else:
+        pos = select_positions(
+            scan.entropy, docs.attention_mask, num_chunks=n, rollout_length=k, margin=8,
+            generator=torch.Generator().manual_seed(1),
+        )  # fmt: skip
+        pos[:, 1] = pos[:, 0]  # two chunks on the same prefix
+    worst = _assert_engines_agree(model, docs, RolloutPlan(pos, g, k), scan, reuse, *engines)
+    print(f"LaCT engines {lengths} G={g} window={window} share={share}: worst rel err {worst:.2e}")
+
+
+@pytest.mark.parametrize("family", ["delta_net", "lact"])
+def test_one_document_call_per_pass_and_the_gradient_goes_through_the_states(model, lact, family):
+    if family == "lact":
+        model = lact
     docs = batch((180, 140), seed=2)
     n, g, k = 4, 2, 5
     engine = OnePassEngine()
     with torch.no_grad():
         scan = engine.scan(model, docs)
-    pos = select_positions(scan.entropy, docs.attention_mask, num_chunks=n, rollout_length=k, margin=8)
+    pos = select_positions(
+        scan.entropy, docs.attention_mask, num_chunks=n, rollout_length=k, margin=8,
+        generator=torch.Generator().manual_seed(2),
+    )  # fmt: skip
     plan = RolloutPlan(pos, g, k)
     calls = {"n": 0}
     hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
@@ -113,24 +225,33 @@ def test_one_document_call_per_pass_and_the_gradient_goes_through_the_states(mod
 
     adv = torch.linspace(-1, 1, plan.num_rows)
 
-    def grad(detach):
+    def grad(detach=lambda key: False):
+        """The rollout gradient with the states' entries ``detach(key)`` cut off from the prefix."""
         model.zero_grad()
         original = engine.document_pass
-        if detach:  # the rollouts' states cut off from the prefix
 
-            def cut(*a):
-                snaps, hidden = original(*a)
-                return [[{key: _detach(v) for key, v in layer.items()} for layer in s] for s in snaps], hidden
+        def cut(*a):
+            snaps, hidden = original(*a)
+            cut_off = [[{key: _detach(v) if detach(key) else v for key, v in ly.items()} for ly in s] for s in snaps]
+            return cut_off, hidden
 
-            engine.document_pass = cut
+        engine.document_pass = cut
         try:
             fwd = engine.forward_train(model, docs, plan, comp)
         finally:
             engine.document_pass = original
         (-(adv[:, None] * fwd.rollout_logps[:, 1:]).mean()).backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in model.parameters()])
 
-    assert rel(grad(True), grad(False)) > 0.1
+    full = grad()
+    if family == "delta_net":
+        assert rel(grad(lambda key: True), full) > 0.1
+    else:  # a smaller but clear share for LaCT (5.8 %, 0.4 % through the fast weights alone)
+        cuts = {part: rel(grad(lambda key, part=part: key.startswith(part)), full) for part in ("", "fw_", "attn_")}
+        print(f"LaCT rollout gradient change when detaching the states (all, fast weights, window): {cuts}")
+        assert cuts[""] > 0.02
+        assert cuts["fw_"] > 1e-3  # through the fast weights, momentum and chunk sums
+        assert cuts["attn_"] > 1e-3  # through the attention window
 
 
 def _detach(v):
@@ -143,6 +264,7 @@ def _detach(v):
 
 def test_choosing_the_onepass_engine(caplog):
     assert build_engine("onepass", tiny_delta_net()).name == "onepass"
+    assert build_engine("onepass", tiny_lact()).name == "onepass"  # supports_state_positions
     assert OnePassEngine.supports(tiny_llama())[1].endswith("is not one of fla's delta_net, gated_deltanet")
     assert build_engine("auto", tiny_delta_net()).name == "snapshot"  # opt-in for now
     with pytest.raises(ValueError, match="cannot run LlamaForCausalLM"):
@@ -151,12 +273,14 @@ def test_choosing_the_onepass_engine(caplog):
         build_engine("onepass", tiny_delta_net(), checkpoint_segments=True)
 
 
-def test_trainer_with_the_onepass_engine_logs_what_the_snapshot_engine_logs(tmp_path, byte_tokenizer):
+@pytest.mark.parametrize("family", ["delta_net", "lact"])
+def test_trainer_with_the_onepass_engine_logs_what_the_snapshot_engine_logs(tmp_path, byte_tokenizer, family):
+    make = {"delta_net": tiny_delta_net, "lact": lambda seed: tiny_lact(seed=seed)}[family]
     ds = Dataset.from_dict({"text": documents(4)})
     logs, weights = {}, {}
     for name in ("snapshot", "onepass"):
         args = small_config(tmp_path / name, max_steps=2, nsp_engine=name, documents_per_device=2, seed=3)
-        tr = NSPGRPOTrainer(tiny_delta_net(seed=1), args=args, train_dataset=ds, processing_class=byte_tokenizer)
+        tr = NSPGRPOTrainer(make(seed=1), args=args, train_dataset=ds, processing_class=byte_tokenizer)
         assert tr.engine.name == name
         before = torch.cat([p.detach().flatten().clone() for p in tr.model.parameters()])
         tr.train()

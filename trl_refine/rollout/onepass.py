@@ -10,13 +10,14 @@ rollouts, decoding, the branch call of the loss, reusing the sampling pass) is t
 A step makes 1 document-pass call where the snapshot engine makes n+1 (per pass), and every shape of the pass is
 fixed by (B, L, n): nothing depends on where the positions fall. Two providers of the states:
 
-* models that declare ``supports_state_positions`` (the reference DeltaNet, `trl_refine.models.delta_net`, pure
-  PyTorch: chunk-boundary state + masked WY step);
+* models that declare ``supports_state_positions``: the reference DeltaNet (`trl_refine.models.delta_net`, pure
+  PyTorch: chunk-boundary state + masked WY step) and LaCT (`trl_refine.models.lact`, pure PyTorch: the fast weights
+  of the position's large chunk + its masked update sums, and the attention window gathered per position);
 * fla's ``DeltaNetForCausalLM`` and ``GatedDeltaNetForCausalLM``, with fla's own kernels: readout tokens spliced in
   after each position (`trl_refine.rollout.fla_readout`).
 
-Exactness against the snapshot and generic engines is tested on CPU in fp32 (`tests/test_onepass_engine.py`; fla's
-kernels under ``TRITON_INTERPRET=1``).
+Exactness against the snapshot and generic engines is tested on CPU in fp32 (`tests/test_onepass_engine.py`, the
+reference DeltaNet and LaCT; fla's kernels under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations

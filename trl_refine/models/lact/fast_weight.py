@@ -26,6 +26,7 @@ __all__ = [
     "newton_schulz5",
     "row_normalize",
     "silu_prime",
+    "states_at_counts",
     "tokens_in_chunk",
 ]
 
@@ -279,13 +280,15 @@ class RecurrentSchedule:
         self.seq_len = seq_len
 
 
-def make_schedule(n_valid: list[int], pos0: list[int], seq_len: int, chunk_size: int, device):
+def make_schedule(
+    n_valid: list[int], pos0: list[int], seq_len: int, chunk_size: int, device, force_chunks: bool = False
+):
     """Token by token for short segments (or when rows are so misaligned that chunk layouts would be mostly empty),
-    chunked otherwise. Both compute the same function."""
-    if seq_len <= RECURRENT_MAX_TOKENS:
+    chunked otherwise or with ``force_chunks``. Both compute the same function."""
+    if seq_len <= RECURRENT_MAX_TOKENS and not force_chunks:
         return RecurrentSchedule(n_valid, pos0, seq_len, chunk_size, device)
     sched = ChunkSchedule(n_valid, pos0, seq_len, chunk_size, device)
-    if sched.layout_len > 8 * seq_len:
+    if sched.layout_len > 8 * seq_len and not force_chunks:
         return RecurrentSchedule(n_valid, pos0, seq_len, chunk_size, device)
     return sched
 
@@ -315,23 +318,31 @@ def run_fast_weights(
     spec: FastWeightSpec,
     schedule: ChunkSchedule | RecurrentSchedule,
     need_state: bool,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    state_counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
     """Run the fast-weight branch over one segment.
 
     ``q, k, v: [B, n, T, d]`` in the compact layout (row b's valid tokens are columns ``0..n_b-1``);
     ``lr: [B, n, T, 3]`` float32; ``mom: [B, n, T]`` or None. ``state`` holds ``w{j}``, ``w{j}_raw`` (pre-norm),
     ``m{j}`` (momentum), the float32 chunk accumulators ``g{j}`` and ``msum`` (momentum). Returns the outputs
-    ``[B, n, T, d]`` (pad columns are arbitrary) and the new state (when ``need_state``).
+    ``[B, n, T, d]`` (pad columns are arbitrary), the new state (when ``need_state``) and, when ``state_counts
+    [B, P]`` is given, the state after each row's first ``state_counts[b, i]`` tokens (`states_at_counts`; a call
+    from the fresh state on a `ChunkSchedule` only), else None.
     """
     delta_dtype = torch.float32 if spec.fp32_states else v.dtype
     weights = {key: val for key, val in state.items() if key not in _ACC and key != "msum"}
     acc = tuple(state[key] for key in _ACC)
     msum = state.get("msum")
     if schedule.mode == "recurrent":
-        return _run_recurrent(
+        if state_counts is not None:
+            raise ValueError("states at given token counts need the chunked schedule (make_schedule(force_chunks))")
+        out, new_state = _run_recurrent(
             q, k, v, lr, mom, weights, acc, msum, target_norms, spec, schedule, need_state, delta_dtype
         )
-    return _run_chunked(q, k, v, lr, mom, weights, acc, msum, target_norms, spec, schedule, need_state, delta_dtype)
+        return out, new_state, None
+    return _run_chunked(
+        q, k, v, lr, mom, weights, acc, msum, target_norms, spec, schedule, need_state, delta_dtype, state_counts
+    )
 
 
 def _reset_rows(acc, msum, rows):
@@ -367,14 +378,19 @@ def _run_recurrent(q, k, v, lr, mom, weights, acc, msum, target_norms, spec, sch
     return torch.cat(outs, dim=2), (_pack(weights, acc, msum) if need_state else None)
 
 
-def _run_chunked(q, k, v, lr, mom, weights, acc, msum, target_norms, spec, sched, need_state, delta_dtype):
+def _run_chunked(
+    q, k, v, lr, mom, weights, acc, msum, target_norms, spec, sched, need_state, delta_dtype, state_counts=None
+):
     B, n, T, d = q.shape
+    if state_counts is not None and (sched.any_pending or sched.gather or sched.s_min):
+        raise ValueError("states at given token counts are computed from the fresh state only (no past state)")
     if sched.any_pending:
         weights = apply_update(weights, acc, msum, target_norms, spec, delta_dtype, sched.pending_rows)
         acc, msum = _reset_rows(acc, msum, sched.pending_rows)
     La = sched.layout_len
     if La == 0:  # no valid token in any row: nothing changes
-        return torch.zeros_like(q), (_pack(weights, acc, msum) if need_state else None)
+        at = None if state_counts is None else states_at_counts([weights], k, v, lr, mom, state_counts, spec)
+        return torch.zeros_like(q), (_pack(weights, acc, msum) if need_state else None), at
     if sched.gather:
         Q, K, V, LR = (_gather_seq(x, sched.to_layout) for x in (q, k, v, lr))
         M = _gather_seq(mom, sched.to_layout) if mom is not None else None
@@ -387,7 +403,9 @@ def _run_chunked(q, k, v, lr, mom, weights, acc, msum, target_norms, spec, sched
             M = M * sched.layout_valid[:, None, :].to(M.dtype)
     final_acc, final_msum = acc, msum
     outs = []
+    chunk_weights = []  # the weights each chunk's outputs use (for the states at given counts)
     for c, (cs, ce) in enumerate(sched.chunks):
+        chunk_weights.append(weights)
         outs.append(fw_apply(weights["w0"], weights["w1"], weights["w2"], Q[:, :, cs:ce]))
         want_final = need_state and sched.last_any[c]
         if not (sched.apply_any[c] or want_final):
@@ -410,7 +428,56 @@ def _run_chunked(q, k, v, lr, mom, weights, acc, msum, target_norms, spec, sched
         out = _gather_seq(out, sched.to_compact)
     elif La < T:
         out = torch.cat([out, out.new_zeros(B, n, T - La, d)], dim=2)
-    return out, (_pack(weights, final_acc, final_msum) if need_state else None)
+    at = None if state_counts is None else states_at_counts(chunk_weights, k, v, lr, mom, state_counts, spec)
+    return out, (_pack(weights, final_acc, final_msum) if need_state else None), at
+
+
+def states_at_counts(
+    chunk_weights: list[dict[str, torch.Tensor]],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    mom: torch.Tensor | None,
+    counts: torch.Tensor,
+    spec: FastWeightSpec,
+) -> dict[str, torch.Tensor]:
+    """The fast-weight state after each row's first ``counts[b, i]`` tokens, from one chunked pass that started
+    from the fresh state: what a call on those tokens alone leaves (`run_fast_weights` with ``need_state``).
+
+    ``chunk_weights[c]``: the weights (``w{j}``, ``w{j}_raw``, ``m{j}``) chunk c's outputs used, i.e. after the
+    updates of chunks ``0..c-1``; ``k, v: [B, n, T, d]``, ``lr: [B, n, T, 3]``, ``mom: [B, n, T]`` in the compact
+    layout; ``counts: [B, P]`` in ``[0, T]``. After ``t >= 1`` tokens the current chunk is ``c = (t-1) // C`` (a full
+    chunk stays pending), its weights are ``chunk_weights[c]`` and the accumulators ``g{j}`` / ``msum`` sum the
+    chunk's tokens ``cC .. t-1`` (one masked `fw_grads` per position over the chunk's columns); ``t = 0`` is the
+    fresh state. Returns the state's keys (no ``fw_`` prefix) with a position dim after the batch: ``[B, P, ...]``.
+    """
+    C = spec.chunk_size
+    B, n, T, d = k.shape
+    P = counts.shape[1]
+    chunk = (counts - 1).clamp(min=0) // C  # [B, P]
+    out = {}
+    for key in chunk_weights[0]:
+        stacked = torch.stack([w[key] for w in chunk_weights], dim=1)  # [B, chunks, ...]
+        index = chunk.view(B, P, *([1] * (stacked.dim() - 2))).expand(B, P, *stacked.shape[2:])
+        out[key] = stacked.gather(1, index)
+    width = min(C, T)
+    cols = chunk[..., None] * C + torch.arange(width, device=k.device)  # [B, P, width]
+    seen = (cols < counts[..., None])[:, :, None, :]  # [B, P, 1, width]
+    rows = torch.arange(B, device=k.device)[:, None, None]
+    cols = cols.clamp(max=T - 1)
+
+    def per_position(x: torch.Tensor) -> torch.Tensor:  # [B, n, T, ...] -> [B, P, n, width, ...]
+        return x.transpose(1, 2)[rows, cols].transpose(2, 3)
+
+    kc, vc = per_position(k), per_position(v)
+    lrc = per_position(lr) * seen[..., None]
+    flat = lambda x: x.flatten(0, 1)  # noqa: E731 - [B, P, ...] -> [B*P, ...]
+    grads = fw_grads(flat(out["w0"]), flat(out["w1"]), flat(out["w2"]), flat(kc), flat(vc), flat(lrc))
+    for key, g in zip(_ACC, grads):
+        out[key] = g.view(B, P, *g.shape[1:])
+    if mom is not None:
+        out["msum"] = (per_position(mom[..., None])[..., 0] * seen.to(mom.dtype)).float().sum(dim=-1)
+    return out
 
 
 def _pack(weights, acc, msum) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,10 @@ logger = logging.get_logger(__name__)
 
 __all__ = [
     "LaCTBlock",
+    "LaCTCausalLMOutput",
     "LaCTForCausalLM",
     "LaCTModel",
+    "LaCTModelOutput",
     "LaCTPreTrainedModel",
     "check_lact_checkpoint",
     "convert_lact_state_dict",
@@ -137,6 +140,7 @@ class _ForwardPlan:
         device: torch.device,
         group: int = 1,
         branch_len: int = 0,
+        state_counts: torch.Tensor | None = None,
     ):
         self.batch_size, self.seq_len = batch_size, seq_len
         self.n_valid_t, self.pos0_t = n_valid_t, pos0_t
@@ -144,7 +148,12 @@ class _ForwardPlan:
         self.has_state = has_state
         self.full = all(n == seq_len for n in n_valid)
         self.positions = pos0_t[:, None] + torch.arange(seq_len, device=device)[None, :]
-        self.schedule = make_schedule(n_valid, pos0, seq_len, config.lact_chunk_size, device)
+        #: ``[B, P]`` valid tokens after which every layer's state is wanted (``state_positions``), or None; the
+        #: layers write them to ``position_states[layer_idx]``
+        self.state_counts = state_counts
+        self.position_states: dict[int, dict[str, torch.Tensor]] = {}
+        force_chunks = state_counts is not None  # the states at the counts come from the chunked path
+        self.schedule = make_schedule(n_valid, pos0, seq_len, config.lact_chunk_size, device, force_chunks)
         self.head_dim = config.head_dim
         self.theta = float(config.rope_theta)
         W = config.window_size
@@ -390,7 +399,7 @@ class LaCTAttention(nn.Module):
             fw_state = self._fresh_fw_state(ws, B, delta_dtype)
         else:
             fw_state = {key[3:]: val for key, val in state.items() if key.startswith("fw_")}
-        u, new_fw = run_fast_weights(
+        u, new_fw, fw_at = run_fast_weights(
             fq.transpose(1, 2),
             fk.transpose(1, 2),
             fv.transpose(1, 2),
@@ -401,7 +410,10 @@ class LaCTAttention(nn.Module):
             self.spec,
             plan.schedule,
             need_state,
+            plan.state_counts,
         )
+        if fw_at is not None:
+            plan.position_states[self.layer_idx] = self._states_at_counts(plan.state_counts, ka, va, fw_at)
         y = self.ttt_norm(u.transpose(1, 2))  # [B, T, n, d]
         if cfg.learnable_ttt_scale:
             y = y * F.silu(self.ttt_scale_proj(x))[..., None]
@@ -426,6 +438,23 @@ class LaCTAttention(nn.Module):
         new_state["attn_v"] = torch.cat([v_cache.to(va.dtype), va], dim=2).gather(2, idx)
         new_state.update({f"fw_{key}": val for key, val in new_fw.items()})
         return out, new_state
+
+    def _states_at_counts(
+        self, counts: torch.Tensor, ka: torch.Tensor, va: torch.Tensor, fw_at: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The layer's state after each row's first ``counts [B, P]`` valid tokens of a call from the fresh state
+        (``ka, va [B, H, T, hd]`` post-RoPE, compact layout), keys and shapes of the state with a position dim
+        after the batch: the window holds the ``W-1`` keys/values before ``counts`` (zeros before the start)."""
+        B, H, _, hd = ka.shape
+        slots = max(self.window_size - 1, 0)
+        index = (counts[..., None] + torch.arange(slots, device=ka.device)).view(B, -1)  # [B, P * slots]
+        state = {"pos": counts}
+        for key, x in (("attn_k", ka), ("attn_v", va)):
+            padded = torch.cat([x.new_zeros(B, H, slots, hd), x], dim=2)
+            window = padded.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], hd))
+            state[key] = window.view(B, H, counts.shape[1], slots, hd).transpose(1, 2)  # [B, P, H, W-1, hd]
+        state.update({f"fw_{key}": val for key, val in fw_at.items()})
+        return state
 
 
 class LaCTBlock(nn.Module):
@@ -737,6 +766,19 @@ class LaCTPreTrainedModel(PreTrainedModel):
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
 
+@dataclass
+class LaCTModelOutput(BaseModelOutputWithPast):
+    #: with ``state_positions [B, P]``: per layer, the state after each position, the keys of `.state` with a position
+    #: dim after the batch (``pos [B, P]``, ``attn_k [B, P, H, W-1, hd]``, ``fw_w0 [B, P, n, d_h, d]``, ...); else None
+    position_states: list[dict[str, torch.Tensor]] | None = None
+
+
+@dataclass
+class LaCTCausalLMOutput(CausalLMOutputWithPast):
+    #: see `LaCTModelOutput.position_states`
+    position_states: list[dict[str, torch.Tensor]] | None = None
+
+
 def _coerce_states(past_key_values) -> tuple[LaCTCache | None, list | None]:
     if past_key_values is None:
         return None, None
@@ -779,8 +821,9 @@ class LaCTModel(LaCTPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         position_ids: torch.LongTensor | None = None,
+        state_positions: torch.LongTensor | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast | tuple:
+    ) -> LaCTModelOutput | tuple:
         """Run the model over one segment.
 
         * ``attention_mask [B, T']`` (``T' >= T``; the last ``T`` columns are used, as ``generate`` passes the
@@ -790,6 +833,9 @@ class LaCTModel(LaCTPreTrainedModel):
           ``position_ids`` is accepted for API compatibility and not used.
         * ``use_cache`` defaults to True when a state is passed, else to ``config.use_cache`` in eval mode and False
           in training.
+        * ``state_positions [B, P]`` (input columns, the last token to include; a call without a past state): also
+          return every layer's state after each of those positions (``position_states``, see `LaCTModelOutput`),
+          as autograd outputs of this pass.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
@@ -847,6 +893,9 @@ class LaCTModel(LaCTPreTrainedModel):
             def restore(x: torch.Tensor) -> torch.Tensor:
                 return x
 
+        state_counts = None
+        if state_positions is not None:
+            state_counts = _state_counts(state_positions, mask, states, B, T)
         group, branch_len = shared_window_layout(states) if states is not None else (1, 0)
         if (group > 1 or branch_len) and compact:
             raise ValueError(
@@ -854,8 +903,9 @@ class LaCTModel(LaCTPreTrainedModel):
                 "row must feed the same number of tokens (pass no attention_mask, or unshare_window(states) first)"
             )
         plan = _ForwardPlan(
-            self.config, B, T, n_valid_t, pos0_t, n_valid, pos0, states is not None, device, group, branch_len
-        )
+            self.config, B, T, n_valid_t, pos0_t, n_valid, pos0, states is not None, device, group, branch_len,
+            state_counts,
+        )  # fmt: skip
         all_hidden = [] if output_hidden_states else None
         new_states = []
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -882,13 +932,36 @@ class LaCTModel(LaCTPreTrainedModel):
                 cache_out = cache_in
             else:
                 cache_out = LaCTCache(new_states, seen_tokens=(max(pos0) if states is not None else 0) + T)
+        position_states = None
+        if state_counts is not None:
+            position_states = [plan.position_states[i] for i in range(len(self.layers))]
         if not return_dict:
             return tuple(x for x in (hidden, cache_out, tuple(all_hidden) if all_hidden else None) if x is not None)
-        return BaseModelOutputWithPast(
+        return LaCTModelOutput(
             last_hidden_state=hidden,
             past_key_values=cache_out,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            position_states=position_states,
         )
+
+
+def _state_counts(
+    positions: torch.Tensor, mask: torch.Tensor | None, states: list | None, batch_size: int, seq_len: int
+) -> torch.Tensor:
+    """``state_positions [B, P]`` (input columns) -> the numbers of valid tokens up to and including them."""
+    if states is not None:
+        raise ValueError("state_positions needs a call from the start of the documents (no past_key_values)")
+    if positions.dim() != 2 or positions.shape[0] != batch_size or positions.dtype != torch.long:
+        raise ValueError(
+            f"state_positions must be a LongTensor [batch, P]; got {positions.dtype} {tuple(positions.shape)} for "
+            f"a batch of {batch_size}"
+        )
+    positions = positions.to(mask.device if mask is not None else positions.device)
+    if positions.numel() and not bool(((positions >= 0) & (positions < seq_len)).all()):
+        raise ValueError(f"state_positions must lie in [0, {seq_len}) (the input columns)")
+    if mask is None:
+        return positions + 1
+    return mask.long().cumsum(-1).gather(1, positions)
 
 
 def lact_causal_lm_loss(
@@ -919,6 +992,9 @@ class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
     """LaCT language model with an (untied by default) LM head."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+    #: ``forward(state_positions=...)`` returns every layer's state after those positions, from the same pass
+    #: (``position_states``; the one-pass engine, trl_refine.rollout.onepass)
+    supports_state_positions = True
 
     def __init__(self, config: LaCTConfig):
         super().__init__(config)
@@ -959,8 +1035,9 @@ class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         position_ids: torch.LongTensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        state_positions: torch.LongTensor | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+    ) -> LaCTCausalLMOutput | tuple:
         """See :meth:`LaCTModel.forward`. ``labels`` are the unshifted targets (usually ``input_ids``); the loss
         shifts them (:func:`lact_causal_lm_loss`). ``logits_to_keep``: an int keeps the last that many positions
         (0 = all), a 1-D tensor keeps those positions."""
@@ -974,6 +1051,7 @@ class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            state_positions=state_positions,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -991,9 +1069,10 @@ class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
         if not return_dict:
             out = (logits,) + tuple(x for x in (outputs.past_key_values, outputs.hidden_states) if x is not None)
             return ((loss,) + out) if loss is not None else out
-        return CausalLMOutputWithPast(
+        return LaCTCausalLMOutput(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            position_states=outputs.position_states,
         )
