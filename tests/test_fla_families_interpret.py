@@ -1,6 +1,8 @@
 """fla families on CPU: the snapshot engine equals the generic engine with fla's own Triton kernels run by the
 Triton interpreter (fp32). The other families' runs are recorded in benchmarks/results/fla_families_interpret.json
-(`python tests/interpret_scripts/fla_families.py FAMILY [conv] [forward]`); CI runs one, with gradients."""
+(`python tests/interpret_scripts/fla_families.py FAMILY [conv] [forward] [naive]`); CI runs gla, and kda,
+gated_deltaproduct and rwkv7 with their chunk op (which the interpreter cannot run) replaced by fla's pure-PyTorch
+reference, after checking each reference against fla's Triton fused_recurrent op."""
 
 import json
 import os
@@ -10,23 +12,49 @@ from pathlib import Path
 
 import pytest
 
+NAIVE_FAMILIES = ("kda", "gated_deltaproduct", "rwkv7")
 
-@pytest.mark.slow
-def test_gla_snapshot_equals_generic_under_the_triton_interpreter():
+
+def _run(script: str, *args: str) -> dict:
     pytest.importorskip("fla")
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
-        [sys.executable, str(root / "tests" / "interpret_scripts" / "fla_families.py"), "gla"],
+        [sys.executable, str(root / "tests" / "interpret_scripts" / script), *args],
         capture_output=True,
         text=True,
         env=env,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _assert_engines_agree(res: dict) -> None:
+    res.pop("substituted", None)
     assert res.pop("rollout_ids_equal") is True
-    assert "grad_rel" in res and res.pop("hidden_states_norm") > 0
+    assert "grad_rel" in res and res.pop("hidden_states_norm") > 0 and res.pop("grad_norm") > 0
     for key, value in res.items():
         assert value < 1e-5, (key, value)
+
+
+@pytest.mark.slow
+def test_gla_snapshot_equals_generic_under_the_triton_interpreter():
+    _assert_engines_agree(_run("fla_families.py", "gla"))
+
+
+@pytest.mark.parametrize("family", NAIVE_FAMILIES)
+def test_naive_substitute_matches_fla_triton_op(family):
+    res = _run("naive_ops_check.py", family)
+    assert len(res) >= 2
+    for key, value in res.items():
+        assert value < 1e-5, (key, value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", NAIVE_FAMILIES)
+def test_snapshot_gradients_equal_generic_with_the_naive_chunk_op(family):
+    res = _run("fla_families.py", family, "naive")
+    assert res["substituted"].startswith(f"fla.layers.{family}.")
+    _assert_engines_agree(res)

@@ -205,8 +205,10 @@ def test_mamba_hybrid_refuses_one_token_calls_with_gradients():
         snap.forward_train(model, docs, plan, comp)
 
 
-def test_unsupported_families_fall_back_with_the_reason(caplog):
+def test_unsupported_families_fall_back_with_the_reason(caplog, monkeypatch):
     import logging
+
+    import trl_refine.rollout.state as state
 
     pytest.importorskip("fla")
     from transformers import AutoModelForCausalLM
@@ -217,9 +219,11 @@ def test_unsupported_families_fall_back_with_the_reason(caplog):
     assert "only continues a cache one token at a time" in caplog.text
 
     kda = AutoModelForCausalLM.from_config(tiny_config("kda", vocab_size=VOCAB, hidden_size=32))
+    assert build_engine("auto", kda).name == "snapshot"  # gradients compared (tests/test_fla_families_interpret.py)
+    monkeypatch.setattr(state, "UNVERIFIED_MODEL_TYPES", ("kda",))  # a family whose gradients were not compared
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="trl_refine"):
-        assert build_engine("auto", kda).name == "generic"  # adapter present, gradients not compared yet
+        assert build_engine("auto", kda).name == "generic"
         assert "gradients have not been compared" in caplog.text
         caplog.clear()
         assert build_engine("snapshot", kda).name == "snapshot"

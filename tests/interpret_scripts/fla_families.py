@@ -2,9 +2,10 @@
 model (rollout ids, old log-probs, hidden states, document and rollout log-probs, and parameter gradients where the
 interpreter can run the backward: without short convolutions, whose backward from a cache it cannot run). Run by
 tests/test_fla_families_interpret.py in a subprocess (the interpreter must be on before fla's kernels are
-defined): ``python fla_families.py FAMILY [conv] [forward]`` (``conv``: with short convolutions, which makes the
-comparison forward-only; ``forward``: no backward, for kernels whose backward the interpreter cannot run in fp32);
-prints one JSON line."""
+defined): ``python fla_families.py FAMILY [conv] [forward] [naive]`` (``conv``: with short convolutions, which
+makes the comparison forward-only; ``forward``: no backward, for kernels whose backward the interpreter cannot run
+in fp32; ``naive``: the family's chunk op, which the interpreter cannot run, replaced by fla's pure-PyTorch
+reference, see _naive_ops.py); prints one JSON line."""
 
 import json
 import os
@@ -21,6 +22,11 @@ from trl_refine.rollout import DocumentBatch, GenericEngine, RolloutPlan, Snapsh
 
 family = sys.argv[1]
 conv = "conv" in sys.argv[2:]
+substituted = None
+if "naive" in sys.argv[2:]:
+    from _naive_ops import patch  # noqa: E402
+
+    substituted = patch(family)
 torch.manual_seed(0)
 cfg = tiny_config(family, vocab_size=64, hidden_size=32, layers=2, heads=2)
 for key, value in dict(fuse_norm=False, fuse_swiglu=False, attn_mode="fused_recurrent").items():
@@ -64,4 +70,7 @@ res = {
 }
 if backward:
     res["grad_rel"] = rel(s_grad, g_grad)
+    res["grad_norm"] = g_grad.norm().item()
+if substituted:
+    res["substituted"] = substituted
 print(json.dumps(res))

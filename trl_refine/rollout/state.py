@@ -145,10 +145,14 @@ FLA_LAYOUT_MODEL_TYPES = (
 )  # fmt: skip
 
 #: fla families whose adapter is the one above but whose gradients through the states have not been compared with
-#: the generic engine (forward parity is measured on CPU under the Triton interpreter, see
-#: benchmarks/results/fla_families_interpret.json; the interpreter cannot run their fp32 chunk backward and fla
-#: refuses it on Hopper with triton 3.6): `auto` does not pick them, ``nsp_engine="snapshot"`` runs them with a warning
-UNVERIFIED_MODEL_TYPES = ("gated_deltaproduct", "kda", "rwkv7")
+#: the generic engine: `auto` does not pick them, ``nsp_engine="snapshot"`` runs them with a warning. None now:
+#: gated_deltaproduct, kda and rwkv7 were compared on CPU in fp32 (gradients < 1e-5 relative, measured <= 4.5e-7),
+#: fla's Triton kernels under the interpreter except the chunk op, which it cannot run, replaced by fla's own
+#: pure-PyTorch recurrence (tests/interpret_scripts/fla_families.py FAMILY naive; each substitute checked against
+#: fla's Triton fused_recurrent op by naive_ops_check.py; benchmarks/results/fla_families_interpret.json).
+#: On Hopper with triton in [3.4, 3.7.1) fla 0.6.0 refuses the gated chunk backward (fla #640, in chunk_bwd_dqkwg,
+#: which gated_deltaproduct with a forget gate reaches): training there needs triton >= 3.7.1 or tilelang.
+UNVERIFIED_MODEL_TYPES: tuple[str, ...] = ()
 
 
 def unverified_reason(model: torch.nn.Module) -> str:

@@ -1,0 +1,107 @@
+"""fla's own pure-PyTorch references in place of the chunk ops whose Triton kernels the interpreter cannot run in fp32
+(``chunk_kda``, ``chunk_gated_delta_product``, ``chunk_rwkv7``), with the op's signature and return ``(o,
+final_state)``: the in-kernel preprocessing (q/k L2 norm, beta sigmoid, KDA gate) in torch, varlen ``cu_seqlens``
+as one recurrence per sequence, ``initial_state`` / ``output_final_state`` and fla's state layouts. Autograd
+differentiates them, so the gradients are those of fla's reference recurrences. `patch` installs one where the fla
+layer module imports the op; the rest of fla's kernels stay under the interpreter. naive_ops_check.py compares
+each with fla's Triton fused_recurrent op under the interpreter (the substitution is faithful)."""
+
+import torch
+from fla.ops.gated_delta_product.naive import naive_recurrent_gated_delta_product
+from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence
+from fla.ops.kda.gate import naive_kda_gate
+from fla.ops.kda.naive import naive_recurrent_kda
+
+
+def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """fla's l2norm (modules/norm/l2norm.py): x / sqrt(sum x^2 + eps)."""
+    return x * torch.rsqrt((x.float() * x.float()).sum(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def _per_sequence(fn, cu_seqlens, initial_state, tensors, output_final_state):
+    """``fn(*tensors, initial_state)`` per sequence of ``cu_seqlens`` (batch-first tensors, batch 1 when varlen);
+    returns (o concatenated over time, final states stacked or None)."""
+    if cu_seqlens is None:
+        o, ht = fn(*tensors, initial_state)
+        return o, ht if output_final_state else None
+    outs, states = [], []
+    bounds = cu_seqlens.tolist()
+    for i, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:])):
+        h0 = None if initial_state is None else initial_state[i : i + 1]
+        o, ht = fn(*(t[:, bos:eos] for t in tensors), h0)
+        outs.append(o)
+        states.append(ht)
+    return torch.cat(outs, 1), torch.cat(states) if output_final_state else None
+
+
+def chunk_kda(
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
+    use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, safe_gate=False,
+    lower_bound=None, state_v_first=False, cu_seqlens=None, A_log=None, dt_bias=None, **kwargs,
+):  # fmt: skip
+    """fla.ops.kda.chunk_kda by naive_recurrent_kda (+ naive_kda_gate for the in-kernel gate)."""
+    if lower_bound is not None or safe_gate:
+        raise NotImplementedError("the naive KDA substitute covers the softplus gate only (lower_bound=None)")
+    if use_qk_l2norm_in_kernel:
+        q, k = _l2norm(q), _l2norm(k)
+    if use_beta_sigmoid_in_kernel:
+        beta = beta.float().sigmoid() * (2.0 if allow_neg_eigval else 1.0)
+    if use_gate_in_kernel:
+        g = naive_kda_gate(g, A_log, dt_bias)
+    flip = (lambda s: s.transpose(-1, -2)) if state_v_first else (lambda s: s)  # [N, HV, V, K] <-> [N, HV, K, V]
+
+    def one(q, k, v, g, beta, h0):
+        o, ht = naive_recurrent_kda(
+            q, k, v, g, beta, scale=scale, initial_state=None if h0 is None else flip(h0), output_final_state=True
+        )
+        return o, flip(ht)
+
+    return _per_sequence(one, cu_seqlens, initial_state, (q, k, v, g, beta), output_final_state)
+
+
+def chunk_gated_delta_product(
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, num_householder=1,
+    use_qk_l2norm_in_kernel=False, **kwargs,
+):  # fmt: skip
+    """fla.ops.gated_delta_product.chunk_gated_delta_product by naive_recurrent_gated_delta_product."""
+    if use_qk_l2norm_in_kernel:
+        q, k = _l2norm(q), _l2norm(k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    o, ht = naive_recurrent_gated_delta_product(
+        q, k, v, g, beta, scale, cu_seqlens=cu_seqlens, initial_state=initial_state,
+        output_final_state=output_final_state, num_householder=num_householder,
+    )  # fmt: skip
+    return o, ht if output_final_state else None
+
+
+def chunk_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=None, output_final_state=False, cu_seqlens=None, **kw):
+    """fla.ops.rwkv7.chunk_rwkv7 (= chunk_dplr_delta_rule with gk=w) by fla's dplr_recurrence; that reference
+    scales q by K^-0.5 itself, so r comes in as r * scale * K^0.5."""
+    r = r * (scale * r.shape[-1] ** 0.5)
+
+    def one(r, w, k, v, a, b, h0):
+        heads_first = [t.transpose(1, 2) for t in (r, k, v, a, b, w)]  # [B, T, H, D] -> [B, H, T, D]
+        o, ht = dplr_recurrence(*heads_first, initial_state=h0, output_final_state=True)
+        return o.transpose(1, 2), ht
+
+    return _per_sequence(one, cu_seqlens, initial_state, (r, w, k, v, a, b), output_final_state)
+
+
+#: per family: the fla layer module, the name under which it imports the op, the substitute, fla's reference in it
+SUBSTITUTES = {
+    "kda": ("fla.layers.kda", "chunk_kda", chunk_kda, "fla.ops.kda.naive.naive_recurrent_kda"),
+    "gated_deltaproduct": (
+        "fla.layers.gated_deltaproduct", "chunk_gated_delta_product", chunk_gated_delta_product,
+        "fla.ops.gated_delta_product.naive.naive_recurrent_gated_delta_product",
+    ),
+    "rwkv7": ("fla.layers.rwkv7", "chunk_rwkv7", chunk_rwkv7, "fla.ops.generalized_delta_rule.dplr.naive.dplr_recurrence"),
+}  # fmt: skip
+
+
+def patch(family: str) -> str:
+    """Install the substitute for ``family`` in its fla layer module; returns what was substituted."""
+    import importlib
+
+    module, name, fn, reference = SUBSTITUTES[family]
+    setattr(importlib.import_module(module), name, fn)
+    return f"{module}.{name} -> {reference} (tests/interpret_scripts/_naive_ops.py)"
