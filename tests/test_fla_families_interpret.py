@@ -1,8 +1,9 @@
 """fla families on CPU: the snapshot engine equals the generic engine with fla's own Triton kernels run by the
 Triton interpreter (fp32). The other families' runs are recorded in benchmarks/results/fla_families_interpret.json
-(`python tests/interpret_scripts/fla_families.py FAMILY [conv] [forward] [naive]`); CI runs gla, and kda,
-gated_deltaproduct and rwkv7 with their chunk op (which the interpreter cannot run) replaced by fla's pure-PyTorch
-reference, after checking each reference against fla's Triton fused_recurrent op."""
+(`python tests/interpret_scripts/fla_families.py FAMILY [conv] [forward] [naive]`); CI runs gla, and kda with its
+chunk op (which the interpreter cannot run) replaced by fla's pure-PyTorch reference (gated_deltaproduct and rwkv7
+the same way with TRL_REFINE_INTERPRET_ALL=1), after checking each reference against fla's Triton fused_recurrent
+op (all three, in CI)."""
 
 import json
 import os
@@ -52,8 +53,15 @@ def test_naive_substitute_matches_fla_triton_op(family):
         assert value < 1e-5, (key, value)
 
 
+# CI re-runs kda (50 s on 2 cores); gated_deltaproduct (91 s) and rwkv7 (115 s) would add 3.5 minutes to a suite kept
+# under ~15: their runs are recorded in benchmarks/results/fla_families_interpret.json and rerun with
+# TRL_REFINE_INTERPRET_ALL=1 (or the script itself).
+_ALL = os.environ.get("TRL_REFINE_INTERPRET_ALL") == "1"
+_OPT_IN = pytest.mark.skipif(not _ALL, reason="recorded run; set TRL_REFINE_INTERPRET_ALL=1 to rerun it")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", NAIVE_FAMILIES)
+@pytest.mark.parametrize("family", [pytest.param(f, marks=() if f == "kda" else _OPT_IN) for f in NAIVE_FAMILIES])
 def test_snapshot_gradients_equal_generic_with_the_naive_chunk_op(family):
     res = _run("fla_families.py", family, "naive")
     assert res["substituted"].startswith(f"fla.layers.{family}.")
