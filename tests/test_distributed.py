@@ -186,12 +186,15 @@ def test_short_and_long_documents_on_different_ranks(dist, phase):
             assert reused  # the default geometry (one micro-step per generation, DDP) reuses it
 
 
-@pytest.mark.parametrize("engine", ["generic", "snapshot", "snapshot_head_group"])
+FSDP_ENGINES = ["generic", "snapshot", "snapshot_head_group", "onepass", "onepass_head_group"]
+
+
+@pytest.mark.parametrize("engine", FSDP_ENGINES)
 def test_fsdp2_sharded_training_matches_an_unsharded_replica(dist, engine):
     """FSDP2 all-gathers inside every call: unequal call counts would hang, wrong gradient reduction would show."""
     r0, r1 = (r[engine] for r in records(dist, "fsdp"))
     assert r0["calls_per_step"] == r1["calls_per_step"]
-    if engine.startswith("snapshot"):
+    if engine != "generic":
         assert all(s["empty_segment"] for s in r0["steps"]) and not any(s["empty_segment"] for s in r1["steps"])
     for rec in (r0, r1):
         for step in rec["steps"]:
@@ -200,10 +203,10 @@ def test_fsdp2_sharded_training_matches_an_unsharded_replica(dist, engine):
         assert rec["param_max_diff"] < 1e-5
 
 
-@pytest.mark.parametrize("engine", ["snapshot", "snapshot_head_group"])
+@pytest.mark.parametrize("engine", FSDP_ENGINES[1:])
 def test_fsdp2_lm_head_stays_gathered_through_the_backward_then_reshards(dist, engine):
-    """The snapshot engine reads the head weight outside the model calls, also when the backward recomputes its
-    chunks: the head's FSDP2 group must stay gathered from the loss forward through the backward (even in a layout
+    """The snapshot engine (and the one-pass engine, its subclass) reads the head weight outside the model calls,
+    also when the backward recomputes its chunks: the head's FSDP2 group must stay gathered from the loss forward through the backward (even in a layout
     that reshards it after every forward), and be sharded again after the backward and after sampling, so that the
     optimizer updates the shards and the next step gathers fresh weights (the replica comparison checks those)."""
     for rec in (r[engine] for r in records(dist, "fsdp")):

@@ -2,6 +2,8 @@
 segments: same seed → same rollouts, log-probs, hidden states, rewards and parameter gradients (reference DeltaNet
 and LaCT, fp32, left-padded variable-length batches, positions on both sides of chunk boundaries)."""
 
+import logging
+
 import pytest
 import torch
 from conftest import documents, small_config, tiny_delta_net, tiny_llama
@@ -262,26 +264,93 @@ def _detach(v):
     return v
 
 
-def test_choosing_the_onepass_engine(caplog):
+def test_forcing_the_onepass_engine():
     assert build_engine("onepass", tiny_delta_net()).name == "onepass"
     assert build_engine("onepass", tiny_lact()).name == "onepass"  # supports_state_positions
     assert OnePassEngine.supports(tiny_llama())[1].endswith("is not one of fla's delta_net, gated_deltanet")
-    assert build_engine("auto", tiny_delta_net()).name == "snapshot"  # opt-in for now
     with pytest.raises(ValueError, match="cannot run LlamaForCausalLM"):
         build_engine("onepass", tiny_llama())
     with pytest.raises(ValueError, match="nsp_segment_checkpointing=False"):
         build_engine("onepass", tiny_delta_net(), checkpoint_segments=True)
 
 
+def _auto(model, caplog, **kw):
+    """`build_engine("auto", ...)` and the one log line it wrote."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trl_refine"):
+        engine = build_engine("auto", model, **kw)
+    (line,) = [r.getMessage() for r in caplog.records if "rollout engine =" in r.getMessage()]
+    return engine, line
+
+
+def test_auto_picks_the_onepass_engine_and_says_why(caplog):
+    engine, line = _auto(tiny_delta_net(), caplog)
+    assert type(engine) is OnePassEngine
+    assert line.startswith(
+        "trl_refine: rollout engine = onepass (auto: RefDeltaNetForCausalLM returns its states at the positions from "
+        "one forward (supports_state_positions): 1 document pass per step instead of n+1 segment calls"
+    )
+
+
+@pytest.mark.parametrize("kind, name", [("delta_net", "DeltaNet"), ("gated_deltanet", "GatedDeltaNet")])
+def test_auto_picks_the_onepass_engine_for_fla_models(kind, name, caplog):
+    pytest.importorskip("fla")
+    from conftest import tiny_fla_config
+    from transformers import AutoModelForCausalLM
+
+    engine, line = _auto(AutoModelForCausalLM.from_config(tiny_fla_config(kind)), caplog)
+    assert type(engine) is OnePassEngine
+    assert f"onepass (auto: {name}ForCausalLM's states at the positions come from one forward of fla's kernels" in line
+
+
+def test_auto_picks_the_onepass_engine_for_lact(caplog):
+    engine, line = _auto(tiny_lact(), caplog)
+    assert type(engine) is OnePassEngine
+    assert "onepass (auto: LaCTForCausalLM returns its states at the positions from one forward" in line
+
+
+def test_auto_falls_back_to_snapshot_then_generic_with_the_reason(caplog):
+    from transformers import AutoModelForCausalLM
+
+    from trl_refine.models.tiny_configs import tiny_config
+
+    # model-dependent: lfm2 (a transformers hybrid) has a state adapter but no states-at-positions forward
+    engine, line = _auto(AutoModelForCausalLM.from_config(tiny_config("lfm2", vocab_size=64, hidden_size=32)), caplog)
+    assert type(engine) is SnapshotEngine
+    assert line.startswith("trl_refine: rollout engine = snapshot (auto: Lfm2ForCausalLM supports it; not onepass: ")
+    assert "model_type 'lfm2' is not one of fla's delta_net, gated_deltanet" in line
+    # option-dependent: segment checkpointing needs the snapshot engine's segments
+    engine, line = _auto(tiny_delta_net(), caplog, checkpoint_segments=True)
+    assert type(engine) is SnapshotEngine and engine.checkpoint_segments
+    assert (
+        "snapshot (auto: RefDeltaNetForCausalLM supports it; not onepass: the one-pass engine has no segments" in line
+    )
+    # neither: the generic engine, with both reasons
+    engine, line = _auto(tiny_llama(), caplog)
+    assert type(engine) is GenericEngine
+    assert "generic (auto: onepass: LlamaForCausalLM does not return its states" in line
+    assert "; snapshot: model_type 'llama' has no state adapter" in line
+
+
+def test_trainer_passes_segment_checkpointing_to_the_auto_choice(tmp_path, byte_tokenizer):
+    ds = Dataset.from_dict({"text": documents(2)})
+    for ckpt, name in ((False, "onepass"), (True, "snapshot")):
+        args = small_config(tmp_path / name, nsp_segment_checkpointing=ckpt)
+        tr = NSPGRPOTrainer(tiny_delta_net(), args=args, train_dataset=ds, processing_class=byte_tokenizer)
+        assert tr.engine.name == name
+
+
 @pytest.mark.parametrize("family", ["delta_net", "lact"])
 def test_trainer_with_the_onepass_engine_logs_what_the_snapshot_engine_logs(tmp_path, byte_tokenizer, family):
+    """Forced and `auto` (which picks the one-pass engine) against the forced snapshot engine: two steps, same
+    losses, rewards and weights."""
     make = {"delta_net": tiny_delta_net, "lact": lambda seed: tiny_lact(seed=seed)}[family]
     ds = Dataset.from_dict({"text": documents(4)})
     logs, weights = {}, {}
-    for name in ("snapshot", "onepass"):
+    for name, expected in (("snapshot", "snapshot"), ("onepass", "onepass"), ("auto", "onepass")):
         args = small_config(tmp_path / name, max_steps=2, nsp_engine=name, documents_per_device=2, seed=3)
         tr = NSPGRPOTrainer(make(seed=1), args=args, train_dataset=ds, processing_class=byte_tokenizer)
-        assert tr.engine.name == name
+        assert tr.engine.name == expected
         before = torch.cat([p.detach().flatten().clone() for p in tr.model.parameters()])
         tr.train()
         weights[name] = torch.cat([p.detach().flatten() for p in tr.model.parameters()])
@@ -289,8 +358,9 @@ def test_trainer_with_the_onepass_engine_logs_what_the_snapshot_engine_logs(tmp_
         logs[name] = [
             v for h in tr.state.log_history if "loss" in h for v in (h["loss"], h["reward"], h["nsp/exact_match"])
         ]
-    assert logs["onepass"] == pytest.approx(logs["snapshot"], rel=1e-4, abs=1e-6)
-    assert rel(weights["onepass"], weights["snapshot"]) < 1e-5
+    for name in ("onepass", "auto"):
+        assert logs[name] == pytest.approx(logs["snapshot"], rel=1e-4, abs=1e-6)
+        assert rel(weights[name], weights["snapshot"]) < 1e-5
 
 
 def _interpret(script: str) -> dict:

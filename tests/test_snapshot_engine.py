@@ -123,14 +123,15 @@ def test_gradient_flows_through_snapshots(model):
     assert rel(detached, full) > 0.1
 
 
-def test_auto_picks_snapshot_for_delta_net_and_generic_otherwise(caplog):
+def test_auto_picks_generic_without_a_state_adapter_and_forcing_picks_the_engine(caplog):
     import logging
 
+    # our DeltaNet and LaCT: `auto` picks the one-pass engine (tests/test_onepass_engine.py)
     with caplog.at_level(logging.INFO, logger="trl_refine"):
-        assert build_engine("auto", tiny_delta_net()).name == "snapshot"
         assert build_engine("auto", tiny_llama()).name == "generic"
     assert "model_type 'llama' has no state adapter" in caplog.text
     assert build_engine("generic", tiny_delta_net()).name == "generic"
+    assert type(build_engine("snapshot", tiny_delta_net())) is SnapshotEngine
     with pytest.raises(ValueError, match="cannot run"):
         build_engine("snapshot", tiny_llama())
 
@@ -289,9 +290,11 @@ def test_reused_sampling_pass_is_refused_by_the_generic_engine():
 
 
 def _train_recording(tmp_path, tok, **overrides):
-    """Train a tiny reference DeltaNet; returns the trainer, its logged metrics and the model calls per step."""
+    """Train a tiny reference DeltaNet (snapshot engine unless ``nsp_engine`` is given); returns the trainer, its
+    logged metrics and the model calls per step."""
     ds = Dataset.from_dict({"text": documents(4)})
-    args = small_config(tmp_path, **{"max_steps": 2, "documents_per_device": 2, "seed": 3, **overrides})
+    defaults = {"max_steps": 2, "documents_per_device": 2, "seed": 3, "nsp_engine": "snapshot"}
+    args = small_config(tmp_path, **{**defaults, **overrides})
     tr = NSPGRPOTrainer(tiny_delta_net(seed=1), args=args, train_dataset=ds, processing_class=tok)
     calls = []
     tr.model.register_forward_pre_hook(lambda *_: calls.append(tr.state.global_step))
@@ -302,20 +305,23 @@ def _train_recording(tmp_path, tok, **overrides):
     return tr, logged, per_step
 
 
-def test_trainer_reusing_the_sampling_pass_trains_the_same(tmp_path, byte_tokenizer, caplog):
+@pytest.mark.parametrize("engine", ["snapshot", "onepass"])
+def test_trainer_reusing_the_sampling_pass_trains_the_same(tmp_path, byte_tokenizer, caplog, engine):
     import logging
 
     with caplog.at_level(logging.INFO, logger="trl_refine"):
-        reused, logged_reused, calls_reused = _train_recording(tmp_path / "reuse", byte_tokenizer)
-    assert reused.reused_sampling_pass is True
+        reused, logged_reused, calls_reused = _train_recording(tmp_path / "reuse", byte_tokenizer, nsp_engine=engine)
+    assert reused.engine.name == engine and reused.reused_sampling_pass is True
     assert "sampling pass also serves the loss" in caplog.text
-    two, logged_two, calls_two = _train_recording(tmp_path / "two", byte_tokenizer, nsp_reuse_sampling_pass=False)
+    two, logged_two, calls_two = _train_recording(
+        tmp_path / "two", byte_tokenizer, nsp_engine=engine, nsp_reuse_sampling_pass=False
+    )
     assert two.reused_sampling_pass is None  # never considered
     assert logged_reused == pytest.approx(logged_two, rel=1e-6, abs=1e-9)
     for a, b in zip(reused.model.parameters(), two.model.parameters()):
         assert torch.allclose(a, b, atol=1e-7, rtol=0)
-    n = reused.args.nsp_num_chunks
-    assert [c + n + 1 for c in calls_reused] == calls_two  # the loss's own n+1 segment calls are gone
+    saved = reused.args.nsp_num_chunks + 1 if engine == "snapshot" else 1  # the loss's own document pass
+    assert [c + saved for c in calls_reused] == calls_two
 
 
 def test_reuse_does_not_apply_when_a_generation_serves_several_micro_steps(tmp_path, byte_tokenizer, caplog):

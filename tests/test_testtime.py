@@ -163,9 +163,11 @@ def test_config_sources_and_bad_input(byte_tokenizer):
     assert stats["skipped"] == 1 and stats["steps"] == []
 
 
-def test_reusing_the_sampling_pass_adapts_exactly_the_same(byte_tokenizer):
-    """One prompt per step with the snapshot engine: the sampling segments serve the loss too (n+1 model calls
-    fewer per step) and the adapted weights and step statistics are those of two separate passes."""
+@pytest.mark.parametrize("engine", ["snapshot", "onepass"])
+def test_reusing_the_sampling_pass_adapts_exactly_the_same(byte_tokenizer, engine):
+    """One prompt per step with the snapshot engine (and the one-pass engine, `auto`'s pick here): the sampling pass
+    serves the loss too (n+1 segment calls, or 1 document pass, fewer per step) and the adapted weights and step
+    statistics are those of two separate passes."""
     text = prompts(1)
     results = []
     for reuse in (True, False):
@@ -173,7 +175,10 @@ def test_reusing_the_sampling_pass_adapts_exactly_the_same(byte_tokenizer):
         calls = []
         model.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         adapter = TestTimeRefine(
-            steps=2, nsp_reuse_sampling_pass=reuse, **{k: v for k, v in FAST.items() if k != "max_new_tokens"}
+            steps=2,
+            nsp_engine=engine,
+            nsp_reuse_sampling_pass=reuse,
+            **{k: v for k, v in FAST.items() if k != "max_new_tokens"},
         )
         adapter.config.reset = "never"  # keep the adapted weights to compare them
         with adapter(model, byte_tokenizer, text) as stats:
@@ -181,7 +186,7 @@ def test_reusing_the_sampling_pass_adapts_exactly_the_same(byte_tokenizer):
         results.append((snapshot(model), stats["steps"], len(calls)))
     (w1, s1, c1), (w2, s2, c2) = results
     assert not same(tiny_delta_net(seed=2), w1)  # the weights did adapt (and were kept)
-    assert c2 - c1 == 2 * (FAST["nsp_num_chunks"] + 1)  # two steps, n+1 segment calls each
+    assert c2 - c1 == 2 * (FAST["nsp_num_chunks"] + 1 if engine == "snapshot" else 1)  # two steps
     for key in w1:
         assert torch.allclose(w1[key], w2[key], atol=1e-7, rtol=0), key
     for a, b in zip(s1, s2):

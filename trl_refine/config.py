@@ -187,9 +187,10 @@ class RefineFields:
     nsp_engine: str = field(
         default="auto",
         metadata={
-            "help": "Rollout engine: auto (snapshot when the model supports it), generic, snapshot, onepass (the "
-            "snapshot engine with one document pass instead of n+1 segments: the reference DeltaNet, fla DeltaNet and "
-            "GatedDeltaNet)."
+            "help": "Rollout engine: auto (onepass where it applies, else snapshot when the model supports it, else "
+            "generic; logs which and why), generic, snapshot, onepass (the snapshot engine with one document pass "
+            "instead of n+1 segments: the reference DeltaNet, fla DeltaNet and GatedDeltaNet; not with "
+            "nsp_segment_checkpointing)."
         },
     )
     nsp_reuse_sampling_pass: bool = field(

@@ -380,11 +380,11 @@ def phase_fsdp(out: Path) -> None:
     without the Trainer (accelerate offers FSDP on GPUs only). Each engine trains 2 steps on rank-different documents
     (rank 0 short, rank 1 long). A rank making fewer model calls than the other waits in an all-gather until the
     process-group timeout fails the run. Every rank also trains an unsharded replica on both ranks' documents (the
-    mean of their losses), so the sharded run's losses and parameters can be checked against it. The snapshot engine
-    runs under accelerate's layout and under `head_group_fsdp2`; where the LM head is sharded at each point of the
+    mean of their losses), so the sharded run's losses and parameters can be checked against it. The snapshot and
+    one-pass engines run under accelerate's layout and under `head_group_fsdp2`; where the LM head is sharded at each point of the
     step is recorded (it must be gathered from sampling through the backward, and sharded again after it)."""
     from trl_refine.modeling_utils import ensure_fused_lm_head
-    from trl_refine.rollout import GenericEngine, SnapshotEngine
+    from trl_refine.rollout import GenericEngine, OnePassEngine, SnapshotEngine
 
     if DEVICE != "cpu":
         raise ValueError(
@@ -397,6 +397,8 @@ def phase_fsdp(out: Path) -> None:
         ("generic", tiny_llama, GenericEngine, accelerate_fsdp2),
         ("snapshot", tiny_delta_net, SnapshotEngine, accelerate_fsdp2),
         ("snapshot_head_group", tiny_delta_net, SnapshotEngine, head_group_fsdp2),
+        ("onepass", tiny_delta_net, OnePassEngine, accelerate_fsdp2),  # what `auto` picks for the reference DeltaNet
+        ("onepass_head_group", tiny_delta_net, OnePassEngine, head_group_fsdp2),
     ):
         model = build(seed=0, vocab=VOCAB)
         ensure_fused_lm_head(model)

@@ -13,8 +13,10 @@ from trl_refine.rollout.onepass import OnePassEngine
 from trl_refine.rollout.registry import build_engine, register_engine
 from trl_refine.rollout.snapshot import SnapshotEngine
 
+# `auto` tries them in this order: the one-pass engine where it applies (one document pass per step instead of n+1
+# segment calls; exact against the snapshot engine, tests/test_onepass_engine.py), else the snapshot engine
+register_engine("onepass", OnePassEngine)
 register_engine("snapshot", SnapshotEngine)
-register_engine("onepass", OnePassEngine)  # after snapshot: `auto` keeps choosing the snapshot engine
 
 __all__ = [
     "DocumentBatch",

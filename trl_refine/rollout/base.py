@@ -183,3 +183,14 @@ class RolloutEngine(ABC):
     def supports(cls, model: torch.nn.Module) -> tuple[bool, str]:
         """Whether this engine can run ``model``, and why not."""
         return True, ""
+
+    @classmethod
+    def options_problem(cls, *, checkpoint_segments: bool = False) -> str:
+        """Why this engine cannot run with these engine options ('' when it can): `auto` then skips it, forcing it
+        fails with this reason."""
+        return ""
+
+    @classmethod
+    def auto_reason(cls, model: torch.nn.Module) -> str:
+        """Why `auto` picks this engine for ``model`` (the log line), given that it supports it."""
+        return f"{type(model).__name__} supports it"
