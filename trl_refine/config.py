@@ -189,7 +189,7 @@ class RefineFields:
         metadata={
             "help": "Rollout engine: auto (onepass where it applies, else snapshot when the model supports it, else "
             "generic; logs which and why), generic, snapshot, onepass (the snapshot engine with one document pass "
-            "instead of n+1 segments: the reference DeltaNet, fla DeltaNet and GatedDeltaNet; not with "
+            "instead of n+1 segments: the reference DeltaNet, LaCT, fla DeltaNet and GatedDeltaNet; not with "
             "nsp_segment_checkpointing)."
         },
     )
