@@ -1,0 +1,1 @@
+"""Triton kernels of our own (imported by their modules, not here: they need triton and fla)."""
