@@ -83,6 +83,7 @@ def test_private_transformers_accelerate_torch_names_are_present():
         ("torch.distributed.fsdp.FSDPModule", "_get_fsdp_state"),
         ("transformers.PreTrainedConfig", "_attn_implementation"),
         ("torch.utils._pytree", "tree_flatten"),
+        ("transformers.models.kimi_linear.modeling_kimi_linear.KimiLinearAttention", "expand_kv"),
     ],
 )
 def test_private_name_drift_fails_loudly(monkeypatch, owner, name):
@@ -105,7 +106,7 @@ def test_no_private_framework_names_outside_compat():
     root = Path(_compat.__file__).parent
     pattern = re.compile(
         r"\.(_clip_grad_norm|_defer_fsdp_gradient_reduction|_set_sync_gradients|_get_fsdp_state|_fsdp_param_groups?|"
-        r"_auto_reshard_after_forward|_training_state|_attn_implementation)\b|_fully_shard|_pytree|"
+        r"_auto_reshard_after_forward|_training_state|_attn_implementation|expand_kv)\b|_fully_shard|_pytree|"
         r"from trl\.trainer\.grpo_trainer"
     )
     offenders = [
@@ -144,3 +145,43 @@ def test_attn_implementation_switch_reaches_the_attention_layers():
         out = model(input_ids=ids).logits
     _compat.set_attn_implementation(model, original)
     assert seen and torch.allclose(out, ref, atol=1e-6)
+
+
+def test_mla_expansion_drift_fails_loudly(monkeypatch):
+    """kimi_linear's MLA forward must still expand (expand_kv) the latents the cache update returns."""
+    import inspect
+
+    from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearAttention
+
+    source = inspect.getsource(KimiLinearAttention.forward)
+    monkeypatch.setattr(inspect, "getsource", lambda obj: source.replace("self.expand_kv(kv_nope, k_rot)", "..."))
+    with pytest.raises(_compat.PrivateAPIDrift, match="no longer expands"):
+        _compat.check_private_api()
+
+
+def test_mla_expand_kv_wrap_reaches_the_layer_and_is_undone():
+    """The wrapped expansion is what the MLA forward calls, and the layer's own method is back on exit."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trl_refine.models.tiny_configs import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("kimi_linear", vocab_size=32, hidden_size=32)).eval()
+    seen = []
+
+    def wrap(expand):
+        def run(a, b):
+            seen.append(a.shape)
+            return expand(a, b)
+
+        return run
+
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        with _compat.mla_expand_kv_wrapped(model, wrap) as layers:
+            wrapped = model(input_ids=ids).logits
+        assert len(layers) == len(seen) == 1 and seen[0][-2] == 3
+        model(input_ids=ids)
+    assert len(seen) == 1 and all("expand_kv" not in vars(m) for m in layers)
+    assert torch.equal(reference, wrapped)

@@ -73,7 +73,8 @@ def test_hybrid_shared_prefix_kv_equals_copied_and_generic(model_type, monkeypat
     inner = spa.shared_prefix_attention
 
     def counted(module, query, key, *args, **kwargs):
-        calls.append(key.shape[0])
+        prefix_keys, prefix_values = getattr(key, spa._PREFIX_ATTR)
+        calls.append((key.shape[0], prefix_keys.shape[0], prefix_values.shape[0]))
         return inner(module, query, key, *args, **kwargs)
 
     spa.register()
@@ -98,7 +99,8 @@ def test_hybrid_shared_prefix_kv_equals_copied_and_generic(model_type, monkeypat
         if name == "share":  # k decode calls (the last reads hidden states) + one branch call, every attention layer
             attention_layers = sum(1 for t in model.config.layer_types if t in ("full_attention", "attention"))
             attention_layers = attention_layers or model.config.num_hidden_layers  # falcon_h1: every layer
-            expected = [plan.num_rows] * (plan.rollout_length + 1) * attention_layers
+            prefixes = plan.num_rows // plan.num_rollouts  # the prefix K/V reach the attention once per prefix
+            expected = [(plan.num_rows, prefixes, prefixes)] * (plan.rollout_length + 1) * attention_layers
             assert calls == expected
     assert calls == expected  # the copied path and the generic engine do not use it
     assert engines["share"]._adapter(model).share_prefix_kv
@@ -149,11 +151,74 @@ def test_hybrid_shared_prefix_state_and_attention_switch():
     assert torch.isfinite(out.logits).all()
 
 
-def test_kimi_linear_copies_the_prefix_kv():
-    config = tiny_config("kimi_linear", vocab_size=VOCAB, hidden_size=32, layers=2, heads=2)
-    assert not TransformersHybridStateAdapter(config).share_prefix_kv
-    with pytest.raises(ValueError, match="MLA"):
-        TransformersHybridStateAdapter(config, share_prefix_kv=True)
+def _attention_cache_bytes(state) -> int:
+    """Bytes of the distinct storages behind a state's attention cache (keys / values / valid, prefix and own)."""
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for entry in state
+        for k in ("keys", "values", "valid", "keys_branch", "values_branch")
+        if k in entry and (t := entry[k]).numel()
+    }
+    return sum(storages.values())
+
+
+def test_kimi_linear_mla_latents_are_kept_once_per_prefix():
+    """kimi_linear's branch state keeps the MLA latents (kv_nope, k_rot) of a prefix once: the attention cache's
+    memory does not grow with G (the copying path's does, G-fold); decode and the loss's branch call expand the
+    prefix latents for one row per prefix, and the layers' own expansion is back after the branch calls."""
+    from trl_refine._compat import mla_expand_kv_wrapped
+    from trl_refine.rollout.adapters import shared_prefix_attention as spa
+
+    model = tiny_hybrid("kimi_linear", seed=1)
+    mla = [m for m in model.modules() if type(m).__name__ == "KimiLinearAttention"]
+    assert mla and all("expand_kv" not in vars(m) for m in mla)
+    docs = batch((40, 27), vocab=VOCAB, seed=3)
+    positions = torch.tensor([[9, 21, 30], [16, 20, 24]])
+    cfg = model.config
+    memory = {}
+    for share in (True, False):
+        engine = SnapshotEngine(adapter=TransformersHybridStateAdapter(cfg, share_prefix_kv=share))
+        for group in (1, 8):
+            plan = RolloutPlan(positions, group, 3)
+            with torch.no_grad():
+                snapshots, _ = engine.document_pass(model, docs, plan)
+                rows = engine._branch_rows(snapshots, plan)
+            memory[share, group] = _attention_cache_bytes(rows)
+            attn = next(e for e in rows if "keys" in e)
+            assert attn["keys"].shape[-1] == cfg.kv_lora_rank and attn["values"].shape[-1] == cfg.qk_rope_head_dim
+            assert attn["keys"].shape[0] == (6 if share or group == 1 else 6 * group)
+    assert memory[True, 8] == memory[True, 1] == memory[False, 1] > 0
+    assert memory[False, 8] == 8 * memory[False, 1]
+
+    expanded = []
+    expand = spa.expanding_prefix
+
+    def recording(inner):
+        def run(a, b):
+            keys, values = expand(inner)(a, b)
+            expanded.append((keys.shape[0], getattr(keys, spa._PREFIX_ATTR)[0].shape[0]))
+            return keys, values
+
+        return run
+
+    plan = RolloutPlan(positions, 4, 3)
+    engine = SnapshotEngine()
+    adapter = engine._adapter(model)
+    with torch.no_grad():
+        rows = engine._branch_rows(engine.document_pass(model, docs, plan)[0], plan)
+        ids = torch.zeros(plan.num_rows, 2, dtype=torch.long)
+        extra = adapter.continuation_kwargs(rows, 0, 2, ids.device)
+        with spa.shared_prefix_attention_for(model), mla_expand_kv_wrapped(model, recording):
+            model(input_ids=ids, past_key_values=adapter.build_cache(rows), use_cache=True, **extra)
+    assert expanded == [(plan.num_rows, 6)] * len(mla)
+    assert all("expand_kv" not in vars(m) for m in mla)
+    # the layers' own expansion again: the attention gets untagged keys
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match="shared-prefix cache"),
+        spa.shared_prefix_attention_for(model),
+    ):
+        model(input_ids=ids, past_key_values=adapter.build_cache(rows), use_cache=True, **extra)
 
 
 @pytest.mark.parametrize("model_type", TRANSFORMERS_HYBRIDS)

@@ -9,13 +9,16 @@ Post-training's nested step makes the calls the HF ``Trainer`` makes at a sync s
 engine's FSDP2 LM-head hold reads FSDP2's parameter groups (``FSDPModule._get_fsdp_state`` and the state's
 ``_fsdp_param_groups``, ``_auto_reshard_after_forward``, a group's ``_training_state`` and
 ``torch.distributed.fsdp._fully_shard._fsdp_common.TrainingState``); the shared-prefix attention of the transformers
-hybrids switches a model's ``config._attn_implementation``; the snapshot engine's checkpointed segments flatten
+hybrids switches a model's ``config._attn_implementation`` and, for kimi_linear, wraps its MLA layers' latent
+expansion (``KimiLinearAttention.expand_kv``, which the layer's forward calls on what the cache returned); the
+snapshot engine's checkpointed segments flatten
 recurrent states with ``torch.utils._pytree``. The wrappers below are the only users;
 `check_private_api` (run by the drift test) says which one moved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import trl
@@ -214,6 +217,36 @@ def set_attn_implementation(model, name: str | None) -> None:
     model.config._attn_implementation = name
 
 
+#: the latent-attention (MLA) classes whose forward calls ``self.expand_kv(kv_nope, k_rot)`` on what
+#: ``past_key_values.update`` returned, before the attention interface: ``(module, class name)``
+MLA_EXPANDING_CLASSES = (("transformers.models.kimi_linear.modeling_kimi_linear", "KimiLinearAttention"),)
+
+
+def _mla_classes() -> tuple[type, ...]:
+    import importlib
+
+    return tuple(getattr(importlib.import_module(module), name) for module, name in MLA_EXPANDING_CLASSES)
+
+
+@contextlib.contextmanager
+def mla_expand_kv_wrapped(model, wrap):
+    """Inside the context, every MLA layer of ``model`` (`MLA_EXPANDING_CLASSES`) expands its cached latents with
+    ``wrap(its expand_kv)``; its own method again on exit (an instance attribute shadowing the class's, removed)."""
+    layers = [m for m in model.modules() if isinstance(m, _mla_classes())]
+    missing = object()
+    saved = [m.__dict__.get("expand_kv", missing) for m in layers]
+    for layer in layers:
+        layer.expand_kv = wrap(layer.expand_kv)
+    try:
+        yield layers
+    finally:
+        for layer, before in zip(layers, saved):
+            if before is missing:
+                del layer.expand_kv
+            else:
+                layer.expand_kv = before
+
+
 def tree_flatten(tree):
     """``torch.utils._pytree.tree_flatten``: the leaves of nested tuples / lists / dicts and how to rebuild them."""
     from torch.utils import _pytree
@@ -260,6 +293,17 @@ def check_private_api() -> None:
     prop = getattr(PreTrainedConfig, "_attn_implementation", None)
     if not isinstance(prop, property) or prop.fset is None:
         raise _drift("transformers PreTrainedConfig._attn_implementation is no longer a settable property")
+    for cls in _mla_classes():
+        expand = getattr(cls, "expand_kv", None)
+        if not callable(expand) or tuple(inspect.signature(expand).parameters) != ("self", "kv_nope", "k_rot"):
+            raise _drift(f"{cls.__module__}.{cls.__qualname__}.expand_kv(self, kv_nope, k_rot) is missing or changed")
+        source = inspect.getsource(cls.forward)
+        update = source.find("past_key_values.update(kv_nope, k_rot")
+        if update < 0 or source.find("self.expand_kv(kv_nope, k_rot)", update) < 0:
+            raise _drift(
+                f"{cls.__qualname__}.forward no longer expands (expand_kv) the latents that past_key_values.update "
+                "returns"
+            )
     from torch.utils import _pytree
 
     for name in ("tree_flatten", "tree_unflatten"):
@@ -277,6 +321,7 @@ __all__ = [
     "fsdp2_state",
     "fsdp2_training_states",
     "is_fsdp_managed_module",
+    "mla_expand_kv_wrapped",
     "set_attn_implementation",
     "set_fsdp2_auto_reshard_after_forward",
     "set_sync_gradients",

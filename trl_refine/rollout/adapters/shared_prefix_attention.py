@@ -17,7 +17,12 @@ the layout of LaCT's shared window (`trl_refine.models.lact.share_window`). Two 
 The model switches to that implementation only inside `shared_prefix_attention_for` (the engine's branch calls,
 `TransformersHybridStateAdapter.branch_calls`), which restores the model's own implementation on exit. Valid for
 models whose attention layer calls ``past_key_values.update`` and passes what it returns straight to the attention
-interface (qwen3_next, falcon_h1, bamba, granitemoehybrid, lfm2 in transformers 5.23).
+interface (qwen3_next, falcon_h1, bamba, granitemoehybrid, lfm2 in transformers 5.23), and for models that cache
+latents and expand what ``update`` returned into K/V before the attention interface (kimi_linear's MLA: the cache
+holds ``kv_nope`` / ``k_rot`` as its keys / values, ``kv_b_proj`` expands them): there the expansion is wrapped
+(`expanding_prefix`) so that the own latents expand as before and the tagged prefix latents are expanded once per
+prefix, tagging the expanded own keys with the expanded prefix K/V. The cache then keeps the prefix's latents once
+per prefix, and each call expands them for P prefix rows instead of B = P·G branch rows.
 """
 
 from __future__ import annotations
@@ -74,6 +79,23 @@ class SharedPrefixKV:
 def shared_prefix_layer_class(cls: type) -> type:
     """``cls`` (a transformers attention cache layer class, possibly already rebinding) with `SharedPrefixKV`."""
     return type(f"SharedPrefix{cls.__name__}", (SharedPrefixKV, cls), {"__slots__": ()})
+
+
+def expanding_prefix(expand):
+    """Wrap a layer's expansion of the latents its cache returned into K/V (``expand(a, b) -> (keys, values)``,
+    kimi_linear's MLA ``expand_kv(kv_nope, k_rot)``): latents tagged by a shared-prefix layer (the row's own, with the
+    prefix's latents ``[P, ...]`` attached) also get the prefix expanded, once per prefix, and the expanded own keys
+    carry the expanded prefix K/V for `shared_prefix_attention`. Untagged latents expand as before."""
+
+    @functools.wraps(expand)
+    def wrapped(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = expand(a, b)
+        prefix = getattr(a, _PREFIX_ATTR, None)
+        if prefix is not None:
+            setattr(keys, _PREFIX_ATTR, tuple(expand(*prefix)))
+        return keys, values
+
+    return wrapped
 
 
 def _grouped(x: torch.Tensor, prefixes: int, kv_heads: int) -> torch.Tensor:

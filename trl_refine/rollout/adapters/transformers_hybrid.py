@@ -17,10 +17,12 @@ transformers' cache layers write states in place (``copy_`` into preallocated bu
 would overwrite snapshots and break autograd. The caches built here use layer classes that **rebind** new tensors
 instead (`rebinding_layer_class`), and route single-token conv updates through the same rebinding path.
 
-**Shared prefix K/V** (``share_prefix_kv``, on by default where the model allows it): the G rollout branches of a
-prefix read one copy of its attention K/V (`branch_rows`; layout and attention in
-`trl_refine.rollout.adapters.shared_prefix_attention`) instead of G copies. ``kimi_linear`` always copies: its MLA
-layer caches latents and expands them (``kv_b_proj``) over the whole length inside the layer, before attention.
+**Shared prefix K/V** (``share_prefix_kv``, on by default): the G rollout branches of a prefix read one copy of
+its attention cache (`branch_rows`; layout and attention in `trl_refine.rollout.adapters.shared_prefix_attention`)
+instead of G copies. For ``kimi_linear`` that copy is the MLA layer's cached latents (``kv_nope``, ``k_rot``): its
+layer expands what the cache returns (``kv_b_proj``) before attention, so the branch calls also wrap that expansion
+(`expanding_prefix`, through `trl_refine._compat.mla_expand_kv_wrapped`) to expand the prefix latents once per
+prefix per call.
 
 Documents are run one per call (``packing = "serial"``): transformers' recurrent layers zero padded inputs but do not
 keep the state still across them (a Mamba-2 or Gated DeltaNet state still decays on a padded token), so a padded row
@@ -34,8 +36,10 @@ import functools
 
 import torch
 
+from trl_refine import _compat
 from trl_refine.rollout.adapters.shared_prefix_attention import (
     SharedPrefixKV,
+    expanding_prefix,
     shared_prefix_attention_for,
     shared_prefix_layer_class,
 )
@@ -48,14 +52,12 @@ HYBRID_MODEL_TYPES = ("qwen3_next", "kimi_linear", "falcon_h1", "bamba", "granit
 #: place: a call of one token with gradients cannot be differentiated
 _IN_PLACE_SINGLE_STEP = ("falcon_h1", "bamba", "granitemoehybrid")
 
-#: families whose attention layer calls ``past_key_values.update`` and hands the result straight to the attention
-#: interface, so their branches can share the prefix K/V (`trl_refine.rollout.adapters.shared_prefix_attention`)
-SHARED_PREFIX_MODEL_TYPES = ("qwen3_next", "falcon_h1", "bamba", "granitemoehybrid", "lfm2")
-#: why the others copy the prefix K/V per branch
-COPIED_PREFIX_REASONS = {
-    "kimi_linear": "its MLA layer caches latents and expands them (kv_b_proj) over the whole length inside the "
-    "layer, before attention: one copy per prefix would be expanded per row at every call",
-}
+#: families whose branches can share the prefix's attention cache (`trl_refine.rollout.adapters.shared_prefix_attention`):
+#: their attention layer calls ``past_key_values.update`` and hands the result straight to the attention interface,
+#: or, for `LATENT_KV_MODEL_TYPES`, through a latent expansion that the branch calls wrap
+SHARED_PREFIX_MODEL_TYPES = ("qwen3_next", "kimi_linear", "falcon_h1", "bamba", "granitemoehybrid", "lfm2")
+#: families whose attention layer (MLA) caches latents and expands them into K/V after the cache update
+LATENT_KV_MODEL_TYPES = ("kimi_linear",)
 
 
 class _RebindingStates:
@@ -128,8 +130,10 @@ class TransformersHybridStateAdapter(FlaStateAdapter):
         self.config = config
         self.model_type = config.model_type
         if share_prefix_kv and self.model_type not in SHARED_PREFIX_MODEL_TYPES:
-            why = COPIED_PREFIX_REASONS.get(self.model_type, "not supported for this model")
-            raise ValueError(f"share_prefix_kv=True: {self.model_type} cannot share the prefix K/V ({why}); pass None")
+            raise ValueError(
+                f"share_prefix_kv=True: {self.model_type} cannot share the prefix K/V (only "
+                f"{', '.join(SHARED_PREFIX_MODEL_TYPES)}); pass None"
+            )
         #: the G branches of one prefix read one copy of its attention K/V (None: where the model allows it, see
         #: `SHARED_PREFIX_MODEL_TYPES`); equal to copying up to float summation order (docs/engines.md)
         self.share_prefix_kv = (
@@ -283,12 +287,27 @@ class TransformersHybridStateAdapter(FlaStateAdapter):
 
     def branch_calls(self, model, state: State):
         """Model calls from a state whose prefix K/V are shared (`branch_rows`) run with the shared-prefix attention
-        (the model's own attention implementation is restored on exit)."""
+        and, for MLA, the wrapped latent expansion (the model's own attention implementation and expansion are
+        restored on exit)."""
         if shared_prefix_layout(state) == (1, 0):
             return contextlib.nullcontext()
         from trl_refine.modeling_utils import unwrap
 
-        return shared_prefix_attention_for(unwrap(model))
+        return _shared_prefix_calls(unwrap(model), self.model_type in LATENT_KV_MODEL_TYPES)
+
+
+@contextlib.contextmanager
+def _shared_prefix_calls(model, latent: bool):
+    with shared_prefix_attention_for(model):
+        if not latent:
+            yield
+            return
+        with _compat.mla_expand_kv_wrapped(model, expanding_prefix) as layers:
+            if not layers:
+                raise ValueError(
+                    f"{type(model).__name__}: no MLA layer found to wrap ({_compat.MLA_EXPANDING_CLASSES})"
+                )
+            yield
 
 
 def shared_prefix_layout(state: State) -> tuple[int, int]:
