@@ -57,3 +57,17 @@ def test_smoke_pipeline_writes_its_tables(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["phases"]) == {"midtrain", "posttrain", "testtime"}
     assert (out / "report.md").exists()
+
+
+def test_paired_difference_interval_and_direction():
+    arm = {0: 12.0, 1: 11.0, 2: 13.0, 3: 12.0}
+    base = {0: 10.0, 1: 10.0, 2: 10.0, 3: 10.0, 9: 99.0}  # seed 9 has no pair: ignored
+    p = replicate.paired_difference(arm, base)
+    assert p["seeds"] == [0, 1, 2, 3] and p["mean"] == pytest.approx(2.0) and p["ahead"] == 4
+    half = 3.182 * p["std"] / 2  # t(0.975, df 3) * s / sqrt(4)
+    assert p["ci95"] == pytest.approx([2.0 - half, 2.0 + half]) and p["excludes_zero"]
+    noisy = replicate.paired_difference({0: 12.0, 1: 8.0, 2: 11.0}, {0: 10.0, 1: 10.0, 2: 10.0})
+    assert not noisy["excludes_zero"] and noisy["ahead"] == 2
+    loss = replicate.paired_difference({0: 1.0, 1: 1.1}, {0: 1.2, 1: 1.2}, lower_is_better=True)
+    assert loss["ahead"] == 2 and loss["mean"] < 0
+    assert replicate.paired_difference({0: 1.0}, {0: 2.0}) is None

@@ -640,9 +640,10 @@ def phase_report(cfg: dict, out: str) -> str:
                 continue
             cells, arm_sum = [], {"seeds": [r["seed"] for r in runs]}
             for metric in metrics:
-                vals = [r["eval"][metric] for r in runs if r["eval"].get(metric) is not None]
+                by_seed = {r["seed"]: r["eval"][metric] for r in runs if r["eval"].get(metric) is not None}
+                vals = list(by_seed.values())
                 mu, sd = mean_std(vals)
-                arm_sum[metric] = {"mean": mu, "std": sd, "values": vals}
+                arm_sum[metric] = {"mean": mu, "std": sd, "values": vals, "by_seed": by_seed}
                 cells.append(f"{mu:.4f} ± {sd:.4f}" if "loss" in metric else f"{mu:.1f} ± {sd:.1f}")
             steps = [r["train"].get("steps", r["train"].get("steps_per_prompt")) for r in runs]
             wall = [r["train"]["wall_s"] for r in runs]
@@ -674,6 +675,31 @@ def phase_report(cfg: dict, out: str) -> str:
     return text
 
 
+#: two-sided 95% quantiles of Student's t, by degrees of freedom (1-30); larger df use the normal 1.96
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def paired_difference(arm: dict, base: dict, lower_is_better: bool = False) -> dict | None:
+    """Per-seed differences ``arm - base`` over the seeds both ran (same trainer seed: same data order and
+    rollout seed): mean, sample std, the 95% t-interval of the mean, and on how many seeds the arm is better.
+    ``None`` with fewer than 2 shared seeds."""
+    seeds = sorted(set(arm) & set(base))
+    if len(seeds) < 2:
+        return None
+    diffs = [arm[s] - base[s] for s in seeds]
+    mu, sd = mean_std(diffs)
+    half = (T_975[len(diffs) - 2] if len(diffs) - 1 <= len(T_975) else 1.96) * sd / math.sqrt(len(diffs))
+    return {
+        "seeds": seeds,
+        "mean": mu,
+        "std": sd,
+        "ci95": [mu - half, mu + half],
+        "ahead": sum((d < 0) if lower_is_better else (d > 0) for d in diffs),
+        "excludes_zero": mu - half > 0 or mu + half < 0,
+    }
+
+
 def comparisons(phase: str, phase_sum: dict, metrics: tuple[str, ...]) -> list[str]:
     """Each arm against the phase's baseline arm: difference of means, and whether it exceeds the seed spread
     (|difference| > std_arm + std_baseline; the protocol's rule, fixed in advance)."""
@@ -691,11 +717,19 @@ def comparisons(phase: str, phase_sum: dict, metrics: tuple[str, ...]) -> list[s
             d = s[metric]["mean"] - phase_sum[base][metric]["mean"]
             spread = s[metric]["std"] + phase_sum[base][metric]["std"]
             beyond = abs(d) > spread if len(s[metric]["values"]) > 1 else None
-            s.setdefault("vs_baseline", {})[metric] = {"difference": d, "beyond_spread": beyond}
-            fmt = f"{d:+.4f}" if "loss" in metric else f"{d:+.1f}"
-            parts.append(
-                f"{metric} {fmt} ({'beyond spread' if beyond else 'within spread' if beyond is not None else 'one seed'})"
+            paired = paired_difference(
+                s[metric].get("by_seed", {}), phase_sum[base][metric].get("by_seed", {}), lower_is_better="loss" in metric
             )
+            s.setdefault("vs_baseline", {})[metric] = {"difference": d, "beyond_spread": beyond, "paired": paired}
+            fmt = (lambda x: f"{x:+.4f}") if "loss" in metric else (lambda x: f"{x:+.1f}")
+            text = f"{metric} {fmt(d)} ({'beyond spread' if beyond else 'within spread' if beyond is not None else 'one seed'}"
+            if paired:
+                lo, hi = paired["ci95"]
+                text += (
+                    f"; paired over {len(paired['seeds'])} seeds {fmt(paired['mean'])}, 95% CI [{fmt(lo)}, {fmt(hi)}]"
+                    f"{' excludes 0' if paired['excludes_zero'] else ''}, better on {paired['ahead']}"
+                )
+            parts.append(text + ")")
         out.append(f"* `{arm}`: " + "; ".join(parts))
     return out
 
