@@ -718,7 +718,9 @@ def comparisons(phase: str, phase_sum: dict, metrics: tuple[str, ...]) -> list[s
             spread = s[metric]["std"] + phase_sum[base][metric]["std"]
             beyond = abs(d) > spread if len(s[metric]["values"]) > 1 else None
             paired = paired_difference(
-                s[metric].get("by_seed", {}), phase_sum[base][metric].get("by_seed", {}), lower_is_better="loss" in metric
+                s[metric].get("by_seed", {}),
+                phase_sum[base][metric].get("by_seed", {}),
+                lower_is_better="loss" in metric,
             )
             s.setdefault("vs_baseline", {})[metric] = {"difference": d, "beyond_spread": beyond, "paired": paired}
             fmt = (lambda x: f"{x:+.4f}") if "loss" in metric else (lambda x: f"{x:+.1f}")
