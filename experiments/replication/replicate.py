@@ -321,6 +321,8 @@ def phase_pretrain(cfg: dict, out: str, device: str, held: HeldOut, tok) -> None
     p = cfg["pretrain"]
     if p.get("checkpoint"):
         return import_base(cfg, out, device, held, tok, p["checkpoint"])
+    if "checkpoint" in p:  # `checkpoint: null`: the YAML starts from a base made elsewhere
+        raise SystemExit(f"{cfg['name']}: pretrain.checkpoint is null: pass the base with --base <folder>")
     seed_everything(p["seed"])
     model = new_model(cfg, tok, device)
     lengths = p.get("lengths", cfg["data"]["train_lengths"])

@@ -72,6 +72,12 @@ SWEEPS = {
         "h128l2": (128, 2, 2, 256, 2e-3, 4.0),
         "h128l4": (128, 4, 2, 256, 2e-3, 4.0),
     },
+    # the GPU size (issue 13 item 2): ~100M-parameter DeltaNets (fla's architecture, head dim 128 as the 1.3B), the
+    # run-3 recipe otherwise; two peak rates side by side, the rule picks (docs/replication.md "GPU size, run 2")
+    "gpu100m": {
+        "h1024l8": (1024, 8, 8, None, 1e-3, 4.0),
+        "h1024l8_lr5e-4": (1024, 8, 8, None, 5e-4, 4.0),
+    },
     "cpu": {"h64l2_cpu": (64, 2, 1, 128, 3e-3, 5.0)},
     "smoke": {"h32l1": (32, 1, 1, 64, 3e-3, 4.0)},
 }
@@ -247,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs fp32 without Triton (no compile or autotune)",
     )
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--tf32", action="store_true", help="CUDA: TF32 matmuls for the fp32 reference model (speed)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_choose", action="store_true", help="train only (parallel processes of one sweep)")
@@ -257,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.set_num_threads(a.threads)
+    if a.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     os.makedirs(a.out, exist_ok=True)
     sweep = SWEEPS[a.sweep]
     if a.only:
