@@ -9,7 +9,14 @@
 # Start it detached (the device ends a call's process group when the call returns) and poll:
 #   setsid bash experiments/replication/gpu_size_session.sh /tmp/gs > /dev/null 2>&1 < /dev/null &
 #   BASE=0 bash experiments/replication/run2_poll.sh /tmp/gs "all done" 540
+# A later device call replaces the staged folder (carry), which breaks a job running from it: the job first copies
+# the stage to /tmp and runs from there. PRETRAIN=0 resumes a job whose pretraining processes are still running
+# (waits for them, then chooses the base and runs the arms); SEEDS and POST_ARMS narrow the arms.
 set -u
+if [ -z "${RELOCATED:-}" ]; then
+  rm -rf /tmp/stage_gs && cp -r "$PWD" /tmp/stage_gs && cd /tmp/stage_gs || exit 1
+  RELOCATED=1 exec bash experiments/replication/gpu_size_session.sh "$@"
+fi
 W=${1:-/tmp/gs}; PRETRAIN_MIN=${PRETRAIN_MIN:-6}; ARMS_S=${ARMS_S:-480}
 CFG=experiments/replication/configs/gpu_size_delta_net.yaml
 mkdir -p "$W"; P=$W/progress.log; T0=$(date +%s)
@@ -38,6 +45,7 @@ if [ "${FAMILIES:-1}" = 1 ]; then
 fi
 
 PIDS=""
+[ "${PRETRAIN:-1}" = 1 ] || CONFIGS=" "
 for c in ${CONFIGS:-h1024l8 h1024l8_lr5e-4}; do
   python3 experiments/tiny_base/pretrain.py --device cuda --impl reference --tf32 --sweep gpu100m --only "$c" \
     --no_choose --workers 3 --mix staged --stage_a 0.25 --steps 0 --ramp 0.4 --max_minutes "$PRETRAIN_MIN" \
@@ -45,6 +53,7 @@ for c in ${CONFIGS:-h1024l8 h1024l8_lr5e-4}; do
   PIDS="$PIDS $!"
 done
 wait $PIDS
+while pgrep -f "tiny_base/pretrain.py" > /dev/null; do sleep 5; done  # PRETRAIN=0: an earlier job's
 python3 experiments/tiny_base/pretrain.py --choose_only --out "$W/tb" > "$W/tb_choose.log" 2>&1
 note "sweep done"
 [ -f "$W/tb/base/config.json" ] || { note "no base; all done"; exit 1; }
@@ -57,7 +66,7 @@ for s in ${SEEDS:-0 1 2 3 4}; do
   for arm in ntp refine_cosine; do
     $R --phases midtrain --arms $arm --seeds $s > "$W/gs_mid_${arm}_$s.log" 2>&1 & ARM_PIDS="$ARM_PIDS $!"
   done
-  for arm in sft nested; do
+  for arm in ${POST_ARMS-sft nested}; do
     $R --phases posttrain --arms $arm --seeds $s > "$W/gs_post_${arm}_$s.log" 2>&1 & ARM_PIDS="$ARM_PIDS $!"
   done
 done
