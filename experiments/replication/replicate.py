@@ -697,7 +697,7 @@ def paired_difference(arm: dict, base: dict, lower_is_better: bool = False) -> d
         "mean": mu,
         "std": sd,
         "ci95": [mu - half, mu + half],
-        "ahead": sum((d < 0) if lower_is_better else (d > 0) for d in diffs),
+        "ahead": sum((d < -1e-9) if lower_is_better else (d > 1e-9) for d in diffs),  # ties (float noise) are not
         "excludes_zero": mu - half > 0 or mu + half < 0,
     }
 
