@@ -14,10 +14,11 @@ Parts: fla's chunk-local kernels for the forward (``chunk_local_cumsum``, ``chun
 ``chunk_fwd_o``) and for ``chunk_bwd_dv_local``, ``recompute_w_u_fwd`` and ``prepare_wy_repr_bwd``; the two
 recurrences over the chunks are ours (``_chunk_recurrence``, shared with the plain delta rule); and the chunk-local
 gradients of q, k, w and g (fla's ``chunk_bwd_dqkwg``) are computed here in PyTorch (``_chunk_grads``), batched over
-the chunks. That last part is why this op trains on Hopper with triton 3.6: fla 0.6.0 refuses its gated
-``chunk_bwd_dqkwg`` there (``fla/ops/common/chunk_o.py:727-732``, Hopper with 3.4.0 <= triton < 3.7.1, fla #640:
-Triton miscompiles its ``tl.trans`` of an accumulated dot result), and that is the only refusal on the path of
-fla's gated chunk backward; our recurrence kernels transpose loaded tiles only.
+the chunks. That last part keeps this op's backward clear of fla's Hopper refusal: fla 0.6.0 refuses its gated
+``chunk_bwd_dqkwg`` on Hopper with 3.4.0 <= triton < 3.7.1 (``fla/ops/common/chunk_o.py:727-732``, fla #640: Triton
+mis-lowers its ``tl.trans`` of an accumulated dot result), the only refusal on fla's gated chunk path, so fla's
+GatedDeltaNet cannot train on our H200 image (triton 3.6.0); this op never calls that function (its GPU check:
+tests/gpu/test_gpu_gated_boundary_kernel.py). Our recurrence kernels transpose loaded tiles only.
 
 q and k go in as the layer uses them (GatedDeltaNet l2-normalises them: do that outside, with autograd), g as the
 raw per-token log-decay (natural log, the layer's ``-A.exp() * softplus(a + dt_bias)``), beta after its sigmoid.
