@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU size, run 2 (issue 13 item 2) plus two other issues' GPU rows, as ONE background job on one H200 + 16 CPU
 # cores, from a staged copy of the repository root (.whl, shared_data, autotune caches; docs/benchmarks.md):
+#   0. the boundary-state kernel's GPU test (issue 18; KERNEL=0 skips it);
 #   1. alone (host-bound timings): LaCT-760M, NTP vs snapshot vs one-pass at 8K (issue 18);
 #   2. side by side: the fla families' GPU test for rwkv7, hgrn2, kda and gated_deltaproduct with gradients
 #      (issue 17), and the pretraining of two ~104M DeltaNets (experiments/tiny_base/pretrain.py --sweep gpu100m,
@@ -29,6 +30,13 @@ mkdir -p $TRITON_CACHE_DIR; for t in benchmarks/triton_autotune*.tgz triton_auto
   [ -f "$t" ] && tar xzf "$t" -C $TRITON_CACHE_DIR 2>/dev/null; done
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader >> "$W/env.log"; echo "cores $(nproc)" >> "$W/env.log"
 note env
+
+if [ "${KERNEL:-1}" = 1 ]; then  # issue 18: the boundary-state kernel's GPU parity and timing
+  timeout -k 10 -s INT "${KERNEL_LIMIT:-240}" env TRL_REFINE_GPU_RESULTS="$W/gpu_boundary_kernel.json" \
+    python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_boundary_kernel.py -m gpu -rA --durations=0 \
+    > "$W/boundary_kernel.log" 2>&1
+  note "boundary kernel rc=$?"
+fi
 
 if [ "${LACT:-1}" = 1 ]; then
   timeout -k 10 -s INT "${LACT_LIMIT:-200}" python3 benchmarks/bench_engines.py --model lact --lengths 8192 \
