@@ -3,7 +3,8 @@ Triton interpreter (fp32). The other families' runs are recorded in benchmarks/r
 (`python tests/interpret_scripts/fla_families.py FAMILY [conv] [forward] [naive]`); CI runs gla, and kda with its
 chunk op (which the interpreter cannot run) replaced by fla's pure-PyTorch reference (gated_deltaproduct and rwkv7
 the same way with TRL_REFINE_INTERPRET_ALL=1), after checking each reference against fla's Triton fused_recurrent
-op (all three, in CI)."""
+op (all three, in CI). fla hybrids (an fla family with fla Attention layers, ``config.attn``): fla_hybrid.py.
+"""
 
 import json
 import os
@@ -45,7 +46,7 @@ def test_gla_snapshot_equals_generic_under_the_triton_interpreter():
     _assert_engines_agree(_run("fla_families.py", "gla"))
 
 
-@pytest.mark.parametrize("family", NAIVE_FAMILIES)
+@pytest.mark.parametrize("family", (*NAIVE_FAMILIES, "gla"))
 def test_naive_substitute_matches_fla_triton_op(family):
     res = _run("naive_ops_check.py", family)
     assert len(res) >= 2
@@ -66,3 +67,22 @@ def test_snapshot_gradients_equal_generic_with_the_naive_chunk_op(family):
     res = _run("fla_families.py", family, "naive")
     assert res["substituted"].startswith(f"fla.layers.{family}.")
     _assert_engines_agree(res)
+
+
+@pytest.mark.slow
+def test_fla_hybrid_snapshot_equals_generic_with_shared_prefix_kv():
+    """GLA with an fla Attention layer (GQA): the snapshot engine with the prefix K/V shared between the G branches
+    and with it copied per branch, both against the generic engine (fla's Attention with flash_attn's functions in
+    PyTorch, _flash_attn_torch.py); GLA's recurrence by fla's PyTorch reference (the interpreter is slow on it; the
+    run with fla's GLA kernels is recorded in benchmarks/results/fla_families_interpret.json)."""
+    res = _run("fla_hybrid.py", "gla_hybrid", "naive")
+    assert res["substituted"].startswith("fla.layers.gla.")
+    # every branch call of the shared engine went through the shared-prefix attention, G rows per prefix copy
+    assert res["shared_calls"] == 4 and res["other_shared_calls"] == 0 and res["shared_rows_per_prefix"] == [2]
+    assert res["hidden_states_norm"] > 0 and res["grad_norm"] > 0
+    for name in ("copied", "shared"):
+        engine = res[name]
+        assert engine.pop("rollout_ids_equal") is True, name
+        for key, value in engine.items():
+            assert value < 1e-5, (name, key, value)
+    assert res["shared_vs_copied_grad_rel"] < 1e-5

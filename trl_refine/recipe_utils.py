@@ -17,9 +17,9 @@ import torch
 from trl import ModelConfig
 
 from trl_refine.model_loading import load_causal_lm, resolve_model_path
-from trl_refine.models.tiny_configs import FLA_FAMILIES, TRANSFORMERS_HYBRIDS
+from trl_refine.models.tiny_configs import FLA_FAMILIES, FLA_HYBRIDS, TRANSFORMERS_HYBRIDS
 
-TINY_MODEL_TYPES = ("refine_delta_net", "lact_swiglu", *FLA_FAMILIES, *TRANSFORMERS_HYBRIDS)
+TINY_MODEL_TYPES = ("refine_delta_net", "lact_swiglu", *FLA_FAMILIES, *FLA_HYBRIDS, *TRANSFORMERS_HYBRIDS)
 
 
 @dataclass
@@ -45,6 +45,8 @@ class ModelArguments(ModelConfig):
             "help": "Random model when model_name_or_path is None: refine_delta_net (ours, pure PyTorch, runs on "
             "CPU), lact_swiglu (ours), a flash-linear-attention family (needs a GPU: "
             + ", ".join(FLA_FAMILIES)
+            + "), an fla hybrid with fla attention layers (needs a GPU and flash_attn: "
+            + ", ".join(FLA_HYBRIDS)
             + ") or a transformers hybrid (runs on CPU too: "
             + ", ".join(TRANSFORMERS_HYBRIDS)
             + "); docs/models.md tables which engine each gets."

@@ -1,5 +1,6 @@
 """fla's own pure-PyTorch references in place of the chunk ops whose Triton kernels the interpreter cannot run in fp32
-(``chunk_kda``, ``chunk_gated_delta_product``, ``chunk_rwkv7``), with the op's signature and return ``(o,
+(``chunk_kda``, ``chunk_gated_delta_product``, ``chunk_rwkv7``; and GLA's ``fused_recurrent_gla``, whose kernels the
+interpreter runs but slowly, for the fla hybrid test fla_hybrid.py), with the op's signature and return ``(o,
 final_state)``: the in-kernel preprocessing (q/k L2 norm, beta sigmoid, KDA gate) in torch, varlen ``cu_seqlens``
 as one recurrence per sequence, ``initial_state`` / ``output_final_state`` and fla's state layouts. Autograd
 differentiates them, so the gradients are those of fla's reference recurrences. `patch` installs one where the fla
@@ -9,6 +10,7 @@ each with fla's Triton fused_recurrent op under the interpreter (the substitutio
 import torch
 from fla.ops.gated_delta_product.naive import naive_recurrent_gated_delta_product
 from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence
+from fla.ops.gla.naive import naive_recurrent_gla
 from fla.ops.kda.gate import naive_kda_gate
 from fla.ops.kda.naive import naive_recurrent_kda
 
@@ -87,6 +89,25 @@ def chunk_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=None, output_final_st
     return _per_sequence(one, cu_seqlens, initial_state, (r, w, k, v, a, b), output_final_state)
 
 
+def fused_recurrent_gla(
+    q, k, v, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False, reverse=False,
+    state_v_first=False, cu_seqlens=None, **kwargs,
+):  # fmt: skip
+    """fla.ops.gla.fused_recurrent_gla (the GLA layer's path for up to 64 tokens) by naive_recurrent_gla (gk only,
+    the default scale K^-0.5, forward in time)."""
+    if gv is not None or reverse or (scale is not None and scale != q.shape[-1] ** -0.5):
+        raise NotImplementedError("the naive GLA substitute covers gk, the default scale, forward order only")
+    flip = (lambda s: s.transpose(-1, -2)) if state_v_first else (lambda s: s)  # [N, H, V, K] <-> [N, H, K, V]
+
+    def one(q, k, v, gk, h0):
+        o, ht = naive_recurrent_gla(
+            q, k, v, gk, initial_state=None if h0 is None else flip(h0), output_final_state=True
+        )
+        return o, flip(ht)
+
+    return _per_sequence(one, cu_seqlens, initial_state, (q, k, v, gk), output_final_state)
+
+
 #: per family: the fla layer module, the name under which it imports the op, the substitute, fla's reference in it
 SUBSTITUTES = {
     "kda": ("fla.layers.kda", "chunk_kda", chunk_kda, "fla.ops.kda.naive.naive_recurrent_kda"),
@@ -95,6 +116,7 @@ SUBSTITUTES = {
         "fla.ops.gated_delta_product.naive.naive_recurrent_gated_delta_product",
     ),
     "rwkv7": ("fla.layers.rwkv7", "chunk_rwkv7", chunk_rwkv7, "fla.ops.generalized_delta_rule.dplr.naive.dplr_recurrence"),
+    "gla": ("fla.layers.gla", "fused_recurrent_gla", fused_recurrent_gla, "fla.ops.gla.naive.naive_recurrent_gla"),
 }  # fmt: skip
 
 

@@ -8,7 +8,7 @@ import sys
 
 import torch
 from _interpreter import rel  # first: turns the Triton interpreter on
-from _naive_ops import chunk_gated_delta_product, chunk_kda, chunk_rwkv7
+from _naive_ops import chunk_gated_delta_product, chunk_kda, chunk_rwkv7, fused_recurrent_gla
 
 family = sys.argv[1]
 torch.manual_seed(0)
@@ -76,6 +76,14 @@ elif family == "rwkv7":
     args = dict(r=r, w=w, k=k, v=v, a=-kk, b=kk * a_gate, scale=1.0, output_final_state=True, cu_seqlens=cu)
     naive = chunk_rwkv7(**args, initial_state=h0.clone())
     res.update(compare("", naive, fused_recurrent_rwkv7(**args, initial_state=h0.clone())))
+elif family == "gla":
+    from fla.ops.gla import fused_recurrent_gla as triton_gla
+
+    q, k, v, h0 = randn(1, T, H, K), randn(1, T, H, K), randn(1, T, H, V), randn(n, H, V, K)  # state_v_first
+    gk = torch.nn.functional.logsigmoid(randn(1, T, H, K)) / 16  # the layer's gate (gate_logit_normalizer 16)
+    args = dict(q=q, k=k, v=v, gk=gk, output_final_state=True, state_v_first=True, cu_seqlens=cu)
+    naive = fused_recurrent_gla(**args, initial_state=h0.clone())
+    res.update(compare("", naive, triton_gla(**args, initial_state=h0.clone())))
 else:
-    raise SystemExit(f"unknown family {family!r} (kda, gated_deltaproduct, rwkv7)")
+    raise SystemExit(f"unknown family {family!r} (kda, gated_deltaproduct, rwkv7, gla)")
 print(json.dumps(res))

@@ -12,6 +12,9 @@ from __future__ import annotations
 TRANSFORMERS_HYBRIDS = ("qwen3_next", "kimi_linear", "falcon_h1", "bamba", "granitemoehybrid", "lfm2")
 #: flash-linear-attention families (Triton kernels: GPU only)
 FLA_FAMILIES = ("delta_net", "gated_deltanet", "gla", "gated_deltaproduct", "kda", "mamba2", "rwkv7", "hgrn2")
+#: fla hybrids: an fla family with fla `Attention` layers (``config.attn``: every second layer, ``heads`` query
+#: heads, half as many K/V heads), named ``<family>_hybrid``; fla's Attention needs flash_attn
+FLA_HYBRIDS = ("gla_hybrid", "delta_net_hybrid")
 
 
 def _alternating(layers: int, recurrent: str, attention: str) -> list[str]:
@@ -28,7 +31,8 @@ def tiny_config(
     pad_token_id: int | None = 0,
     eos_token_id: int | None = 1,
 ):
-    """The config of a small random ``model_type`` model (one of `TRANSFORMERS_HYBRIDS` or `FLA_FAMILIES`).
+    """The config of a small random ``model_type`` model (one of `TRANSFORMERS_HYBRIDS`, `FLA_FAMILIES`,
+    `FLA_HYBRIDS`).
 
     Without CUDA, ``qwen3_next`` and ``kimi_linear`` are switched to transformers' PyTorch kernels (with fla
     installed transformers binds fla's Triton kernels, which need a GPU): `use_transformers_torch_kernels`."""
@@ -90,7 +94,7 @@ def tiny_config(
         from transformers import Lfm2Config
 
         return Lfm2Config(**common, **attn, layer_types=_alternating(layers, "conv", "full_attention"))
-    if model_type in FLA_FAMILIES:
+    if model_type in FLA_FAMILIES or model_type in FLA_HYBRIDS:
         try:
             import fla  # noqa: F401
         except ImportError as err:
@@ -98,9 +102,17 @@ def tiny_config(
                 f"tiny_model_type={model_type!r} needs flash-linear-attention (pip install flash-linear-attention) "
                 "and a GPU; on CPU use refine_delta_net or a transformers hybrid"
             ) from err
+        if model_type in FLA_HYBRIDS:
+            config = _fla_config(model_type.removesuffix("_hybrid"), common, heads, head_dim)
+            config.attn = {
+                "layers": list(range(1, layers, 2)), "num_heads": heads, "num_kv_heads": max(heads // 2, 1),
+                "qkv_bias": False, "window_size": None, "rope_theta": 10000.0,
+            }  # fmt: skip
+            return config
         return _fla_config(model_type, common, heads, head_dim)
     raise ValueError(
-        f"no tiny config for model_type {model_type!r}; choose one of {TRANSFORMERS_HYBRIDS + FLA_FAMILIES}"
+        f"no tiny config for model_type {model_type!r}; choose one of "
+        f"{TRANSFORMERS_HYBRIDS + FLA_FAMILIES + FLA_HYBRIDS}"
     )
 
 

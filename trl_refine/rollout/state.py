@@ -5,8 +5,9 @@ A *snapshot* is a list (one entry per layer) of the layer's state dict, holding 
 new tensors instead of writing into old ones, except fla's single-token no-grad conv step, so every cache built from
 a snapshot goes through `select_rows`, which copies. The exceptions are attention K/V of a prefix, which
 `LaCTStateAdapter.branch_rows` (LaCT's window; LaCT writes nothing in place) and
-`TransformersHybridStateAdapter.branch_rows` (their cache layers append by concatenation) give the G rollout
-branches of a prefix as one shared copy.
+`TransformersHybridStateAdapter.branch_rows` (their cache layers append by concatenation) and
+`FlaHybridStateAdapter.branch_rows` (fla's attention cache appends by concatenation) give the G rollout branches of a
+prefix as one shared copy.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ UNSUPPORTED_MODEL_TYPES = {
     "mamba2": "fla's Mamba2 layer only continues a cache one token at a time ('Mamba2 cached decoding only supports "
     "a single new token per step'), so a segment cannot continue a snapshot",
     "mamba": "fla's Mamba layer only continues a cache one token at a time, so a segment cannot continue a snapshot",
-    "samba": "a hybrid with attention layers, which in fla need flash_attn",
+    "samba": "fla's Samba interleaves fla Mamba layers, which only continue a cache one token at a time",
 }
 
 
@@ -193,9 +194,9 @@ def state_adapter_for(model: torch.nn.Module) -> tuple[FlaStateAdapter | None, s
     if model_type not in FLA_LAYOUT_MODEL_TYPES:
         supported = ", ".join((*FLA_LAYOUT_MODEL_TYPES, "lact_swiglu", *HYBRID_MODEL_TYPES))
         return None, f"model_type {model_type!r} has no state adapter (supported: {supported})"
-    if getattr(config, "attn", None):
-        return None, (
-            f"fla {model_type} with attention layers (config.attn): fla's Attention layer needs flash_attn and "
-            "refuses cu_seqlens once its cache holds K/V (not supported; the transformers hybrids are)"
-        )
+    if getattr(config, "attn", None) and model_type != "refine_delta_net":  # ours refuses attn itself
+        from trl_refine.rollout.adapters.fla_hybrid import FlaHybridStateAdapter, hybrid_problem
+
+        why = hybrid_problem(config)
+        return (None, why) if why else (FlaHybridStateAdapter(config), "")
     return FlaStateAdapter(), ""

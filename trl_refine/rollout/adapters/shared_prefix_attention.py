@@ -98,6 +98,14 @@ def expanding_prefix(expand):
     return wrapped
 
 
+def with_prefix(keys: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.Tensor) -> torch.Tensor:
+    """``keys`` (rows' own keys ``[B, H_kv, S, D]``) tagged with the shared prefix K/V ``[P, H_kv, L, D]`` that
+    `shared_prefix_attention` reads with them: for attention layers that call it themselves rather than through a
+    shared-prefix cache layer (fla's `Attention`, `trl_refine.rollout.adapters.fla_hybrid`)."""
+    setattr(keys, _PREFIX_ATTR, (prefix_keys, prefix_values))
+    return keys
+
+
 def _grouped(x: torch.Tensor, prefixes: int, kv_heads: int) -> torch.Tensor:
     """``[B, H_q, T, X]`` -> ``[P, H_kv, G·rep·T, X]`` (``B = P·G``, ``H_q = H_kv·rep``): each prefix's rows and
     query heads of one K/V head stacked along the query axis."""
