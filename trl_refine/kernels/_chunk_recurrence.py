@@ -251,27 +251,28 @@ def states_after_counts(
     if bool(((counts < 0) | (counts > T)).any()):
         raise ValueError(f"states_after: counts must lie in [0, T = {T}]")
     dtype = boundary_states.dtype
-    pad = NT * CHUNK - T
-    kp, vp = (torch.nn.functional.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) for x in (k, v))
     c = torch.div(counts, CHUNK, rounding_mode="floor")
     rem = counts - c * CHUNK
     row = torch.arange(B, device=counts.device)[:, None].expand_as(counts)
-    starts = torch.cat([boundary_states, final_state[:, :, None].to(dtype)], dim=2)  # [B, H, NT + 1, K, V]
-    s0 = starts.transpose(1, 2)[row, c]  # [B, n, H, K, V]
-    cc = c.clamp(max=NT - 1)  # c = NT only with rem = 0: no token of that chunk is read
-
-    def chunk_of(x):  # [B, NT*C, H, ...] -> [B, n, H, C, ...] for the chosen chunks
-        x = x.view(B, NT, CHUNK, H, *x.shape[3:])[row, cc]
-        return x.transpose(2, 3)
-
-    kc, vc = chunk_of(kp), chunk_of(vp)
+    cc = c.clamp(max=NT - 1)  # c = NT only with rem = 0 (count T, T a multiple of 64): the final state, no token read
+    # the start state: a gather of n states, not a copy of all NT (a cat with the final state would copy them all)
+    s0 = boundary_states.transpose(1, 2)[row, cc]  # [B, n, H, K, V]
+    s0 = torch.where((c == NT)[..., None, None, None], final_state[:, None].to(dtype), s0)
+    # the chosen chunks' tokens, gathered before any cast (no fp32 copy of the whole sequence): token indices past T
+    # (the last chunk's padding) are clamped to T - 1; their beta is masked to 0 below, so their values never count
+    tok = (cc[..., None] * CHUNK + torch.arange(CHUNK, device=counts.device)).clamp(max=T - 1)  # [B, n, C]
     keep = (torch.arange(CHUNK, device=counts.device) < rem[..., None])[:, :, None, :].to(dtype)  # [B, n, 1, C]
-    bc = chunk_of(torch.nn.functional.pad(beta.to(dtype), (0, 0, 0, pad))) * keep  # [B, n, H, C]
+
+    def chunk_of(x):  # [B, T, H, ...] -> [B, n, H, C, ...] (the chosen chunks), in the states' dtype
+        return x[row[..., None], tok].transpose(2, 3).to(dtype)
+
+    kc, vc = chunk_of(k), chunk_of(v)
+    bc = chunk_of(beta) * keep  # [B, n, H, C]
     kb = kc * bc[..., None]
     kk = kb @ kc.transpose(-1, -2)
     rhs_w = kb
     if g is not None:
-        G = (chunk_of(torch.nn.functional.pad(g.to(dtype), (0, 0, 0, pad))) * keep).cumsum(-1)  # [B, n, H, C]
+        G = (chunk_of(g) * keep).cumsum(-1)  # [B, n, H, C]
         lower = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=k.device).tril(-1)
         kk = kk * torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~lower, float("-inf")))
         rhs_w = kb * G.exp()[..., None]
