@@ -9,7 +9,9 @@ breakdown (a device synchronisation at each phase end). Out-of-memory is recorde
 Variants: ``ntp`` (the NTP loss alone: the floor), ``official`` (the release's per-prefix procedure,
 `official_procedure.py`), ``generic``, ``snapshot``, ``snapshot_ckpt``, ``snapshot_reuse``,
 ``snapshot_ckpt_reuse`` (our engines, docs/engines.md), ``onepass`` / ``onepass_reuse`` (the one-pass engine, for
-models that compute states at given positions in one forward).
+models that compute states at given positions in one forward; fla models through readout tokens),
+``onepass_boundary`` / ``onepass_boundary_reuse`` (the one-pass engine with ``states="boundary"``: fla DeltaNet's
+states from the boundary-state kernel, no readout tokens).
 
     python benchmarks/bench_engines.py --out results.json                 # on a GPU, with fla installed
     python benchmarks/bench_engines.py --layers 2 --hidden 256 --lengths 1024 --quick   # smoke test
@@ -244,6 +246,8 @@ REFINE_VARIANTS = (
     "snapshot_ckpt_reuse",
     "onepass",
     "onepass_reuse",
+    "onepass_boundary",
+    "onepass_boundary_reuse",
 )
 
 
@@ -258,6 +262,8 @@ def make_steps(args) -> tuple[dict, dict[str, PhaseTimer]]:
         "snapshot_ckpt_reuse": (SnapshotEngine(checkpoint_segments=True), True),
         "onepass": (OnePassEngine(), False),
         "onepass_reuse": (OnePassEngine(), True),
+        "onepass_boundary": (OnePassEngine(states="boundary"), False),
+        "onepass_boundary_reuse": (OnePassEngine(states="boundary"), True),
     }
     steps = {"ntp": ntp_step, "official": official_step(mark=timers["official"])}
     for name, (engine, reuse) in engines.items():

@@ -363,8 +363,9 @@ def test_trainer_with_the_onepass_engine_logs_what_the_snapshot_engine_logs(tmp_
         assert rel(weights[name], weights["snapshot"]) < 1e-5
 
 
-def _interpret(script: str) -> dict:
-    """Run ``tests/interpret_scripts/<script>`` (fla's kernels under the Triton interpreter) in a subprocess."""
+def _interpret(script: str, *args: str) -> dict:
+    """Run ``tests/interpret_scripts/<script> [args]`` (fla's kernels under the Triton interpreter) in a
+    subprocess."""
     import json
     import os
     import subprocess
@@ -376,7 +377,7 @@ def _interpret(script: str) -> dict:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
-        [sys.executable, str(root / "tests" / "interpret_scripts" / script)],
+        [sys.executable, str(root / "tests" / "interpret_scripts" / script), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -411,3 +412,54 @@ def test_fla_delta_net_readout_equals_the_reference_snapshot_engine():
         else:
             assert value < 1e-5, (key, value)
     assert "noconv_grad_rel" in res and "conv_conv_state_rel" in res
+
+
+def test_the_states_option_names_its_providers_and_the_boundary_provider_refuses_gated_models():
+    pytest.importorskip("fla")
+    from conftest import tiny_fla_config
+    from fla.models import GatedDeltaNetForCausalLM
+
+    from trl_refine.rollout.fla_boundary import fla_boundary_support, record_boundary_position_states
+
+    with pytest.raises(ValueError, match="use one of readout, boundary"):
+        OnePassEngine(states="chunks")
+    gated = GatedDeltaNetForCausalLM(tiny_fla_config("gated_deltanet", num_hidden_layers=1))
+    ok, why = fla_boundary_support(gated)
+    assert not ok and "states='readout'" in why
+    mask = torch.ones(1, 8, dtype=torch.long)
+    refused = pytest.raises(ValueError, match="boundary-state provider cannot run GatedDeltaNetForCausalLM")
+    with refused, record_boundary_position_states(gated, mask, torch.tensor([[3]])):
+        pass
+    assert not fla_boundary_support(tiny_delta_net())[0]  # not fla's: it computes its own states
+
+
+def _check_boundary(res: dict, others: tuple[str, ...]) -> None:
+    assert {k.split("_vs_")[1].split("_")[0] for k in res if "_vs_" in k} == set(others)
+    for key, value in res.items():
+        if key.endswith("_equal"):
+            assert value is True, key
+        elif "_vs_" in key:
+            assert value < 1e-5, (key, value)
+
+
+def test_fla_delta_net_boundary_states_equal_the_reference_snapshot_engine():
+    """fla's DeltaNet (one layer) through the one-pass engine with ``states="boundary"`` (the boundary-state kernel
+    and `states_after`, run by the Triton interpreter on CPU, fp32, the reused sampling pass), without short
+    convolutions, against the snapshot engine on the reference DeltaNet with the same weights: states at positions
+    on and next to a chunk boundary, rollout ids, old log-probs, hidden states, document and rollout log-probs and
+    parameter gradients within 1e-5 relative."""
+    res = _interpret("fla_onepass_boundary.py")
+    assert res.pop("boundary_layer_calls") == 1  # 1 layer x 1 document pass (the reused one): the provider ran
+    assert "noconv_vs_snapshot_grad_rel" in res
+    _check_boundary(res, ("snapshot",))
+
+
+@pytest.mark.slow
+def test_fla_delta_net_boundary_states_equal_the_readout_provider_and_the_snapshot_engine():
+    """As above with two layers, also with short convolutions (forward only: fla's conv backward from a cache does
+    not run in the interpreter) and against the readout provider on the same fla model (minutes under the
+    interpreter)."""
+    res = _interpret("fla_onepass_boundary.py", "--full")
+    assert res.pop("boundary_layer_calls") == 4  # 2 layers x 1 document pass, with and without short convs
+    assert "conv_vs_readout_conv_state_rel" in res and "noconv_vs_readout_grad_rel" in res
+    _check_boundary(res, ("snapshot", "readout"))

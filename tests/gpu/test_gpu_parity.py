@@ -286,13 +286,14 @@ def test_onepass_vs_snapshot_reference_delta_net(dtype):
     assert res["doc_logps_rel"] < tol and res["rollout_logps_rel"] < tol and res["grad_rel"] < tol
 
 
-def onepass_comparison(model, docs, n=4, g=2, k=5, backward=True):
-    """The one-pass engine (readout tokens in fla's kernels) against the snapshot engine (n+1 segment calls), same
-    weights and seeds: the states at the positions, rollouts, log-probs of the same tokens, parameter gradients."""
+def onepass_comparison(model, docs, n=4, g=2, k=5, backward=True, states="readout"):
+    """The one-pass engine (``states``: readout tokens in fla's kernels, or the boundary-state kernel) against the
+    snapshot engine (n+1 segment calls), same weights and seeds: the states at the positions, rollouts, log-probs of
+    the same tokens, parameter gradients."""
     from trl_refine.rollout import OnePassEngine
 
     ensure_fused_lm_head(model)
-    snap, onepass = SnapshotEngine(), OnePassEngine()
+    snap, onepass = SnapshotEngine(), OnePassEngine(states=states)
     with torch.no_grad():
         scan = snap.scan(model, docs)
         pos = select_positions(
@@ -351,6 +352,30 @@ def test_onepass_vs_snapshot_fla_delta_net(dtype):
         docs = docs_batch((600, 450))
     res = onepass_comparison(DeltaNetForCausalLM(cfg).to(DEV, dtype), docs)
     record(f"onepass_vs_snapshot_fla_delta_net_{str(dtype).split('.')[-1]}", **res)
+    if dtype == torch.float32:
+        assert res["rollout_ids_equal_fraction"] == 1.0
+        assert max(res["recurrent_state_rel"], res["doc_logps_rel"], res["rollout_logps_rel"], res["grad_rel"]) < 1e-4
+    else:
+        assert res["recurrent_state_rel"] < 5e-2 and res["doc_logps_rel"] < 5e-2 and res["rollout_logps_rel"] < 5e-2
+        assert res["grad_cos"] > 0.98
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onepass_boundary_states_vs_snapshot_fla_delta_net(dtype):
+    """fla DeltaNet through the boundary-state provider (``OnePassEngine(states="boundary")``: our chunk kernel with
+    every chunk-boundary state, then `states_after`) against the snapshot engine (fla's kernels: fused_recurrent in
+    fp32, chunk in bf16), with the same documents and tolerances as the readout provider's test."""
+    from fla.models import DeltaNetForCausalLM
+
+    torch.manual_seed(0)
+    if dtype == torch.float32:
+        cfg = tiny_fla_config("delta_net", attn_mode="fused_recurrent", fuse_cross_entropy=False)
+        docs = docs_batch((400, 257, 330))
+    else:
+        cfg = tiny_fla_config("delta_net", fuse_cross_entropy=False, **bench_geometry())
+        docs = docs_batch((600, 450))
+    res = onepass_comparison(DeltaNetForCausalLM(cfg).to(DEV, dtype), docs, states="boundary")
+    record(f"onepass_boundary_vs_snapshot_fla_delta_net_{str(dtype).split('.')[-1]}", **res)
     if dtype == torch.float32:
         assert res["rollout_ids_equal_fraction"] == 1.0
         assert max(res["recurrent_state_rel"], res["doc_logps_rel"], res["rollout_logps_rel"], res["grad_rel"]) < 1e-4

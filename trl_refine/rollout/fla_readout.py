@@ -15,6 +15,9 @@ plus the readout; it stores its states by layer index. For GatedDeltaNet the rea
 log-gate (no decay), and its state is V-first ([V, K]: output i reads column i).
 The readout states pass through the kernel's output dtype (bf16 in bf16 models: relative ~4e-3, the precision of
 fla's own chunk-state staging); in fp32 they are exact to rounding.
+
+The packed layout, the layer's inputs of the delta rule (`delta_net_inputs`), its output (`layer_output`) and the
+layer patching are shared with the boundary-state provider (`trl_refine.rollout.fla_boundary`).
 """
 
 from __future__ import annotations
@@ -60,53 +63,79 @@ def fla_readout_support(model: torch.nn.Module) -> tuple[bool, str]:
 
 
 @dataclass
-class ReadoutLayout:
-    """Where the document tokens and the readout tokens go in the spliced varlen sequence (shared by the layers)."""
+class PackedLayout:
+    """The valid tokens of left-padded documents packed into one varlen sequence, and the positions as token counts
+    (shared by the layers of one forward; every states provider builds on it)."""
 
     real_flat: torch.Tensor  # [Σ] index of every valid token in the flattened [B·L] input
     cu_seqlens: torch.Tensor  # [B+1] int32, the documents' valid tokens
+    counts: torch.Tensor  # [B, n] valid tokens up to and including each position
+    doc_offsets: torch.Tensor  # [B] start of each document in the packed valid tokens
+
+    @staticmethod
+    def parts(attention_mask: torch.Tensor, positions: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """The fields, ``lens`` [B] and ``local`` [B, L] (each token's index among its document's valid tokens,
+        which the subclasses' layouts are computed from)."""
+        mask = attention_mask.bool()
+        lens = mask.sum(-1)
+        local = mask.long().cumsum(-1) - 1  # [B, L]
+        counts = (local + 1).gather(1, positions)  # [B, n]
+        if bool((counts[:, 1:] < counts[:, :-1]).any()) or bool((counts < 1).any()):
+            raise ValueError("positions must be non-decreasing along each document and on valid tokens")
+        offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+        fields = dict(
+            real_flat=mask.flatten().nonzero().squeeze(-1),
+            cu_seqlens=offsets.to(torch.int32),
+            counts=counts,
+            doc_offsets=offsets[:-1],
+        )
+        return fields, lens, local
+
+    def conv_windows(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        """The conv caches after each position: the last ``width`` inputs [1, Σ, D] → [B, n, D, W] (zeros before the
+        document's first token)."""
+        w = torch.arange(width, device=x.device)
+        local = self.counts[..., None] - width + w  # [B, n, W]
+        index = (self.doc_offsets[:, None, None] + local).clamp(min=0)
+        windows = x[0].index_select(0, index.flatten()).view(*local.shape, -1)
+        windows = windows * (local >= 0)[..., None].to(windows.dtype)
+        return windows.transpose(-1, -2)
+
+
+@dataclass
+class ReadoutLayout(PackedLayout):
+    """Where the document tokens and the readout tokens go in the spliced varlen sequence (shared by the layers)."""
+
     spliced_cu_seqlens: torch.Tensor  # [B+1] int32, each document with its n·K readout tokens
     spliced_cu_seqlens_cpu: torch.Tensor
     real_in_spliced: torch.Tensor  # [Σ] index of every valid token in the spliced sequence
     readout_in_spliced: torch.Tensor  # [B·n·K] index of readout token (b, j, i)
     spliced_len: int
-    counts: torch.Tensor  # [B, n] valid tokens up to and including each position
-    doc_offsets: torch.Tensor  # [B] start of each document in the packed valid tokens
 
     @classmethod
     def build(cls, attention_mask: torch.Tensor, positions: torch.Tensor, head_k_dim: int) -> ReadoutLayout:
-        bsz, length = attention_mask.shape
         n = positions.size(1)
-        mask = attention_mask.bool()
-        lens = mask.sum(-1)
-        counts = mask.long().cumsum(-1).gather(1, positions)  # [B, n]
-        if bool((counts[:, 1:] < counts[:, :-1]).any()) or bool((counts < 1).any()):
-            raise ValueError("positions must be non-decreasing along each document and on valid tokens")
-        real_flat = mask.flatten().nonzero().squeeze(-1)
-        offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+        parts, lens, local = PackedLayout.parts(attention_mask, positions)
+        counts = parts["counts"]
         spliced_lens = lens + n * head_k_dim
         spliced_offsets = torch.cat([lens.new_zeros(1), spliced_lens.cumsum(0)])
         # token r (0-based among its document's valid tokens) moves right by K for every readout block before it;
         # the block for count c sits after token c-1 (blocks of equal counts in chunk order)
-        local = mask.long().cumsum(-1) - 1  # [B, L]
         before = torch.searchsorted(counts.contiguous(), local.contiguous(), right=True)  # blocks with c <= r
         spliced_index = spliced_offsets[:-1, None] + local + head_k_dim * before
-        real_in_spliced = spliced_index.flatten().index_select(0, real_flat)
+        real_in_spliced = spliced_index.flatten().index_select(0, parts["real_flat"])
         j = torch.arange(n, device=positions.device)
         i = torch.arange(head_k_dim, device=positions.device)
         block_start = spliced_offsets[:-1, None] + counts + head_k_dim * j[None, :]  # [B, n]
         readout = (block_start[..., None] + i).flatten()
         spliced_cpu = spliced_offsets.to("cpu", torch.int32)
         return cls(
-            real_flat=real_flat,
-            cu_seqlens=offsets.to(torch.int32),
+            **parts,
             spliced_cu_seqlens=spliced_offsets.to(torch.int32),
             spliced_cu_seqlens_cpu=spliced_cpu,
             real_in_spliced=real_in_spliced,
             readout_in_spliced=readout,
             spliced_len=int(spliced_cpu[-1]),
-            counts=counts,
-            doc_offsets=offsets[:-1],
         )
 
     def splice(self, x: torch.Tensor, readout: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -122,31 +151,25 @@ class ReadoutLayout:
             out = out.index_copy(0, self.readout_in_spliced, readout.to(x.dtype).repeat(blocks, *[1] * (x.dim() - 2)))
         return out[None]
 
-    def conv_windows(self, x: torch.Tensor, width: int) -> torch.Tensor:
-        """The conv caches after each position: the last ``width`` inputs [1, Σ, D] → [B, n, D, W] (zeros before the
-        document's first token)."""
-        w = torch.arange(width, device=x.device)
-        local = self.counts[..., None] - width + w  # [B, n, W]
-        index = (self.doc_offsets[:, None, None] + local).clamp(min=0)
-        windows = x[0].index_select(0, index.flatten()).view(*local.shape, -1)
-        windows = windows * (local >= 0)[..., None].to(windows.dtype)
-        return windows.transpose(-1, -2)
+
+def check_whole_documents(past_key_values, kwargs) -> None:
+    """The position-state forwards run over whole left-padded documents, never from a cache."""
+    if past_key_values is not None or kwargs.get("cu_seqlens") is not None:
+        raise ValueError("the position-state forward runs over whole documents: no cache, no cu_seqlens")
 
 
-def _forward_with_readout(
-    attn, layout: ReadoutLayout, store: dict, hidden_states, attention_mask=None, past_key_values=None, **kwargs
-):
-    """fla's ``DeltaNet.forward`` (fla/layers/delta_net.py, 0.6.0) for a cache-free call over left-padded documents,
-    plus the readout of the states after ``layout``'s positions into ``store[layer_idx]``."""
+def packed_input(hidden_states: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """[B, L, D] left-padded hidden states → [1, Σ, D], the documents' valid tokens packed."""
+    return hidden_states.reshape(-1, hidden_states.size(-1)).index_select(0, layout.real_flat)[None]
+
+
+def delta_net_inputs(attn, x: torch.Tensor, layout: PackedLayout):
+    """fla ``DeltaNet.forward``'s (fla/layers/delta_net.py, 0.6.0) inputs of the delta rule over the packed documents
+    ``x`` [1, Σ, D]: q, k [1, Σ, H, K] (before the l2 norm, which fla applies in the kernel), v [1, Σ, H, V], beta
+    [1, Σ, H], and the conv caches at the layout's positions (None without short convs)."""
     from einops import rearrange
     from fla.layers.delta_net import elu_p1, sum_norm
-    from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
 
-    if past_key_values is not None or kwargs.get("cu_seqlens") is not None:
-        raise ValueError("the readout forward runs over whole documents: no cache, no cu_seqlens")
-    bsz, q_len, _ = hidden_states.shape
-    mode = "fused_recurrent" if q_len <= 64 else attn.mode
-    x = hidden_states.reshape(bsz * q_len, -1).index_select(0, layout.real_flat)[None]
     conv_states = None
     if attn.use_short_conv:
         q, k, v, conv_states = _short_convs(attn, x, layout)
@@ -169,6 +192,21 @@ def _forward_with_readout(
     beta = attn.b_proj(x).sigmoid() if attn.use_beta else torch.ones_like(q[..., 0])
     if attn.allow_neg_eigval:
         beta = beta * 2.0
+    return q, k, v, beta, conv_states
+
+
+def _forward_with_readout(
+    attn, layout: ReadoutLayout, store: dict, hidden_states, attention_mask=None, past_key_values=None, **kwargs
+):
+    """fla's ``DeltaNet.forward`` (fla/layers/delta_net.py, 0.6.0) for a cache-free call over left-padded documents,
+    plus the readout of the states after ``layout``'s positions into ``store[layer_idx]``."""
+    from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+
+    check_whole_documents(past_key_values, kwargs)
+    bsz, q_len, _ = hidden_states.shape
+    mode = "fused_recurrent" if q_len <= 64 else attn.mode
+    x = packed_input(hidden_states, layout)
+    q, k, v, beta, conv_states = delta_net_inputs(attn, x, layout)
 
     num_heads, dk = q.shape[-2], attn.head_k_dim
     eye = torch.eye(dk, device=q.device)[:, None, :].expand(dk, num_heads, dk) * READOUT_SCALE  # [K(i), H, K]
@@ -197,10 +235,10 @@ def _forward_with_readout(
         "conv_state": conv_states,
         "ffn_state": None,
     }
-    return _output(attn, o[:, layout.real_in_spliced], x, layout, bsz, q_len), None, past_key_values
+    return layer_output(attn, o[:, layout.real_in_spliced], x, layout, bsz, q_len), None, past_key_values
 
 
-def _short_convs(attn, x: torch.Tensor, layout: ReadoutLayout):
+def _short_convs(attn, x: torch.Tensor, layout: PackedLayout):
     """q, k, v through the layer's short convolutions over the packed documents, and the conv caches at the
     positions (the pre-conv inputs)."""
     xq, xk, xv = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
@@ -213,7 +251,7 @@ def _short_convs(attn, x: torch.Tensor, layout: ReadoutLayout):
     return q, k, v, conv_states
 
 
-def _output(attn, o: torch.Tensor, x: torch.Tensor, layout: ReadoutLayout, bsz: int, q_len: int) -> torch.Tensor:
+def layer_output(attn, o: torch.Tensor, x: torch.Tensor, layout: PackedLayout, bsz: int, q_len: int) -> torch.Tensor:
     """The layer's output norm (gated or not) and projection, scattered back to the padded [B, L, D] layout."""
     from einops import rearrange
 
@@ -235,8 +273,7 @@ def _gated_forward_with_readout(
     from einops import rearrange
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
-    if past_key_values is not None or kwargs.get("cu_seqlens") is not None:
-        raise ValueError("the readout forward runs over whole documents: no cache, no cu_seqlens")
+    check_whole_documents(past_key_values, kwargs)
     bsz, q_len, _ = hidden_states.shape
     if torch.is_grad_enabled():
         mode = "chunk"
@@ -244,7 +281,7 @@ def _gated_forward_with_readout(
         mode = "fused_recurrent"
     else:
         mode = attn.mode
-    x = hidden_states.reshape(bsz * q_len, -1).index_select(0, layout.real_flat)[None]
+    x = packed_input(hidden_states, layout)
     conv_states = None
     if attn.use_short_conv:
         q, k, v, conv_states = _short_convs(attn, x, layout)
@@ -285,7 +322,27 @@ def _gated_forward_with_readout(
         "conv_state": conv_states,
         "ffn_state": None,
     }
-    return _output(attn, o[:, layout.real_in_spliced], x, layout, bsz, q_len), None, past_key_values
+    return layer_output(attn, o[:, layout.real_in_spliced], x, layout, bsz, q_len), None, past_key_values
+
+
+@contextmanager
+def patch_layers(model: torch.nn.Module, layer_forward):
+    """While active, every layer's token mixer of ``model`` runs ``layer_forward(attn, *args, **kwargs)`` instead of
+    its own forward."""
+    patched = []
+    try:
+        for layer in unwrap(model).model.layers:
+            attn = layer.attn
+
+            def forward(*args, _attn=attn, **kwargs):
+                return layer_forward(_attn, *args, **kwargs)
+
+            attn.forward = forward
+            patched.append(attn)
+        yield
+    finally:
+        for attn in patched:
+            del attn.forward
 
 
 @contextmanager
@@ -294,23 +351,10 @@ def record_position_states(model: torch.nn.Module, attention_mask: torch.Tensor,
     fills the yielded dict with every layer's states after ``positions`` [B, n] (fla's cache layout, a chunk dim
     after the batch dim)."""
     base = unwrap(model)
-    layers = base.model.layers
-    layout = ReadoutLayout.build(attention_mask, positions, layers[0].attn.head_k_dim)
+    layout = ReadoutLayout.build(attention_mask, positions, base.model.layers[0].attn.head_k_dim)
     readout_forward = (
         _gated_forward_with_readout if base.config.model_type == "gated_deltanet" else _forward_with_readout
     )
     store: dict[int, dict[str, Any]] = {}
-    patched = []
-    try:
-        for layer in layers:
-            attn = layer.attn
-
-            def forward(*args, _attn=attn, **kwargs):
-                return readout_forward(_attn, layout, store, *args, **kwargs)
-
-            attn.forward = forward
-            patched.append(attn)
+    with patch_layers(model, lambda attn, *args, **kwargs: readout_forward(attn, layout, store, *args, **kwargs)):
         yield store
-    finally:
-        for attn in patched:
-            del attn.forward

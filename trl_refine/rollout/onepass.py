@@ -14,7 +14,9 @@ fixed by (B, L, n): nothing depends on where the positions fall. Two providers o
   PyTorch: chunk-boundary state + masked WY step) and LaCT (`trl_refine.models.lact`, pure PyTorch: the fast weights
   of the position's large chunk + its masked update sums, and the attention window gathered per position);
 * fla's ``DeltaNetForCausalLM`` and ``GatedDeltaNetForCausalLM``, with fla's own kernels: readout tokens spliced in
-  after each position (`trl_refine.rollout.fla_readout`).
+  after each position (`trl_refine.rollout.fla_readout`, ``states="readout"``, the default); or, for DeltaNet,
+  ``states="boundary"``: our delta-rule kernel that returns every chunk-boundary state (and takes their gradients),
+  the states at the positions read from those (`trl_refine.rollout.fla_boundary`; no readout tokens).
 
 Exactness against the snapshot and generic engines is tested on CPU in fp32 (`tests/test_onepass_engine.py`, the
 reference DeltaNet and LaCT; fla's kernels under ``TRITON_INTERPRET=1``).
@@ -26,13 +28,21 @@ import torch
 
 from trl_refine.modeling_utils import capture_last_hidden_state, unwrap
 from trl_refine.rollout.base import DocumentBatch, RolloutPlan
+from trl_refine.rollout.fla_boundary import record_boundary_position_states
 from trl_refine.rollout.fla_readout import fla_readout_support, record_position_states
 from trl_refine.rollout.snapshot import SnapshotEngine
 from trl_refine.rollout.state import State, map_tensors
 
+#: how the states at the positions come out of fla's DeltaNet / GatedDeltaNet (``OnePassEngine(states=...)``)
+FLA_STATE_PROVIDERS = {"readout": record_position_states, "boundary": record_boundary_position_states}
+
 
 class OnePassEngine(SnapshotEngine):
-    """Snapshot engine whose document pass is a single forward returning the states at the positions."""
+    """Snapshot engine whose document pass is a single forward returning the states at the positions.
+
+    ``states``: the provider for fla models, ``"readout"`` (readout tokens in fla's kernels, DeltaNet and
+    GatedDeltaNet) or ``"boundary"`` (the boundary-state kernel, DeltaNet only); models that declare
+    ``supports_state_positions`` compute their own."""
 
     name = "onepass"
     # declared, not inherited: what the trainer checks (ZeRO-3, activation checkpointing) is this engine's own claim
@@ -40,11 +50,16 @@ class OnePassEngine(SnapshotEngine):
     applies_lm_head_outside_forward = True  # the snapshot engine's branch decoding applies the head to hidden states
     needs_recurrent_cache_in_training = True  # the branch calls of the loss continue from the states as a cache
 
-    def __init__(self, pad_token_id: int = 0, adapter=None, checkpoint_segments: bool = False):
+    def __init__(
+        self, pad_token_id: int = 0, adapter=None, checkpoint_segments: bool = False, states: str = "readout"
+    ):
         problem = self.options_problem(checkpoint_segments=checkpoint_segments)
         if problem:
             raise ValueError(f"{problem}: set nsp_segment_checkpointing=False, or use nsp_engine='snapshot'")
+        if states not in FLA_STATE_PROVIDERS:
+            raise ValueError(f"OnePassEngine(states={states!r}): use one of {', '.join(FLA_STATE_PROVIDERS)}")
         super().__init__(pad_token_id=pad_token_id, adapter=adapter)
+        self.states = states
 
     @classmethod
     def options_problem(cls, *, checkpoint_segments: bool = False) -> str:
@@ -87,7 +102,7 @@ class OnePassEngine(SnapshotEngine):
                 states = model(**kwargs, state_positions=plan.positions).position_states
         else:
             with (
-                record_position_states(model, docs.attention_mask, plan.positions) as layers,
+                FLA_STATE_PROVIDERS[self.states](model, docs.attention_mask, plan.positions) as layers,
                 capture_last_hidden_state(model) as hidden,
             ):
                 model(**kwargs)
