@@ -86,3 +86,24 @@ def test_fla_hybrid_snapshot_equals_generic_with_shared_prefix_kv():
         for key, value in engine.items():
             assert value < 1e-5, (name, key, value)
     assert res["shared_vs_copied_grad_rel"] < 1e-5
+
+
+# the survey of fla 0.6.0's model types (docs/models.md): further families the state adapter serves, recorded in
+# benchmarks/results/fla_families_interpret.json and rerun with TRL_REFINE_INTERPRET_ALL=1 (gsa: 110 s of CPU)
+@pytest.mark.slow
+@_OPT_IN
+@pytest.mark.parametrize("family", ["gsa"])
+def test_surveyed_family_snapshot_equals_generic(family):
+    _assert_engines_agree(_run("fla_families.py", family))
+
+
+# forward only: with gradients on these layers always take chunk kernels, which the interpreter cannot run
+# (state.UNVERIFIED_MODEL_TYPES: auto keeps them on the generic engine)
+@pytest.mark.slow
+@_OPT_IN
+@pytest.mark.parametrize("family", ["hgrn", "comba"])
+def test_surveyed_family_snapshot_forward_equals_generic(family):
+    res = _run("fla_families.py", family, "forward")
+    assert res.pop("rollout_ids_equal") is True and res.pop("hidden_states_norm") > 0
+    for key, value in res.items():
+        assert value < 1e-5, (key, value)

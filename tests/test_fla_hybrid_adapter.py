@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trl_refine.rollout.adapters.fla_hybrid import FlaHybridStateAdapter
-from trl_refine.rollout.state import state_adapter_for
+from trl_refine.rollout.state import FlaStateAdapter, state_adapter_for, unverified_reason
 
 
 def _model(model_type="gla", **attn):
@@ -64,3 +64,20 @@ def test_concat_left_pads_attention_and_branch_rows_share_the_prefix():
     assert mask.shape == (6, 7) and mask[3:, :2].sum() == 0
     # one unpadded row (a document's segment call): fla's own no-mask path
     assert adapter.continuation_kwargs(a, 0, 4, "cpu") == {}
+
+
+def test_surveyed_fla_families_are_classified():
+    """docs/models.md's survey of fla's model types, as the engine choice sees it."""
+
+    def model(model_type):
+        return types.SimpleNamespace(config=types.SimpleNamespace(model_type=model_type, attn=None))
+
+    adapter, _ = state_adapter_for(model("gsa"))
+    assert type(adapter) is FlaStateAdapter and unverified_reason(model("gsa")) == ""
+    for model_type in ("hgrn", "comba"):  # served, but auto does not pick them: gradients not compared
+        assert state_adapter_for(model(model_type))[0] is not None
+        assert "gradients have not been compared" in unverified_reason(model(model_type))
+    for model_type, reason in (("retnet", "rotary offset"), ("rwkv6", "token-shift"), ("mamba3", "one token")):
+        adapter, why = state_adapter_for(model(model_type))
+        assert adapter is None and reason in why
+    assert "no state adapter" in state_adapter_for(model("transformer"))[1]

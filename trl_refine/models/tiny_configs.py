@@ -11,7 +11,10 @@ from __future__ import annotations
 #: transformers hybrids (linear-recurrent + attention layers); run on CPU with torch fallbacks
 TRANSFORMERS_HYBRIDS = ("qwen3_next", "kimi_linear", "falcon_h1", "bamba", "granitemoehybrid", "lfm2")
 #: flash-linear-attention families (Triton kernels: GPU only)
-FLA_FAMILIES = ("delta_net", "gated_deltanet", "gla", "gated_deltaproduct", "kda", "mamba2", "rwkv7", "hgrn2")
+FLA_FAMILIES = (
+    "delta_net", "gated_deltanet", "gla", "gated_deltaproduct", "kda", "mamba2", "rwkv7", "hgrn2", "gsa", "hgrn",
+    "comba",
+)  # fmt: skip
 #: fla hybrids: an fla family with fla `Attention` layers (``config.attn``: every second layer, ``heads`` query
 #: heads, half as many K/V heads), named ``<family>_hybrid``; fla's Attention needs flash_attn
 FLA_HYBRIDS = ("gla_hybrid", "delta_net_hybrid")
@@ -137,4 +140,10 @@ def _fla_config(model_type: str, common: dict, heads: int, head_dim: int):
         return fm.RWKV7Config(**common, head_dim=head_dim)
     if model_type == "hgrn2":
         return fm.HGRN2Config(**common, num_heads=heads, expand_ratio=None)
+    if model_type == "hgrn":
+        return fm.HGRNConfig(**common)
+    if model_type == "gsa":
+        return fm.GSAConfig(**common, num_heads=heads, num_slots=16)
+    if model_type == "comba":
+        return fm.CombaConfig(**common, num_heads=heads, head_dim=head_dim)
     raise ValueError(model_type)

@@ -143,17 +143,20 @@ class LaCTStateAdapter(FlaStateAdapter):
 #: whose layers continue a state over a multi-token varlen call (``cu_seqlens`` + ``initial_state``)
 FLA_LAYOUT_MODEL_TYPES = (
     "refine_delta_net", "delta_net", "gated_deltanet", "gla", "gated_deltaproduct", "kda", "rwkv7", "hgrn2",
+    "gsa", "hgrn", "comba",
 )  # fmt: skip
 
 #: fla families whose adapter is the one above but whose gradients through the states have not been compared with
-#: the generic engine: `auto` does not pick them, ``nsp_engine="snapshot"`` runs them with a warning. None now:
+#: the generic engine: `auto` does not pick them, ``nsp_engine="snapshot"`` runs them with a warning.
 #: gated_deltaproduct, kda and rwkv7 were compared on CPU in fp32 (gradients < 1e-5 relative, measured <= 4.5e-7),
 #: fla's Triton kernels under the interpreter except the chunk op, which it cannot run, replaced by fla's own
 #: pure-PyTorch recurrence (tests/interpret_scripts/fla_families.py FAMILY naive; each substitute checked against
 #: fla's Triton fused_recurrent op by naive_ops_check.py; benchmarks/results/fla_families_interpret.json).
 #: On Hopper with triton in [3.4, 3.7.1) fla 0.6.0 refuses the gated chunk backward (fla #640, in chunk_bwd_dqkwg,
 #: which gated_deltaproduct with a forget gate reaches): training there needs triton >= 3.7.1 or tilelang.
-UNVERIFIED_MODEL_TYPES: tuple[str, ...] = ()
+#: hgrn and comba (the survey of fla's model types, docs/models.md): forward compared on CPU (Triton interpreter), their
+#: layers switch to chunk kernels whenever gradients are on, which the interpreter cannot run.
+UNVERIFIED_MODEL_TYPES: tuple[str, ...] = ("hgrn", "comba")
 
 
 def unverified_reason(model: torch.nn.Module) -> str:
@@ -173,6 +176,12 @@ UNSUPPORTED_MODEL_TYPES = {
     "a single new token per step'), so a segment cannot continue a snapshot",
     "mamba": "fla's Mamba layer only continues a cache one token at a time, so a segment cannot continue a snapshot",
     "samba": "fla's Samba interleaves fla Mamba layers, which only continue a cache one token at a time",
+    "retnet": "fla's MultiScaleRetention takes its rotary offset from the cache's token count, one number for a "
+    "packed call, not each document's position",
+    "rwkv6": "fla's RWKV6 keeps one token-shift state per call (the packed batch's last token), not one per document",
+    "linear_attn": "a packed segment call of fla's LinearAttention does not leave one state row per document",
+    "log_linear_mamba2": "fla's LogLinearMamba2 only continues a cache one token at a time and takes no cu_seqlens",
+    "mamba3": "fla's Mamba3 only continues a cache one token at a time (and needs CUDA)",
 }
 
 
