@@ -84,6 +84,7 @@ def test_private_transformers_accelerate_torch_names_are_present():
         ("transformers.PreTrainedConfig", "_attn_implementation"),
         ("torch.utils._pytree", "tree_flatten"),
         ("transformers.models.kimi_linear.modeling_kimi_linear.KimiLinearAttention", "expand_kv"),
+        ("transformers.models.mamba.modeling_mamba.MambaMixer", "forward"),
     ],
 )
 def test_private_name_drift_fails_loudly(monkeypatch, owner, name):
@@ -185,3 +186,44 @@ def test_mla_expand_kv_wrap_reaches_the_layer_and_is_undone():
         model(input_ids=ids)
     assert len(seen) == 1 and all("expand_kv" not in vars(m) for m in layers)
     assert torch.equal(reference, wrapped)
+
+
+def test_mamba_mixer_attribute_drift_fails_loudly(monkeypatch):
+    """The continuing Mamba mixer reads the attributes MambaMixer.__init__ sets; one that is no longer set fails."""
+    import inspect
+
+    init, getsource = _compat.mamba_mixer_class().__init__, inspect.getsource
+    drifted = getsource(init).replace("self.x_proj =", "self.xproj =")
+    monkeypatch.setattr(inspect, "getsource", lambda obj: drifted if obj is init else getsource(obj))
+    with pytest.raises(_compat.PrivateAPIDrift, match="x_proj"):
+        _compat.check_private_api()
+
+
+def test_continuing_mamba_mixer_matches_transformers():
+    """The snapshot engine's Mamba mixer (`continuing_mixer_class`) reproduces transformers' own MambaMixer: a sequence
+    run in three calls, each continuing the engine cache (one of them a single token), gives transformers' outputs
+    on the whole sequence, and the final SSM state equals the one transformers' cache holds after it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trl_refine.models.tiny_configs import tiny_config
+    from trl_refine.rollout.adapters.transformers_mamba import TransformersMambaStateAdapter
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("transformers_mamba", vocab_size=32, hidden_size=32)).eval()
+    ids = torch.randint(2, 32, (2, 13))
+    with torch.no_grad():
+        reference = model(input_ids=ids, use_cache=True)
+        adapter = TransformersMambaStateAdapter(model.config)
+        adapter.prepare(model)
+        assert all(type(m) is not _compat.mamba_mixer_class() for m in model.modules())
+        cache, logits = adapter.empty_cache(), []
+        for part in (ids[:, :6], ids[:, 6:7], ids[:, 7:]):
+            out = model(input_ids=part, cache_params=cache, use_cache=True)
+            logits.append(out.logits)
+            cache = out.cache_params
+    assert torch.allclose(torch.cat(logits, 1), reference.logits, atol=1e-5, rtol=1e-5)
+    for layer in range(model.config.num_hidden_layers):
+        ours = cache.get_recurrent_state(layer, state_idx=0)
+        theirs = reference.cache_params.get_recurrent_state(layer, state_idx=0)
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)

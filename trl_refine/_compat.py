@@ -10,7 +10,8 @@ engine's FSDP2 LM-head hold reads FSDP2's parameter groups (``FSDPModule._get_fs
 ``_fsdp_param_groups``, ``_auto_reshard_after_forward``, a group's ``_training_state`` and
 ``torch.distributed.fsdp._fully_shard._fsdp_common.TrainingState``); the shared-prefix attention of the transformers
 hybrids switches a model's ``config._attn_implementation`` and, for kimi_linear, wraps its MLA layers' latent
-expansion (``KimiLinearAttention.expand_kv``, which the layer's forward calls on what the cache returned); the
+expansion (``KimiLinearAttention.expand_kv``, which the layer's forward calls on what the cache returned); transformers'
+Mamba mixer (``MambaMixer``, whose class the snapshot engine swaps for one continuing the cached state); the
 snapshot engine's checkpointed segments flatten
 recurrent states with ``torch.utils._pytree``. The wrappers below are the only users;
 `check_private_api` (run by the drift test) says which one moved.
@@ -247,6 +248,25 @@ def mla_expand_kv_wrapped(model, wrap):
                 layer.expand_kv = before
 
 
+#: transformers' Mamba (v1) mixer: its PyTorch path starts every multi-token scan from a zero state (its selective
+#: scan takes no initial state), so the snapshot engine swaps in a subclass whose forward continues the cached state
+#: (`trl_refine.rollout.adapters.transformers_mamba`); ``(module, class name)``
+MAMBA_MIXER = ("transformers.models.mamba.modeling_mamba", "MambaMixer")
+#: the mixer attributes that subclass reads (set by ``MambaMixer.__init__``)
+MAMBA_MIXER_ATTRIBUTES = (
+    "in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj", "act", "layer_idx", "time_step_rank",
+    "ssm_state_size", "conv_kernel_size",
+)  # fmt: skip
+
+
+def mamba_mixer_class() -> type:
+    """transformers' ``MambaMixer`` (`MAMBA_MIXER`)."""
+    import importlib
+
+    module, name = MAMBA_MIXER
+    return getattr(importlib.import_module(module), name)
+
+
 def tree_flatten(tree):
     """``torch.utils._pytree.tree_flatten``: the leaves of nested tuples / lists / dicts and how to rebuild them."""
     from torch.utils import _pytree
@@ -304,6 +324,14 @@ def check_private_api() -> None:
                 f"{cls.__qualname__}.forward no longer expands (expand_kv) the latents that past_key_values.update "
                 "returns"
             )
+    mixer = mamba_mixer_class()
+    params = tuple(inspect.signature(mixer.forward).parameters)[:4]
+    if params != ("self", "hidden_states", "cache_params", "attention_mask"):
+        raise _drift(f"{MAMBA_MIXER[1]}.forward(self, hidden_states, cache_params, attention_mask) changed: {params}")
+    init = inspect.getsource(mixer.__init__)
+    missing = [a for a in MAMBA_MIXER_ATTRIBUTES if f"self.{a} =" not in init]
+    if missing:
+        raise _drift(f"{MAMBA_MIXER[1]}.__init__ no longer sets {', '.join(missing)}")
     from torch.utils import _pytree
 
     for name in ("tree_flatten", "tree_unflatten"):
@@ -321,6 +349,7 @@ __all__ = [
     "fsdp2_state",
     "fsdp2_training_states",
     "is_fsdp_managed_module",
+    "mamba_mixer_class",
     "mla_expand_kv_wrapped",
     "set_attn_implementation",
     "set_fsdp2_auto_reshard_after_forward",

@@ -7,6 +7,8 @@ Hidden states are captured with a forward hook on the backbone, so no submodule 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 
 import torch
@@ -21,6 +23,27 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model
+
+
+@functools.cache
+def _cache_keyword_of(cls: type) -> str:
+    parameters = inspect.signature(cls.forward).parameters
+    return (
+        "cache_params" if "cache_params" in parameters and "past_key_values" not in parameters else "past_key_values"
+    )
+
+
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """``{keyword: cache}`` for a forward continuing ``cache``: ``past_key_values`` for most causal LMs,
+    ``cache_params`` for transformers' Mamba / Mamba-2, which silently ignore a ``past_key_values`` argument (and
+    would start from an empty state)."""
+    return {_cache_keyword_of(type(unwrap(model))): cache}
+
+
+def output_cache(out):
+    """The cache a forward returned (``past_key_values``, or ``cache_params`` for transformers' Mamba / Mamba-2)."""
+    cache = getattr(out, "past_key_values", None)
+    return cache if cache is not None else getattr(out, "cache_params", None)
 
 
 def backbone_of(model: torch.nn.Module) -> torch.nn.Module:

@@ -17,9 +17,11 @@ import torch
 from trl import ModelConfig
 
 from trl_refine.model_loading import load_causal_lm, resolve_model_path
-from trl_refine.models.tiny_configs import FLA_FAMILIES, FLA_HYBRIDS, TRANSFORMERS_HYBRIDS
+from trl_refine.models.tiny_configs import FLA_FAMILIES, FLA_HYBRIDS, TRANSFORMERS_HYBRIDS, TRANSFORMERS_SSMS
 
-TINY_MODEL_TYPES = ("refine_delta_net", "lact_swiglu", *FLA_FAMILIES, *FLA_HYBRIDS, *TRANSFORMERS_HYBRIDS)
+TINY_MODEL_TYPES = (
+    "refine_delta_net", "lact_swiglu", *FLA_FAMILIES, *FLA_HYBRIDS, *TRANSFORMERS_HYBRIDS, *TRANSFORMERS_SSMS,
+)  # fmt: skip
 
 
 @dataclass
@@ -47,8 +49,10 @@ class ModelArguments(ModelConfig):
             + ", ".join(FLA_FAMILIES)
             + "), an fla hybrid with fla attention layers (needs a GPU and flash_attn: "
             + ", ".join(FLA_HYBRIDS)
-            + ") or a transformers hybrid (runs on CPU too: "
+            + "), a transformers hybrid (runs on CPU too: "
             + ", ".join(TRANSFORMERS_HYBRIDS)
+            + ") or transformers' Mamba-2 / Mamba (runs on CPU too: "
+            + ", ".join(TRANSFORMERS_SSMS)
             + "); docs/models.md tables which engine each gets."
         },
     )

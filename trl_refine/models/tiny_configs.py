@@ -10,6 +10,9 @@ from __future__ import annotations
 
 #: transformers hybrids (linear-recurrent + attention layers); run on CPU with torch fallbacks
 TRANSFORMERS_HYBRIDS = ("qwen3_next", "kimi_linear", "falcon_h1", "bamba", "granitemoehybrid", "lfm2")
+#: transformers' pure state-space models (``Mamba2ForCausalLM``, ``MambaForCausalLM``; model types ``mamba2`` and
+#: ``mamba``, prefixed here because fla's Mamba models share those names); run on CPU with torch fallbacks
+TRANSFORMERS_SSMS = ("transformers_mamba2", "transformers_mamba")
 #: flash-linear-attention families (Triton kernels: GPU only)
 FLA_FAMILIES = (
     "delta_net", "gated_deltanet", "gla", "gated_deltaproduct", "kda", "mamba2", "rwkv7", "hgrn2", "gsa", "hgrn",
@@ -34,8 +37,8 @@ def tiny_config(
     pad_token_id: int | None = 0,
     eos_token_id: int | None = 1,
 ):
-    """The config of a small random ``model_type`` model (one of `TRANSFORMERS_HYBRIDS`, `FLA_FAMILIES`,
-    `FLA_HYBRIDS`).
+    """The config of a small random ``model_type`` model (one of `TRANSFORMERS_HYBRIDS`, `TRANSFORMERS_SSMS`,
+    `FLA_FAMILIES`, `FLA_HYBRIDS`; ``heads`` is unused by ``transformers_mamba``).
 
     Without CUDA, ``qwen3_next`` and ``kimi_linear`` are switched to transformers' PyTorch kernels (with fla
     installed transformers binds fla's Triton kernels, which need a GPU): `use_transformers_torch_kernels`."""
@@ -97,6 +100,17 @@ def tiny_config(
         from transformers import Lfm2Config
 
         return Lfm2Config(**common, **attn, layer_types=_alternating(layers, "conv", "full_attention"))
+    if model_type == "transformers_mamba2":
+        from transformers import Mamba2Config
+
+        return Mamba2Config(
+            **common, num_heads=2 * heads, head_dim=hidden_size // heads, expand=2, n_groups=1, state_size=16,
+            conv_kernel=4, chunk_size=64,
+        )  # fmt: skip
+    if model_type == "transformers_mamba":
+        from transformers import MambaConfig
+
+        return MambaConfig(**common, state_size=16, expand=2, conv_kernel=4)
     if model_type in FLA_FAMILIES or model_type in FLA_HYBRIDS:
         try:
             import fla  # noqa: F401
@@ -115,7 +129,7 @@ def tiny_config(
         return _fla_config(model_type, common, heads, head_dim)
     raise ValueError(
         f"no tiny config for model_type {model_type!r}; choose one of "
-        f"{TRANSFORMERS_HYBRIDS + FLA_FAMILIES + FLA_HYBRIDS}"
+        f"{TRANSFORMERS_HYBRIDS + TRANSFORMERS_SSMS + FLA_FAMILIES + FLA_HYBRIDS}"
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from trl_refine.modeling_utils import score_tokens
+from trl_refine.modeling_utils import cache_kwargs, output_cache, score_tokens
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutOutput, RolloutPlan, ScanOutput, TrainForward
 from trl_refine.rollout.sampling import draw_noise, sample_from_logits
 
@@ -88,9 +88,12 @@ class GenericEngine(RolloutEngine):
             if i == k - 1:
                 break
             mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
-            out = model(
-                input_ids=tok[:, None], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True
-            )
+            step = cache_kwargs(model, output_cache(out))
+            if "cache_params" not in step:
+                # transformers' Mamba / Mamba-2 decode without a mask, as their prepare_inputs_for_generation does
+                # (MambaForCausalLM misreads a full-length one on a one-token step)
+                step["attention_mask"] = mask
+            out = model(input_ids=tok[:, None], use_cache=True, **step)
         return torch.stack(tokens, dim=1)
 
     @staticmethod

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from trl_refine._compat import tree_flatten, tree_unflatten
-from trl_refine.modeling_utils import capture_last_hidden_state, lm_head_logps, unwrap
+from trl_refine.modeling_utils import cache_kwargs, capture_last_hidden_state, lm_head_logps, output_cache, unwrap
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutOutput, RolloutPlan, ScanOutput, TrainForward
 from trl_refine.rollout.fsdp_head import fsdp2_owner_of_lm_head, hold_lm_head
 from trl_refine.rollout.generic import teacher_forced_scan
@@ -91,6 +91,7 @@ class SnapshotEngine(RolloutEngine):
             if adapter is None:
                 raise ValueError(f"the snapshot engine cannot run {type(unwrap(model)).__name__}: {why}")
             self.adapter = adapter
+        self.adapter.prepare(unwrap(model))
         return self.adapter
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -178,26 +179,33 @@ class SnapshotEngine(RolloutEngine):
         if self.adapter.packing == "serial":  # one document: ids [T] continue ``rows`` (one row)
             cache = self.adapter.build_cache(rows) if rows is not None else self.adapter.empty_cache()
             extra = self.adapter.continuation_kwargs(rows, 0, width, ids.device)
-            out = model(input_ids=ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
-            return store["hidden"][0], self.adapter.snapshot(out.past_key_values)
+            extra.update(cache_kwargs(model, cache))
+            out = model(input_ids=ids[None], use_cache=True, logits_to_keep=1, **extra)
+            return store["hidden"][0], self.adapter.snapshot(output_cache(out))
         cache = None if rows is None else self.adapter.build_cache(rows)
         if self.adapter.packing == "varlen":
-            out = model(input_ids=ids[None], cu_seqlens=cu, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            return store["hidden"][0], self.adapter.snapshot(out.past_key_values)
+            out = model(
+                input_ids=ids[None], cu_seqlens=cu, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)
+            )
+            return store["hidden"][0], self.adapter.snapshot(output_cache(out))
         lens = (cu[1:] - cu[:-1]).long()
         col = torch.arange(width, device=ids.device)
         valid = col[None, :] >= (width - lens)[:, None]  # left padding
         src = (cu[:-1].long()[:, None] + col[None, :] - (width - lens)[:, None]).clamp(min=0)
         padded = torch.where(valid, ids[src.clamp(max=ids.numel() - 1)], torch.full_like(src, self.pad_token_id))
         out = model(
-            input_ids=padded, attention_mask=valid.long(), past_key_values=cache, use_cache=True, logits_to_keep=1
+            input_ids=padded,
+            attention_mask=valid.long(),
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kwargs(model, cache),
         )
         # the packed tokens' rows of the padded output, gathered without a boolean mask (which would sync)
         token = torch.arange(ids.numel(), device=ids.device)
         row = torch.searchsorted(cu[1:].long(), token, right=True)
         flat = row * width + token - cu[:-1].long()[row] + (width - lens)[row]
         hidden = store["hidden"].reshape(-1, store["hidden"].size(-1)).index_select(0, flat)
-        return hidden, self.adapter.snapshot(out.past_key_values)
+        return hidden, self.adapter.snapshot(output_cache(out))
 
     def _checkpointed_segment(self, model, ids, cu, width: int, rows: State | None) -> tuple[torch.Tensor, State]:
         flat, spec = tree_flatten(rows) if rows is not None else ([], None)
@@ -285,9 +293,9 @@ class SnapshotEngine(RolloutEngine):
                 if i == k - 1 and not need_hidden:
                     break  # that call would only give the last token's hidden state
                 extra = self.adapter.continuation_kwargs(rows, i, 1, tok.device)
-                out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True, **extra)
+                out = model(input_ids=tok[:, None], use_cache=True, **extra, **cache_kwargs(model, cache))
                 hiddens.append(store["hidden"][:, -1])
-                cache = out.past_key_values
+                cache = output_cache(out)
                 logits = out.logits[:, -1].float()
         hidden = torch.stack(hiddens, 1) if need_hidden else None
         return torch.stack(tokens, 1), torch.stack(logps, 1), hidden
@@ -329,7 +337,11 @@ class SnapshotEngine(RolloutEngine):
             extra = self.adapter.continuation_kwargs(rows, 0, k - 1, completion_ids.device)
             with capture_last_hidden_state(model) as store, self.adapter.branch_calls(model, rows):
                 model(
-                    input_ids=completion_ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1, **extra
+                    input_ids=completion_ids[:, :-1],
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **extra,
+                    **cache_kwargs(model, cache),
                 )
             hidden = store["hidden"]
             rows = completion_ids.size(0)

@@ -68,6 +68,10 @@ class FlaStateAdapter:
     def snapshot(self, cache) -> State:
         return [dict(layer) for layer in cache]
 
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Make ``model`` (unwrapped) ready for the engine's calls; the engine calls it before every pass. Nothing
+        here (transformers' Mamba swaps its mixers for ones that continue a cached state)."""
+
     def empty_cache(self):
         """The cache of a call that starts from the empty state (None: the model makes its own)."""
         return None
@@ -170,7 +174,8 @@ def unverified_reason(model: torch.nn.Module) -> str:
     )
 
 
-#: fla model types that cannot run on the snapshot engine, and why (checked against fla 0.6.0)
+#: fla model types that cannot run on the snapshot engine, and why (checked against fla 0.6.0; transformers' own
+#: ``mamba2`` / ``mamba``, whose configs share these names, are served, `transformers_mamba`)
 UNSUPPORTED_MODEL_TYPES = {
     "mamba2": "fla's Mamba2 layer only continues a cache one token at a time ('Mamba2 cached decoding only supports "
     "a single new token per step'), so a segment cannot continue a snapshot",
@@ -198,10 +203,16 @@ def state_adapter_for(model: torch.nn.Module) -> tuple[FlaStateAdapter | None, s
         if sliding:
             return None, f"{model_type} with {', '.join(sliding)} layers (a sliding K/V window is not supported)"
         return TransformersHybridStateAdapter(config), ""
+    from trl_refine.rollout.adapters.transformers_mamba import TransformersMambaStateAdapter, is_transformers_mamba
+
+    if is_transformers_mamba(config):
+        return TransformersMambaStateAdapter(config), ""
     if model_type in UNSUPPORTED_MODEL_TYPES:
         return None, f"model_type {model_type!r}: {UNSUPPORTED_MODEL_TYPES[model_type]}"
     if model_type not in FLA_LAYOUT_MODEL_TYPES:
-        supported = ", ".join((*FLA_LAYOUT_MODEL_TYPES, "lact_swiglu", *HYBRID_MODEL_TYPES))
+        supported = ", ".join(
+            (*FLA_LAYOUT_MODEL_TYPES, "lact_swiglu", *HYBRID_MODEL_TYPES, "transformers' mamba2, mamba")
+        )
         return None, f"model_type {model_type!r} has no state adapter (supported: {supported})"
     if getattr(config, "attn", None) and model_type != "refine_delta_net":  # ours refuses attn itself
         from trl_refine.rollout.adapters.fla_hybrid import FlaHybridStateAdapter, hybrid_problem
