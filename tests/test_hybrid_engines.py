@@ -278,10 +278,16 @@ def test_unsupported_families_fall_back_with_the_reason(caplog, monkeypatch):
     pytest.importorskip("fla")
     from transformers import AutoModelForCausalLM
 
-    mamba2 = AutoModelForCausalLM.from_config(tiny_config("mamba2", vocab_size=VOCAB, hidden_size=32))
+    for family in ("mamba2", "mamba"):  # compared under the Triton interpreter (tests/test_fla_families_interpret.py)
+        model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=VOCAB, hidden_size=32))
+        assert type(model).__module__.startswith("fla.")
+        assert build_engine("auto", model).name == "snapshot"
+    grouped = tiny_config("mamba2", vocab_size=VOCAB, hidden_size=32)
+    grouped.n_groups = 2
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="trl_refine"):
-        assert build_engine("auto", mamba2).name == "generic"
-    assert "only continues a cache one token at a time" in caplog.text
+        assert build_engine("auto", AutoModelForCausalLM.from_config(grouped)).name == "generic"
+    assert "n_groups > 1" in caplog.text
 
     kda = AutoModelForCausalLM.from_config(tiny_config("kda", vocab_size=VOCAB, hidden_size=32))
     assert build_engine("auto", kda).name == "snapshot"  # gradients compared (tests/test_fla_families_interpret.py)

@@ -11,7 +11,8 @@ engine's FSDP2 LM-head hold reads FSDP2's parameter groups (``FSDPModule._get_fs
 ``torch.distributed.fsdp._fully_shard._fsdp_common.TrainingState``); the shared-prefix attention of the transformers
 hybrids switches a model's ``config._attn_implementation`` and, for kimi_linear, wraps its MLA layers' latent
 expansion (``KimiLinearAttention.expand_kv``, which the layer's forward calls on what the cache returned); transformers'
-Mamba mixer (``MambaMixer``, whose class the snapshot engine swaps for one continuing the cached state); the
+Mamba mixer (``MambaMixer``, whose class the snapshot engine swaps for one continuing the cached state) and
+Mamba-2 chunked scan (``mamba2_chunk_scan``, which fla's Mamba-2 layers continue a cached state through); the
 snapshot engine's checkpointed segments flatten
 recurrent states with ``torch.utils._pytree``. The wrappers below are the only users;
 `check_private_api` (run by the drift test) says which one moved.
@@ -267,6 +268,28 @@ def mamba_mixer_class() -> type:
     return getattr(importlib.import_module(module), name)
 
 
+#: transformers' Mamba-2 chunked SSD scan (PyTorch, or mamba_ssm's kernel when installed), which takes an initial
+#: state: fla's Mamba-2 layer, whose own scan does not, continues a cached state through it
+#: (`trl_refine.rollout.adapters.fla_mamba`); ``(module, function name)`` and the keywords passed
+MAMBA2_CHUNK_SCAN = ("transformers.models.mamba2.modeling_mamba2", "mamba2_chunk_scan")
+MAMBA2_CHUNK_SCAN_KEYWORDS = (
+    "chunk_size", "D", "dt_bias", "initial_states", "dt_softplus", "dt_limit", "return_final_states",
+)  # fmt: skip
+
+
+def _mamba2_chunk_scan():
+    import importlib
+
+    module, name = MAMBA2_CHUNK_SCAN
+    return getattr(importlib.import_module(module), name)
+
+
+def mamba2_chunk_scan(x, dt, A, B, C, **kwargs):
+    """transformers' ``mamba2_chunk_scan`` (`MAMBA2_CHUNK_SCAN`): ``(y [B, T, H, P], final state [B, H, P, N])`` with
+    ``return_final_states=True``."""
+    return _mamba2_chunk_scan()(x, dt, A, B, C, **kwargs)
+
+
 def tree_flatten(tree):
     """``torch.utils._pytree.tree_flatten``: the leaves of nested tuples / lists / dicts and how to rebuild them."""
     from torch.utils import _pytree
@@ -332,6 +355,11 @@ def check_private_api() -> None:
     missing = [a for a in MAMBA_MIXER_ATTRIBUTES if f"self.{a} =" not in init]
     if missing:
         raise _drift(f"{MAMBA_MIXER[1]}.__init__ no longer sets {', '.join(missing)}")
+    scan = _mamba2_chunk_scan()
+    params = inspect.signature(inspect.unwrap(scan)).parameters
+    missing = [k for k in MAMBA2_CHUNK_SCAN_KEYWORDS if k not in params]
+    if list(params)[:5] != ["hidden_states", "dt", "A", "B", "C"] or missing:
+        raise _drift(f"{MAMBA2_CHUNK_SCAN[1]}(hidden_states, dt, A, B, C, ...) changed (missing: {missing})")
     from torch.utils import _pytree
 
     for name in ("tree_flatten", "tree_unflatten"):
@@ -349,6 +377,7 @@ __all__ = [
     "fsdp2_state",
     "fsdp2_training_states",
     "is_fsdp_managed_module",
+    "mamba2_chunk_scan",
     "mamba_mixer_class",
     "mla_expand_kv_wrapped",
     "set_attn_implementation",

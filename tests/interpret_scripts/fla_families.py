@@ -2,10 +2,11 @@
 model (rollout ids, old log-probs, hidden states, document and rollout log-probs, and parameter gradients where the
 interpreter can run the backward: without short convolutions, whose backward from a cache it cannot run). Run by
 tests/test_fla_families_interpret.py in a subprocess (the interpreter must be on before fla's kernels are
-defined): ``python fla_families.py FAMILY [conv] [forward] [naive]`` (``conv``: with short convolutions, which
-makes the comparison forward-only; ``forward``: no backward, for kernels whose backward the interpreter cannot run
-in fp32; ``naive``: the family's chunk op, which the interpreter cannot run, replaced by fla's pure-PyTorch
-reference, see _naive_ops.py); prints one JSON line."""
+defined): ``python fla_families.py FAMILY [conv] [forward] [naive] [chunk8]`` (``conv``: with short convolutions,
+which makes the comparison forward-only; ``forward``: no backward, for kernels whose backward the interpreter cannot
+run in fp32; ``naive``: the family's chunk op, which the interpreter cannot run, replaced by fla's pure-PyTorch
+reference, see _naive_ops.py; ``chunk8``: ``config.chunk_size = 8``, so that mamba2's segments span several scan
+chunks); prints one JSON line."""
 
 import json
 import os
@@ -32,6 +33,8 @@ cfg = tiny_config(family, vocab_size=64, hidden_size=32, layers=2, heads=2)
 for key, value in dict(fuse_norm=False, fuse_swiglu=False, attn_mode="fused_recurrent").items():
     if hasattr(cfg, key):
         setattr(cfg, key, value)
+if "chunk8" in sys.argv[2:]:
+    cfg.chunk_size = 8
 if hasattr(cfg, "use_short_conv"):
     cfg.use_short_conv = conv
 model = AutoModelForCausalLM.from_config(cfg).float().eval()

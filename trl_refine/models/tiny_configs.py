@@ -15,8 +15,8 @@ TRANSFORMERS_HYBRIDS = ("qwen3_next", "kimi_linear", "falcon_h1", "bamba", "gran
 TRANSFORMERS_SSMS = ("transformers_mamba2", "transformers_mamba")
 #: flash-linear-attention families (Triton kernels: GPU only)
 FLA_FAMILIES = (
-    "delta_net", "gated_deltanet", "gla", "gated_deltaproduct", "kda", "mamba2", "rwkv7", "hgrn2", "gsa", "hgrn",
-    "comba",
+    "delta_net", "gated_deltanet", "gla", "gated_deltaproduct", "kda", "mamba2", "mamba", "rwkv7", "hgrn2", "gsa",
+    "hgrn", "comba",
 )  # fmt: skip
 #: fla hybrids: an fla family with fla `Attention` layers (``config.attn``: every second layer, ``heads`` query
 #: heads, half as many K/V heads), named ``<family>_hybrid``; fla's Attention needs flash_attn
@@ -150,6 +150,9 @@ def _fla_config(model_type: str, common: dict, heads: int, head_dim: int):
     if model_type == "mamba2":
         common.pop("intermediate_size")
         return fm.Mamba2Config(**common, num_heads=heads * 2, head_dim=common["hidden_size"] // heads, state_size=16)
+    if model_type == "mamba":
+        common.pop("intermediate_size")
+        return fm.MambaConfig(**common, state_size=16, expand=2, conv_kernel=4)
     if model_type == "rwkv7":
         return fm.RWKV7Config(**common, head_dim=head_dim)
     if model_type == "hgrn2":

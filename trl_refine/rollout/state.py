@@ -174,13 +174,12 @@ def unverified_reason(model: torch.nn.Module) -> str:
     )
 
 
-#: fla model types that cannot run on the snapshot engine, and why (checked against fla 0.6.0; transformers' own
-#: ``mamba2`` / ``mamba``, whose configs share these names, are served, `transformers_mamba`)
+#: fla model types that cannot run on the snapshot engine, and why (checked against fla 0.6.0; fla's ``mamba2`` /
+#: ``mamba``, whose layers only continue a cache one token at a time, run with layers that `fla_mamba` lets continue
+#: it over many tokens; transformers' own, whose configs share these names, through `transformers_mamba`)
 UNSUPPORTED_MODEL_TYPES = {
-    "mamba2": "fla's Mamba2 layer only continues a cache one token at a time ('Mamba2 cached decoding only supports "
-    "a single new token per step'), so a segment cannot continue a snapshot",
-    "mamba": "fla's Mamba layer only continues a cache one token at a time, so a segment cannot continue a snapshot",
-    "samba": "fla's Samba interleaves fla Mamba layers, which only continue a cache one token at a time",
+    "samba": "fla's Samba interleaves fla Mamba layers with sliding-window attention (a sliding K/V window is "
+    "not supported)",
     "retnet": "fla's MultiScaleRetention takes its rotary offset from the cache's token count, one number for a "
     "packed call, not each document's position",
     "rwkv6": "fla's RWKV6 keeps one token-shift state per call (the packed batch's last token), not one per document",
@@ -207,12 +206,15 @@ def state_adapter_for(model: torch.nn.Module) -> tuple[FlaStateAdapter | None, s
 
     if is_transformers_mamba(config):
         return TransformersMambaStateAdapter(config), ""
+    if model_type in ("mamba2", "mamba"):
+        from trl_refine.rollout.adapters.fla_mamba import FlaMambaStateAdapter, unsupported_fla_mamba2
+
+        why = unsupported_fla_mamba2(config) if model_type == "mamba2" else ""
+        return (None, why) if why else (FlaMambaStateAdapter(), "")
     if model_type in UNSUPPORTED_MODEL_TYPES:
         return None, f"model_type {model_type!r}: {UNSUPPORTED_MODEL_TYPES[model_type]}"
     if model_type not in FLA_LAYOUT_MODEL_TYPES:
-        supported = ", ".join(
-            (*FLA_LAYOUT_MODEL_TYPES, "lact_swiglu", *HYBRID_MODEL_TYPES, "transformers' mamba2, mamba")
-        )
+        supported = ", ".join((*FLA_LAYOUT_MODEL_TYPES, "lact_swiglu", *HYBRID_MODEL_TYPES, "mamba2", "mamba"))
         return None, f"model_type {model_type!r} has no state adapter (supported: {supported})"
     if getattr(config, "attn", None) and model_type != "refine_delta_net":  # ours refuses attn itself
         from trl_refine.rollout.adapters.fla_hybrid import FlaHybridStateAdapter, hybrid_problem

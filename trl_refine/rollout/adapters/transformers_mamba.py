@@ -82,14 +82,33 @@ def continuing_mixer_class(base: type) -> type:
 
 
 def mamba_mixer_from_state(mixer, hidden_states: torch.Tensor, cache, attention_mask=None) -> torch.Tensor:
-    """transformers' ``MambaMixer`` PyTorch path, starting from the SSM state in ``cache`` (the same projections,
-    causal conv over the cached window, selective recurrence in fp32, D skip and gate); updates ``cache``."""
+    """transformers' ``MambaMixer`` PyTorch path, starting from the SSM state in ``cache`` (`mamba_scan_from_state`);
+    updates ``cache``."""
+    output, _, state = mamba_scan_from_state(
+        mixer,
+        hidden_states,
+        lambda x: cache.update_conv_state(x, mixer.layer_idx, conv_kernel_size=mixer.conv_kernel_size),
+        cache.get_recurrent_state(mixer.layer_idx, state_idx=0),
+        time_step_rank=mixer.time_step_rank,
+        gate_act=F.silu,
+        attention_mask=attention_mask,
+    )
+    cache.update_recurrent_state(state, mixer.layer_idx)
+    return output
+
+
+def mamba_scan_from_state(
+    mixer, hidden_states: torch.Tensor, extend_window, initial, *, time_step_rank: int, gate_act, attention_mask=None
+):
+    """A Mamba (v1) mixer's PyTorch path (transformers' ``MambaMixer``, fla's ``Mamba``: the same parameters) starting
+    from the SSM state ``initial`` ([B, D, N], None: zeros): projections, the causal conv over
+    ``extend_window(x)`` (the cached pre-conv window followed by the new inputs ``x`` [B, D, T]), the selective
+    recurrence in fp32, D skip and gate. Returns the output, the extended window and the final SSM state."""
     seq_len, dtype = hidden_states.shape[1], hidden_states.dtype
-    initial = cache.get_recurrent_state(mixer.layer_idx, state_idx=0)
     if attention_mask is not None:
         hidden_states = (hidden_states * attention_mask[:, -seq_len:, None]).to(dtype)
     x, gate = mixer.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
-    full = cache.update_conv_state(x, mixer.layer_idx, conv_kernel_size=mixer.conv_kernel_size)
+    full = extend_window(x)
     weight = mixer.conv1d.weight
     x = F.conv1d(
         full.to(weight.dtype), weight, mixer.conv1d.bias, padding=weight.shape[-1] - 1, groups=weight.shape[0]
@@ -98,7 +117,7 @@ def mamba_mixer_from_state(mixer, hidden_states: torch.Tensor, cache, attention_
     if attention_mask is not None:
         x = x * attention_mask[:, None, -seq_len:].to(dtype)
     time_step, B, C = torch.split(
-        mixer.x_proj(x.transpose(1, 2)), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1
+        mixer.x_proj(x.transpose(1, 2)), [time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1
     )
     dt = mixer.dt_proj.weight @ time_step.transpose(1, 2)
     if mixer.dt_proj.bias is not None:
@@ -109,10 +128,10 @@ def mamba_mixer_from_state(mixer, hidden_states: torch.Tensor, cache, attention_
     drive = dt[..., None] * B[:, None, :, :].float() * x[..., None].float()
     state = x.new_zeros(*x.shape[:2], A.shape[-1], dtype=torch.float32) if initial is None else initial.float()
     outputs = []
-    for t in range(seq_len):
-        state = decay[:, :, t] * state + drive[:, :, t]
-        outputs.append(torch.matmul(state.to(x.dtype), C[:, t, :, None].to(x.dtype))[..., 0])
+    # unbind, not an index per step: the backward of a per-step slice writes a full-size gradient each step
+    for decay_t, drive_t, c_t in zip(decay.unbind(2), drive.unbind(2), C.unbind(1)):
+        state = decay_t * state + drive_t
+        outputs.append(torch.matmul(state.to(x.dtype), c_t[:, :, None].to(x.dtype))[..., 0])
     y = torch.stack(outputs, dim=-1) + x * mixer.D.float()[None, :, None]
-    y = y * F.silu(gate)
-    cache.update_recurrent_state(state, mixer.layer_idx)
-    return mixer.out_proj(y.transpose(1, 2).to(dtype))
+    y = y * gate_act(gate)
+    return mixer.out_proj(y.transpose(1, 2).to(dtype)), full, state
