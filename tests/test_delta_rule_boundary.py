@@ -42,7 +42,11 @@ def test_fla_internals_exist_with_the_arguments_used():
 
 def test_bad_input_fails_early_with_a_message():
     pytest.importorskip("fla")
-    from trl_refine.kernels.delta_rule_boundary import chunk_delta_rule_with_boundary_states, states_after
+    from trl_refine.kernels.delta_rule_boundary import (
+        chunk_delta_rule_states_at,
+        chunk_delta_rule_with_boundary_states,
+        states_after,
+    )
 
     q = torch.randn(1, 70, 2, 16)
     with pytest.raises(ValueError, match="beta"):
@@ -54,13 +58,22 @@ def test_bad_input_fails_early_with_a_message():
         states_after(hs, ht, q, q, torch.rand(1, 70, 2), torch.tensor([[71]]))
     with pytest.raises(ValueError, match="do not belong"):
         states_after(hs[:, :, :1], ht, q, q, torch.rand(1, 70, 2), torch.tensor([[3]]))
+    beta = torch.rand(1, 70, 2)
+    with pytest.raises(ValueError, match="counts must lie"):
+        chunk_delta_rule_states_at(q, q, q, beta, None, None, torch.tensor([[-1]]))
+    with pytest.raises(ValueError, match="counts must be"):
+        chunk_delta_rule_states_at(q, q, q, beta, None, None, torch.tensor([3]))
+    with pytest.raises(ValueError, match="integer"):
+        chunk_delta_rule_states_at(q, q, q, beta, None, None, torch.tensor([[3.0]]))
 
 
 @pytest.mark.slow
 def test_boundary_states_and_gradients_equal_the_token_recurrence_under_the_triton_interpreter():
     """o, boundary states, final state, states after positions on and next to chunk boundaries, and the gradients
     wrt q, k, v, beta, initial state from random upstream gradients on all outputs (and on the boundary states
-    alone), T = 130 and 128, one and two V blocks: within 1e-5 relative of the reference (fp32)."""
+    alone), T = 130 and 128, one and two V blocks: within 1e-5 relative of the reference (fp32). The same for the
+    fused chunk_delta_rule_states_at (positions sharing a chunk, count 0 and T), which saves no dense per-chunk
+    states for its backward and under half the bytes of the op + states_after."""
     pytest.importorskip("fla")
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parents[1]
@@ -70,10 +83,20 @@ def test_boundary_states_and_gradients_equal_the_token_recurrence_under_the_trit
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res.pop("T128_K32_V80_boundary_grad_only/dq_both_zero") is True
-    for tag in ("T130_K16_V32_h0", "T128_K32_V80_boundary_grad_only"):
+    unfused, fused = (
+        ("T130_K16_V32_h0", "T128_K32_V80_boundary_grad_only"),
+        ("fused_T130_K16_V32_h0", "fused_T128_K32_V80"),
+    )
+    saved = {}
+    for tag in unfused + fused:
         assert res.pop(f"{tag}/seconds_ours") >= 0
+        saved[tag] = res.pop(f"{tag}/saved_bytes"), res.pop(f"{tag}/saved_dense")
+    assert all(saved[t][1] >= 1 for t in unfused) and all(saved[t][1] == 0 for t in fused), saved
+    assert saved[fused[0]][0] < saved[unfused[0]][0] / 2, saved  # the same shapes
     expected = {"o", "boundary", "final", "after", "dq", "dk", "dv", "dbeta"}
     assert {k.split("/")[1] for k in res if k.startswith("T130")} == expected | {"dh0"}
     assert {k.split("/")[1] for k in res if k.startswith("T128")} == expected - {"dq"}
+    assert {k.split("/")[1] for k in res if k.startswith(fused[0])} == expected - {"boundary"} | {"dh0"}
+    assert {k.split("/")[1] for k in res if k.startswith(fused[1])} == expected - {"boundary"}
     for key, value in res.items():
         assert value < 1e-5, (key, value)

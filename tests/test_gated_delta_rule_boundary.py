@@ -59,6 +59,7 @@ def test_the_refused_function_is_not_on_our_path():
 def test_bad_input_fails_early_with_a_message():
     pytest.importorskip("fla")
     from trl_refine.kernels.gated_delta_rule_boundary import (
+        chunk_gated_delta_rule_states_at,
         chunk_gated_delta_rule_with_boundary_states,
         gated_states_after,
     )
@@ -78,6 +79,10 @@ def test_bad_input_fails_early_with_a_message():
         gated_states_after(hs, ht, q, q, g[:, :5], beta, torch.tensor([[3]]))
     with pytest.raises(ValueError, match="counts must lie"):
         gated_states_after(hs, ht, q, q, g, beta, torch.tensor([[71]]))
+    with pytest.raises(ValueError, match="counts must lie"):
+        chunk_gated_delta_rule_states_at(q, q, q, g, beta, None, None, torch.tensor([[71]]))
+    with pytest.raises(ValueError, match="g, beta"):
+        chunk_gated_delta_rule_states_at(q, q, q, g[..., 0], beta, None, None, torch.tensor([[3]]))
 
 
 @pytest.mark.slow
@@ -85,7 +90,9 @@ def test_gated_boundary_states_and_gradients_equal_the_token_recurrence_under_th
     """o, boundary states, final state, states after positions on and next to chunk boundaries, and the gradients
     wrt q, k, v, g, beta, initial state from random upstream gradients on all outputs (and on the boundary states
     alone, V-first), T = 130 and 128, one and two V blocks: within 1e-5 relative of the token recurrence (fp32),
-    whose forward is fla's naive_recurrent_gated_delta_rule's."""
+    whose forward is fla's naive_recurrent_gated_delta_rule's. The same for the fused
+    chunk_gated_delta_rule_states_at (positions sharing a chunk, count 0 and T, V-first), which saves no dense
+    per-chunk states for its backward and under half the bytes of the op + gated_states_after."""
     pytest.importorskip("fla")
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parents[1]
@@ -95,11 +102,18 @@ def test_gated_boundary_states_and_gradients_equal_the_token_recurrence_under_th
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     one, two = "T130_K16_V32_h0", "T128_K32_V80_h0_vfirst_boundary_grad_only"
+    fused = ("fused_T130_K16_V32_h0", "fused_T128_K32_V80_h0_vfirst")
     assert res.pop(f"{two}/dq_both_zero") is True
-    for tag in (one, two):
+    saved = {}
+    for tag in (one, two) + fused:
         assert res.pop(f"{tag}/seconds_ours") >= 0
+        saved[tag] = res.pop(f"{tag}/saved_bytes"), res.pop(f"{tag}/saved_dense")
+    assert saved[one][1] >= 1 and saved[two][1] >= 1 and all(saved[t][1] == 0 for t in fused), saved
+    assert saved[fused[0]][0] < saved[one][0] / 2, saved  # the same shapes
     expected = {"o", "boundary", "final", "after", "dq", "dk", "dv", "dg", "dbeta", "dh0", "reference_vs_fla_naive"}
     assert {k.split("/")[1] for k in res if k.startswith(one)} == expected
     assert {k.split("/")[1] for k in res if k.startswith(two)} == expected - {"dq"}
+    for tag in fused:
+        assert {k.split("/")[1] for k in res if k.startswith(tag)} == expected - {"boundary"}
     for key, value in res.items():
         assert value < 1e-5, (key, value)

@@ -39,14 +39,24 @@ from fla.ops.utils import chunk_local_cumsum
 
 from trl_refine.kernels._chunk_recurrence import (
     CHUNK,
+    add_chunk_grads,
+    check_counts,
     check_inputs,
     for_fla,
+    position_chunks,
     recurrent_backward,
     recurrent_forward,
     states_after_counts,
+    states_in_chunks,
+    states_in_chunks_backward,
 )
 
-__all__ = ["CHUNK", "chunk_gated_delta_rule_with_boundary_states", "gated_states_after"]
+__all__ = [
+    "CHUNK",
+    "chunk_gated_delta_rule_states_at",
+    "chunk_gated_delta_rule_with_boundary_states",
+    "gated_states_after",
+]
 
 _RCP_LN2 = 1.0 / math.log(2.0)  # fla's kernels take the cumulative gate in log2 units (exp2)
 
@@ -65,20 +75,20 @@ def _unchunk(x: torch.Tensor, T: int) -> torch.Tensor:
     return x.transpose(2, 3).reshape(B, NT * CHUNK, H, *x.shape[4:])[:, :T]
 
 
-def _chunk_grads(q, k, v_new, g_cum, hs, dh, do, dv2, scale):
+def _chunk_grads(q, k, v_new, g_cum, S, dh, do, dv2, scale):
     """The chunk-local gradients that fla's gated ``chunk_bwd_dqkwg`` computes, in PyTorch (fp32): dq, dk, dw and the
     gradient of the chunk-local cumulative gate G (natural units), the last as (per token [B, NT, H, C], per chunk
     for its last token [B, NT, H]: it reaches every token of the chunk through the cumulative sum).
 
     Within a chunk with start state S, end-state gradient D and G = ln 2 * g_cum:
     o_i = scale (e^G_i q_i^T S + sum_{j<=i} e^(G_i - G_j) (q_i.k_j) v'_j), S_end = e^G_last S + sum_j
-    e^(G_last - G_j) k_j v'_j^T, v' = u - w S."""
+    e^(G_last - G_j) k_j v'_j^T, v' = u - w S. ``S``: the chunk-start states in fla's layout [B, NT, H, K, V]."""
     B, T, H, K = q.shape
-    NT = hs.shape[2]
+    NT = S.shape[1]
     qc, kc, vc, doc, dvc = (_chunks(x, NT) for x in (q, k, v_new, do, dv2))
     G = torch.cat([g_cum, g_cum[:, -1:].expand(B, NT * CHUNK - T, H)], 1) * math.log(2.0)  # last token's past T
     G = G.view(B, NT, CHUNK, H).transpose(2, 3)  # [B, NT, H, C]
-    S = hs.transpose(1, 2)  # [B, NT, H, K, V] fp32
+    S = S.float()
     D = dh.float()  # [B, NT, H, K, V]
     G_last = G[..., -1:]
     causal = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).tril()
@@ -94,12 +104,29 @@ def _chunk_grads(q, k, v_new, g_cum, hs, dh, do, dv2, scale):
     return _unchunk(dq, T), _unchunk(dk, T), _unchunk(dw, T), dg_tok, dg_last
 
 
+def _backward(q, k, v, g_cum, beta, A, w, S, v_new, do, dht, scale, want_dh0, dhb=None, chunks=None, ds0=None):
+    """The op's backward from the recomputed w and the chunk-start states S (fla's layout): (dq, dk, dv, dg of the
+    raw gate, dbeta, dh0), the start states' gradients dense (``dhb``) or sparse (``ds0`` at ``chunks``)."""
+    T = q.shape[1]
+    do = torch.zeros_like(v) if do is None else do.to(q.dtype).contiguous()
+    dv = chunk_bwd_dv_local(q=q, k=k, do=do, g=g_cum, scale=scale, chunk_size=CHUNK)
+    dh, dh0, dv2 = recurrent_backward(q, k, w, g_cum, do, dv, dht, dhb, scale, want_dh0, chunks=chunks, ds0=ds0)
+    dq, dk, dw, dg_tok, dg_last = _chunk_grads(q, k, v_new, g_cum, S, dh, do, dv2, scale)
+    dk2, dv_in, dbeta, dg2 = prepare_wy_repr_bwd(
+        k=k, v=v, beta=beta, A=A, dw=dw.to(w.dtype).contiguous(), du=dv2, g=g_cum, cu_seqlens=None
+    )
+    # gradient of the raw gate: reverse cumulative sum over each chunk of the cumulative gate's gradient
+    dG = dg_tok + _chunks(dg2[..., None], S.shape[1])[..., 0]
+    dg = dG.flip(-1).cumsum(-1).flip(-1) + dg_last[..., None]
+    return dq, dk + dk2.float(), dv_in, _unchunk(dg, T), dbeta, dh0
+
+
 class _ChunkGatedDeltaRuleBoundary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state):
         g_cum = chunk_local_cumsum(g, chunk_size=CHUNK, scale=_RCP_LN2)  # fp32, log2 units
         w, u, A = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g_cum, beta=beta, cu_seqlens=None, chunk_size=CHUNK)
-        hs, v_new, ht = recurrent_forward(k, w, u, g_cum, initial_state)
+        hs, v_new, ht, _ = recurrent_forward(k, w, u, g_cum, initial_state)
         o = chunk_fwd_o(q=q, k=k, v=v_new, h=for_fla(hs, k.dtype), g=g_cum, scale=scale, chunk_size=CHUNK)
         ctx.save_for_backward(q, k, v, g_cum, beta, A, hs, v_new)
         ctx.scale = scale
@@ -111,26 +138,55 @@ class _ChunkGatedDeltaRuleBoundary(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dhb, dht):
         q, k, v, g_cum, beta, A, hs, v_new = ctx.saved_tensors
-        scale = ctx.scale
-        B, T, H, _ = q.shape
-        if do is None:
-            do = torch.zeros_like(v)
-        do = do.to(q.dtype).contiguous()
         w, _ = recompute_w_u_fwd(k=k, v=v, beta=beta, A=A, g=g_cum, cu_seqlens=None)
-        dv = chunk_bwd_dv_local(q=q, k=k, do=do, g=g_cum, scale=scale, chunk_size=CHUNK)
-        dh, dh0, dv2 = recurrent_backward(q, k, w, g_cum, do, dv, dht, dhb, scale, ctx.has_h0)
-        dq, dk, dw, dg_tok, dg_last = _chunk_grads(q, k, v_new, g_cum, hs, dh, do, dv2, scale)
-        dk2, dv_in, dbeta, dg2 = prepare_wy_repr_bwd(
-            k=k, v=v, beta=beta, A=A, dw=dw.to(w.dtype).contiguous(), du=dv2, g=g_cum, cu_seqlens=None
+        S = hs.transpose(1, 2)
+        dq, dk, dv, dg, dbeta, dh0 = _backward(
+            q, k, v, g_cum, beta, A, w, S, v_new, do, dht, ctx.scale, ctx.has_h0, dhb=dhb
         )
-        # gradient of the raw gate: reverse cumulative sum over each chunk of the cumulative gate's gradient
-        dG = dg_tok + _chunks(dg2[..., None], hs.shape[2])[..., 0]
-        dg = dG.flip(-1).cumsum(-1).flip(-1) + dg_last[..., None]
-        dg = _unchunk(dg, T)
         dh0 = dh0.to(ctx.h0_dtype) if dh0 is not None else None
         return (
-            dq.to(q.dtype), (dk + dk2.float()).to(k.dtype), dv_in.to(v.dtype), dg.to(ctx.g_dtype),
-            dbeta.to(beta.dtype), None, dh0,
+            dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(ctx.g_dtype), dbeta.to(beta.dtype), None, dh0,
+        )  # fmt: skip
+
+
+class _ChunkGatedDeltaRuleStatesAt(torch.autograd.Function):
+    """The gated op with the states at the positions fused in (as the plain ``_ChunkDeltaRuleStatesAt``): only the n
+    start states of the positions' chunks leave the recurrence (fp32), the chunk-start states for chunk_fwd_o are
+    written in fla's layout and dtype, and nothing of size NT is saved (the backward recomputes the cumulative gate,
+    w, u, the chunk-start states, in fp32 for ``_chunk_grads``, and v_new)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, counts):
+        chunks, rem = position_chunks(counts, q.shape[1])
+        g_cum = chunk_local_cumsum(g, chunk_size=CHUNK, scale=_RCP_LN2)
+        w, u, A = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g_cum, beta=beta, cu_seqlens=None, chunk_size=CHUNK)
+        h, v_new, ht, s0 = recurrent_forward(
+            k, w, u, g_cum, initial_state, chunks=chunks, fla_layout=True, h_dtype=k.dtype
+        )
+        o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g_cum, scale=scale, chunk_size=CHUNK)
+        states = states_in_chunks(s0, k, v, beta, g, chunks, rem)
+        ctx.save_for_backward(q, k, v, g, beta, A, initial_state, s0, chunks, rem)
+        ctx.scale = scale
+        return o.to(v.dtype), states, ht
+
+    @staticmethod
+    def backward(ctx, do, dstates, dht):
+        q, k, v, g, beta, A, h0, s0, chunks, rem = ctx.saved_tensors
+        g_cum = chunk_local_cumsum(g, chunk_size=CHUNK, scale=_RCP_LN2)
+        w, u = recompute_w_u_fwd(k=k, v=v, beta=beta, A=A, g=g_cum, cu_seqlens=None)
+        S, v_new, _, _ = recurrent_forward(k, w, u, g_cum, h0, fla_layout=True)
+        ds0 = dkc = None
+        if dstates is not None:
+            ds0, dkc, dvc, dbc, dgc = states_in_chunks_backward(s0, k, v, beta, g, chunks, rem, dstates)
+        dq, dk, dv, dg, dbeta, dh0 = _backward(
+            q, k, v, g_cum, beta, A, w, S, v_new, do, dht, ctx.scale, h0 is not None, chunks=chunks, ds0=ds0
+        )
+        if dkc is not None:  # the partial chunks' direct gradients, into the op's own buffers
+            pairs = ((dk, dkc), (dv, dvc), (dbeta, dbc), (dg, dgc))
+            dk, dv, dbeta, dg = (add_chunk_grads(dx, dxc, chunks) for dx, dxc in pairs)
+        dh0 = dh0.to(h0.dtype) if dh0 is not None else None
+        return (
+            dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype), None, dh0, None,
         )  # fmt: skip
 
 
@@ -188,3 +244,35 @@ def gated_states_after(
         boundary_states, final_state = boundary_states.transpose(-1, -2), final_state.transpose(-1, -2)
     out = states_after_counts(boundary_states, final_state, k, v, beta, counts, g=g)
     return out.transpose(-1, -2) if state_v_first else out
+
+
+def chunk_gated_delta_rule_states_at(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    counts: torch.Tensor,
+    state_v_first: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gated delta rule as :func:`chunk_gated_delta_rule_with_boundary_states` with the states after
+    ``counts[b, j]`` tokens (``counts`` [B, n] integers in 0 .. T) fused in: returns ``(o, states [B, n, H, K, V]
+    fp32, final_state fp32)`` (states ``[..., V, K]`` with ``state_v_first``, the initial state too), what
+    :func:`gated_states_after` gives from that op's outputs, without the dense boundary states in between.
+    Differentiable in q, k, v, g, beta and initial_state with gradients on all three outputs (the backward as the
+    plain ``chunk_delta_rule_states_at``'s).
+    """
+    if state_v_first and initial_state is not None:
+        initial_state = initial_state.transpose(-1, -2)
+    check_inputs("chunk_gated_delta_rule_states_at", q, k, v, beta, initial_state, g=g)
+    check_counts("chunk_gated_delta_rule_states_at", counts, q.shape[0], q.shape[1])
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    o, states, ht = _ChunkGatedDeltaRuleStatesAt.apply(
+        q, k, v, g, beta, scale, initial_state, counts.to(q.device).long()
+    )
+    if state_v_first:
+        return o, states.transpose(-1, -2), ht.transpose(-1, -2)
+    return o, states, ht
