@@ -10,7 +10,11 @@ Times (CUDA events, mean of --reps after one warm-up each), bf16 inputs:
   (``recurrent_forward`` / ``recurrent_backward``, the latter with and without boundary-state gradients);
 * ours forward, forward + backward without and with ``states_after`` at the positions;
 * ``states_after`` alone (forward + backward, from given boundary states) and the fp32 → fla-layout conversion of
-  the boundary states (``for_fla``) that the op makes in its forward and again in its backward.
+  the boundary states (``for_fla``) that the op makes in its forward and again in its backward;
+* the fused ``chunk_delta_rule_states_at`` (forward, forward + backward with gradients on o, the final state and the
+  states at the positions) and its two recurrences (fla-layout chunk-start states plus the positions' start states;
+  the backward with the positions' gradients handed in sparsely);
+* the bytes saved for backward (unique storages, inputs included) by the op + ``states_after`` and by the fused op.
 
 Prints a table and writes the JSON (with the device name and versions).
 """
@@ -63,8 +67,12 @@ def main() -> None:
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.delta_rule.wy_fast import prepare_wy_repr_fwd
 
-    from trl_refine.kernels._chunk_recurrence import for_fla, recurrent_backward, recurrent_forward
-    from trl_refine.kernels.delta_rule_boundary import chunk_delta_rule_with_boundary_states, states_after
+    from trl_refine.kernels._chunk_recurrence import for_fla, position_chunks, recurrent_backward, recurrent_forward
+    from trl_refine.kernels.delta_rule_boundary import (
+        chunk_delta_rule_states_at,
+        chunk_delta_rule_with_boundary_states,
+        states_after,
+    )
 
     B, T, H, D, n = a.batch, a.length, a.heads, a.head_dim, a.positions
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,6 +124,28 @@ def main() -> None:
         after = states_after(hs, ht, lk, lv, lb, counts)
         after.backward(torch.ones_like(after))
 
+    def fused_fwd():
+        with torch.no_grad():
+            chunk_delta_rule_states_at(q, k, v, beta, scale, None, counts)
+
+    def fused_fwd_bwd():
+        lq, lk, lv, lb = leaves()
+        o, after, ht = chunk_delta_rule_states_at(lq, lk, lv, lb, scale, None, counts)
+        torch.autograd.backward([o, ht, after], [do, torch.ones_like(ht), torch.ones_like(after)])
+
+    def saved_bytes(forward) -> int:
+        """Bytes of the unique storages saved for backward by ``forward`` (inputs included)."""
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            forward(*leaves())
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}.values())
+
+    def unfused_forward(lq, lk, lv, lb):
+        o, hs, ht = chunk_delta_rule_with_boundary_states(lq, lk, lv, lb, scale)
+        return states_after(hs, ht, lk, lv, lb, counts)
+
+    chunks, _ = position_chunks(counts, T)
+    ds0 = torch.randn(B, n, H, D, D, device=dev, generator=gen)
     dv_local = torch.randn_like(v)
     dhb = torch.randn(B, H, NT, D, D, device=dev, generator=gen)
     rows = {
@@ -139,6 +169,14 @@ def main() -> None:
         "ours op forward + backward (o, final)": ours_fwd_bwd,
         "ours op forward + backward + states_after": ours_fwd_bwd_states,
         "states_after alone, forward + backward": states_after_alone,
+        "ours recurrence forward, fla layout + position start states": lambda: recurrent_forward(
+            k, w, u, None, None, chunks=chunks, fla_layout=True, h_dtype=dt
+        ),
+        "ours recurrence backward, + sparse position gradients": lambda: recurrent_backward(
+            q, k, w, None, do, dv_local, ht0, None, scale, False, chunks=chunks, ds0=ds0
+        ),
+        "fused states_at forward": fused_fwd,
+        "fused states_at forward + backward (o, final, states)": fused_fwd_bwd,
     }
     if dt == torch.float32:  # the CPU smoke run: fla refuses fp32 chunk ops and its recurrences need a GPU
         rows = {name: fn for name, fn in rows.items() if not name.startswith("fla ")}
@@ -155,7 +193,12 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (Triton interpreter)",
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "fla": fla.__version__},
         "rows": res,
+        "saved_bytes_per_layer": {
+            "op + states_after": saved_bytes(unfused_forward),
+            "fused states_at": saved_bytes(lambda *x: chunk_delta_rule_states_at(*x, scale, None, counts)),
+        },
     }
+    print(json.dumps(out["saved_bytes_per_layer"]))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=2)
