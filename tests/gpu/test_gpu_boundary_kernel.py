@@ -5,7 +5,9 @@ arbitrary token counts and autograd through them), and bf16 against fla 0.6.0's 
 state, gradients from upstream gradients on both). Timing: forward + backward of one layer's delta-rule op at the
 1.3B benchmark's head geometry (16 heads of 128), 8K tokens, 4 documents: fla's op on the documents, fla's op on the
 documents plus the readout tokens the one-pass engine splices in (n·K = 8·128 per document), and ours (boundary
-states kept, with a gradient on them). Results go to the JSON named by TRL_REFINE_GPU_RESULTS."""
+states kept, with a gradient on them), and the fused `chunk_delta_rule_states_at` (also checked against the op +
+`states_after`, fp32 and bf16, and for run-to-run identical gradients with several positions in one chunk). Results
+go to the JSON named by TRL_REFINE_GPU_RESULTS."""
 
 import json
 import os
@@ -24,6 +26,7 @@ from fla.ops.delta_rule import chunk_delta_rule  # noqa: E402
 
 from trl_refine.kernels.delta_rule_boundary import (  # noqa: E402
     CHUNK,
+    chunk_delta_rule_states_at,
     chunk_delta_rule_with_boundary_states,
     states_after,
 )
@@ -104,6 +107,39 @@ def test_bf16_matches_fla_chunk_delta_rule():
     assert max(errs.values()) < 2e-2, errs
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_states_at_matches_the_op_with_states_after_and_repeats_exactly(dtype):
+    B, T, H, K, V = 2, 1000, 4, 128, 128
+    q, k, v, beta, s0 = inputs(B, T, H, K, V, dtype)
+    # on and next to chunk boundaries, three positions in chunk 1, count 0 and count T
+    counts = torch.tensor([[0, CHUNK, CHUNK + 1, 2 * CHUNK - 1, 999, T], [5, 70, 100, 127, 640, 1]], device=DEV)
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    upstream = [
+        torch.randn(B, T, H, V, generator=gen, device=DEV).to(dtype),
+        torch.randn(B, counts.shape[1], H, K, V, generator=gen, device=DEV),
+        torch.randn(B, H, K, V, generator=gen, device=DEV),
+    ]
+
+    def run(fused):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, beta, s0)]
+        if fused:
+            o, after, ht = chunk_delta_rule_states_at(*leaves[:4], K**-0.5, leaves[4], counts)
+        else:
+            o, hs, ht = chunk_delta_rule_with_boundary_states(*leaves[:4], K**-0.5, leaves[4])
+            after = states_after(hs, ht, leaves[1], leaves[2], leaves[3], counts)
+        torch.autograd.backward([o, after, ht], upstream)
+        return [o, after, ht] + [x.grad for x in leaves]
+
+    ref, ours, again = run(False), run(True), run(True)
+    names = ("o", "after", "final", "dq", "dk", "dv", "dbeta", "dh0")
+    errs = {n: rel(a, b) for n, a, b in zip(names, ours, ref)}
+    repeat = all(torch.equal(a, b) for a, b in zip(ours, again))
+    record(f"fused_states_at_vs_op_with_states_after_{str(dtype).split('.')[-1]}", **errs, repeats_exactly=repeat)
+    assert repeat, "the fused op's outputs or gradients differ between two identical runs"
+    # fp32: TF32 tl.dot in both paths (summed in other orders); bf16: the same bf16 chunk-start states in both
+    assert max(errs.values()) < (5e-3 if dtype == torch.float32 else 2e-2), errs
+
+
 def _time(fn, reps=10):
     fn()
     torch.cuda.synchronize()
@@ -137,9 +173,18 @@ def test_time_against_fla_and_readout_tokens():
     torch.cuda.reset_peak_memory_stats()
     t_readout = _time(lambda: fla_op(qr, kr, vr, br))
     m_readout = torch.cuda.max_memory_allocated() / 2**30
+
+    def fused():
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, beta)]
+        o, after, ht = chunk_delta_rule_states_at(*leaves, K**-0.5, None, counts)
+        (o.float().square().mean() + ht.square().mean() + after.square().mean()).backward()
+
     torch.cuda.reset_peak_memory_stats()
     t_ours = _time(ours)
     m_ours = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    t_fused = _time(fused)
+    m_fused = torch.cuda.max_memory_allocated() / 2**30
     record(
         "time_fwd_bwd_one_layer",
         shape=[B, T, H, K, V],
@@ -147,9 +192,11 @@ def test_time_against_fla_and_readout_tokens():
         fla_chunk_delta_rule_ms=round(t_fla * 1e3, 3),
         fla_with_readout_tokens_ms=round(t_readout * 1e3, 3),
         ours_boundary_states_ms=round(t_ours * 1e3, 3),
+        ours_fused_states_at_ms=round(t_fused * 1e3, 3),
         fla_peak_gib=round(m_fla, 2),
         readout_peak_gib=round(m_readout, 2),
         ours_peak_gib=round(m_ours, 2),
+        fused_peak_gib=round(m_fused, 2),
         device=torch.cuda.get_device_name(),
     )
-    assert t_ours > 0 and t_fla > 0
+    assert t_ours > 0 and t_fla > 0 and t_fused > 0
