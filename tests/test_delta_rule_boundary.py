@@ -59,12 +59,38 @@ def test_bad_input_fails_early_with_a_message():
     with pytest.raises(ValueError, match="do not belong"):
         states_after(hs[:, :, :1], ht, q, q, torch.rand(1, 70, 2), torch.tensor([[3]]))
     beta = torch.rand(1, 70, 2)
-    with pytest.raises(ValueError, match="counts must lie"):
+    with pytest.raises(ValueError, match=r"counts must lie in \[0, T = 70\].*got \[-1\]; clamp or fix the positions"):
         chunk_delta_rule_states_at(q, q, q, beta, None, None, torch.tensor([[-1]]))
     with pytest.raises(ValueError, match="counts must be"):
         chunk_delta_rule_states_at(q, q, q, beta, None, None, torch.tensor([3]))
     with pytest.raises(ValueError, match="integer"):
         chunk_delta_rule_states_at(q, q, q, beta, None, None, torch.tensor([[3.0]]))
+
+
+def test_check_counts_false_reads_no_count_values_and_the_partial_chunks_ignore_autocast():
+    """``check_counts=False`` (what the one-pass engine passes, having checked the counts once per forward) skips the
+    only data-dependent host read: with every input on the meta device (no data to read, as a CUDA-graph capture
+    forbids a sync) states_after runs through, while the default check cannot read the counts there. Under a bf16
+    autocast region the states are the same fp32 values as without (the op disables autocast inside)."""
+    pytest.importorskip("fla")
+    from trl_refine.kernels.delta_rule_boundary import states_after
+
+    B, T, H, K, V = 2, 70, 2, 16, 8
+    NT = (T + 63) // 64
+    gen = torch.Generator().manual_seed(0)
+    hs, ht = torch.randn(B, H, NT, K, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    v, beta = torch.randn(B, T, H, V, generator=gen), torch.rand(B, T, H, generator=gen)
+    counts = torch.tensor([[3, 64, 70], [0, 65, 66]])
+    meta = [x.to("meta") for x in (hs, ht, k, v, beta, counts)]
+    assert states_after(*meta, check_counts=False).shape == (B, 3, H, K, V)
+    with pytest.raises((RuntimeError, NotImplementedError)):  # reading meta values: the sync the engine avoids
+        states_after(*meta)
+    want = states_after(hs, ht, k, v, beta, counts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = states_after(hs, ht, k, v, beta, counts, check_counts=False)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.slow

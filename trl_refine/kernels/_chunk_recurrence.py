@@ -16,6 +16,8 @@ before another ``tl.dot`` (the pattern Triton 3.4-3.7.0 miscompiles on Hopper, f
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import triton
 import triton.language as tl
@@ -258,13 +260,27 @@ def check_inputs(name: str, q, k, v, beta, initial_state, g=None) -> None:
         )
 
 
-def check_counts(name: str, counts: torch.Tensor, B: int, T: int) -> None:
+def validate_counts(name: str, counts: torch.Tensor, B: int, T: int, *, in_range: bool = True) -> None:
+    """Shape and dtype of ``counts`` (no sync) and, with ``in_range``, that they lie in [0, T]: that reads the values,
+    a host-device sync per call (it blocks CUDA-graph capture), so callers that have already checked them once per
+    step (the one-pass engine, where it derives them from the positions) pass ``check_counts=False`` to the ops."""
     if counts.dim() != 2 or counts.shape[0] != B or counts.shape[1] == 0:
         raise ValueError(f"{name}: counts must be [B, n] = [{B}, n >= 1], got {tuple(counts.shape)}")
     if counts.dtype.is_floating_point or counts.dtype == torch.bool:
         raise ValueError(f"{name}: counts must be an integer tensor, got {counts.dtype}")
-    if bool(((counts < 0) | (counts > T)).any()):
-        raise ValueError(f"{name}: counts must lie in [0, T = {T}]")
+    if in_range and bool(((counts < 0) | (counts > T)).any()):
+        bad = counts[(counts < 0) | (counts > T)][:4].tolist()
+        raise ValueError(
+            f"{name}: counts must lie in [0, T = {T}] (token counts from each row's start), got {bad}; "
+            "clamp or fix the positions"
+        )
+
+
+def no_autocast(device: torch.device):
+    """Autocast off on ``device`` (a no-op where autocast does not exist, e.g. the meta device)."""
+    return (
+        torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else nullcontext()
+    )
 
 
 def chunk_tokens(chunks: torch.Tensor, T: int) -> torch.Tensor:
@@ -320,21 +336,22 @@ def position_chunks(counts: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.T
 def states_in_chunks(s0, k, v, beta, g, chunks, rem):
     """The states after ``rem`` [B, n] tokens (0 .. 64) of the chunks ``chunks`` [B, n] from their start states ``s0``
     [B, n, H, K, V], in s0's dtype (``g`` the raw log-decay or None): the partial-chunk part of ``states_after`` and of
-    the fused ops."""
+    the fused ops. Autocast is off inside (its matmuls and solve stay in s0's dtype, fp32 in the ops)."""
     tok = chunk_tokens(chunks, k.shape[1])
     keep = (torch.arange(CHUNK, device=rem.device) < rem[..., None])[:, :, None, :].to(s0.dtype)  # [B, n, 1, C]
-    kc, vc = gather_chunks(k, tok, s0.dtype), gather_chunks(v, tok, s0.dtype)
-    gc = gather_chunks(g, tok, s0.dtype) * keep if g is not None else None
-    return advance_in_chunk(s0, kc, vc, gather_chunks(beta, tok, s0.dtype) * keep, gc)
+    with no_autocast(s0.device):
+        kc, vc = gather_chunks(k, tok, s0.dtype), gather_chunks(v, tok, s0.dtype)
+        gc = gather_chunks(g, tok, s0.dtype) * keep if g is not None else None
+        return advance_in_chunk(s0, kc, vc, gather_chunks(beta, tok, s0.dtype) * keep, gc)
 
 
 def states_in_chunks_backward(s0, k, v, beta, g, chunks, rem, dstates):
     """Backward of :func:`states_in_chunks` (recomputed with autograd on the gathered chunks only): (ds0, and the
     chunk gradients of k, v, beta, g as [B, n, H, C, ...] fp32 (g's None ungated), exactly zero at the tokens past
-    each count)."""
+    each count), autocast off as in the forward (a backward called inside an autocast region recomputes in fp32)."""
     tok = chunk_tokens(chunks, k.shape[1])
     keep = (torch.arange(CHUNK, device=rem.device) < rem[..., None])[:, :, None, :].to(s0.dtype)
-    with torch.enable_grad():
+    with torch.enable_grad(), no_autocast(s0.device):
         leaves = [s0.detach().requires_grad_()]
         leaves += [
             gather_chunks(x, tok, s0.dtype).requires_grad_() for x in (k, v, beta) + ((g,) if g is not None else ())
@@ -369,15 +386,17 @@ def states_after_counts(
     beta: torch.Tensor,
     counts: torch.Tensor,
     g: torch.Tensor | None = None,
+    check_counts: bool = True,
 ) -> torch.Tensor:
     """States after the first ``counts[b, j]`` tokens of row b, ``[B, n, H, K, V]``, differentiable; ``g`` the raw
     per-token log-decay (natural log) for the gated rule, None for the plain one. The state after 64·c + r tokens is
     boundary state S_{64c} advanced by the first r tokens of chunk c (:func:`advance_in_chunk`); fixed shapes.
+    ``check_counts=False`` skips the range check (:func:`validate_counts`) and its host-device sync.
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = boundary_states.shape[2]
-    check_counts("states_after", counts, B, T)
+    validate_counts("states_after", counts, B, T, in_range=check_counts)
     if triton.cdiv(T, CHUNK) != NT or boundary_states.shape != (B, H, NT, K, V):
         raise ValueError(
             f"states_after: boundary_states {tuple(boundary_states.shape)} do not belong to k of shape {tuple(k.shape)}"

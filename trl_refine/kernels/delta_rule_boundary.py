@@ -32,7 +32,6 @@ from fla.ops.delta_rule.wy_fast import prepare_wy_repr_bwd, prepare_wy_repr_fwd,
 from trl_refine.kernels._chunk_recurrence import (
     CHUNK,
     add_chunk_grads,
-    check_counts,
     check_inputs,
     for_fla,
     position_chunks,
@@ -41,6 +40,7 @@ from trl_refine.kernels._chunk_recurrence import (
     states_after_counts,
     states_in_chunks,
     states_in_chunks_backward,
+    validate_counts,
 )
 
 __all__ = ["CHUNK", "chunk_delta_rule_states_at", "chunk_delta_rule_with_boundary_states", "states_after"]
@@ -130,7 +130,10 @@ def chunk_delta_rule_with_boundary_states(
     Returns ``(o [B, T, H, V] in v's dtype, boundary_states [B, H, NT, K, V] fp32, final_state [B, H, K, V] fp32)``
     with NT = ceil(T / 64): ``boundary_states[:, :, c]`` is the state after the first 64·c tokens (the state at the
     START of chunk c; c = 0 is the initial state), the final state the one after all T. Differentiable in q, k, v,
-    beta and initial_state, with gradients accepted on all three outputs.
+    beta and initial_state, with gradients accepted on all three outputs. With :func:`states_after` it gives the
+    states after positions chosen after the pass; the one-pass engine's boundary provider knows its positions before
+    the pass and calls the fused :func:`chunk_delta_rule_states_at` instead (no dense boundary states saved, sparse
+    boundary gradients).
     """
     check_inputs("chunk_delta_rule_with_boundary_states", q, k, v, beta, initial_state)
     K = q.shape[-1]
@@ -146,6 +149,8 @@ def states_after(
     v: torch.Tensor,
     beta: torch.Tensor,
     counts: torch.Tensor,
+    *,
+    check_counts: bool = True,
 ) -> torch.Tensor:
     """States after the first ``counts[b, j]`` tokens (0 .. T) of row b, ``[B, n, H, K, V]`` fp32, differentiable.
 
@@ -153,8 +158,10 @@ def states_after(
     ``k, v, beta`` (those given to it, after any normalisation). The state after 64·c + r tokens is boundary state c
     advanced by the first r tokens of chunk c: the WY form of the whole chunk with beta zeroed from token r on (a
     token with beta = 0 leaves the state as it is), one batched unit-triangular solve over [B, n, H] — fixed shapes.
+    ``check_counts=False`` skips the check that counts lie in [0, T] (a host-device sync): only for counts checked
+    already. The one-pass engine does not use this pair of ops but the fused :func:`chunk_delta_rule_states_at`.
     """
-    return states_after_counts(boundary_states, final_state, k, v, beta, counts)
+    return states_after_counts(boundary_states, final_state, k, v, beta, counts, check_counts=check_counts)
 
 
 def chunk_delta_rule_states_at(
@@ -165,6 +172,8 @@ def chunk_delta_rule_states_at(
     scale: float | None,
     initial_state: torch.Tensor | None,
     counts: torch.Tensor,
+    *,
+    check_counts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The delta rule as :func:`chunk_delta_rule_with_boundary_states` with the states after ``counts[b, j]`` tokens
     (``counts`` [B, n] integers in 0 .. T) fused in: returns ``(o, states [B, n, H, K, V] fp32, final_state fp32)``,
@@ -172,10 +181,12 @@ def chunk_delta_rule_states_at(
 
     Differentiable in q, k, v, beta and initial_state with gradients on all three outputs; the backward hands the
     recurrence the n positions' gradients sparsely (summed in a fixed order where positions share a chunk) and adds
-    the partial chunks' gradients into its own dk, dv, dbeta at those chunks' tokens.
+    the partial chunks' gradients into its own dk, dv, dbeta at those chunks' tokens. ``check_counts=False`` skips
+    the check that counts lie in [0, T] (reading them is a host-device sync, which blocks CUDA-graph capture): only for
+    counts checked already (the one-pass engine checks them once per forward, where it derives them).
     """
     check_inputs("chunk_delta_rule_states_at", q, k, v, beta, initial_state)
-    check_counts("chunk_delta_rule_states_at", counts, q.shape[0], q.shape[1])
+    validate_counts("chunk_delta_rule_states_at", counts, q.shape[0], q.shape[1], in_range=check_counts)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
     return _ChunkDeltaRuleStatesAt.apply(q, k, v, beta, scale, initial_state, counts.to(q.device).long())

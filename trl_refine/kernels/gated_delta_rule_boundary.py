@@ -40,7 +40,6 @@ from fla.ops.utils import chunk_local_cumsum
 from trl_refine.kernels._chunk_recurrence import (
     CHUNK,
     add_chunk_grads,
-    check_counts,
     check_inputs,
     for_fla,
     position_chunks,
@@ -49,6 +48,7 @@ from trl_refine.kernels._chunk_recurrence import (
     states_after_counts,
     states_in_chunks,
     states_in_chunks_backward,
+    validate_counts,
 )
 
 __all__ = [
@@ -229,6 +229,8 @@ def gated_states_after(
     beta: torch.Tensor,
     counts: torch.Tensor,
     state_v_first: bool = False,
+    *,
+    check_counts: bool = True,
 ) -> torch.Tensor:
     """States after the first ``counts[b, j]`` tokens (0 .. T) of row b, ``[B, n, H, K, V]`` fp32 (``[..., V, K]``
     with ``state_v_first``), differentiable.
@@ -236,13 +238,14 @@ def gated_states_after(
     ``boundary_states``/``final_state`` as returned by :func:`chunk_gated_delta_rule_with_boundary_states` on the
     same ``k, v, g, beta`` and ``state_v_first``. The state after 64·c + r tokens is boundary state c decayed by the
     chunk's first r gates plus the masked WY update of those r tokens (one batched unit-triangular solve, fixed
-    shapes; see ``_chunk_recurrence.states_after_counts``).
+    shapes; see ``_chunk_recurrence.states_after_counts``). ``check_counts=False`` skips the check that counts lie
+    in [0, T] (a host-device sync): only for counts checked already.
     """
     if g.shape != k.shape[:3]:
         raise ValueError(f"gated_states_after: g must be [B, T, H] = {tuple(k.shape[:3])}, got {tuple(g.shape)}")
     if state_v_first:
         boundary_states, final_state = boundary_states.transpose(-1, -2), final_state.transpose(-1, -2)
-    out = states_after_counts(boundary_states, final_state, k, v, beta, counts, g=g)
+    out = states_after_counts(boundary_states, final_state, k, v, beta, counts, g=g, check_counts=check_counts)
     return out.transpose(-1, -2) if state_v_first else out
 
 
@@ -256,18 +259,21 @@ def chunk_gated_delta_rule_states_at(
     initial_state: torch.Tensor | None,
     counts: torch.Tensor,
     state_v_first: bool = False,
+    *,
+    check_counts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gated delta rule as :func:`chunk_gated_delta_rule_with_boundary_states` with the states after
     ``counts[b, j]`` tokens (``counts`` [B, n] integers in 0 .. T) fused in: returns ``(o, states [B, n, H, K, V]
     fp32, final_state fp32)`` (states ``[..., V, K]`` with ``state_v_first``, the initial state too), what
     :func:`gated_states_after` gives from that op's outputs, without the dense boundary states in between.
     Differentiable in q, k, v, g, beta and initial_state with gradients on all three outputs (the backward as the
-    plain ``chunk_delta_rule_states_at``'s).
+    plain ``chunk_delta_rule_states_at``'s). ``check_counts=False`` skips the check that counts lie in [0, T] (a
+    host-device sync): only for counts checked already.
     """
     if state_v_first and initial_state is not None:
         initial_state = initial_state.transpose(-1, -2)
     check_inputs("chunk_gated_delta_rule_states_at", q, k, v, beta, initial_state, g=g)
-    check_counts("chunk_gated_delta_rule_states_at", counts, q.shape[0], q.shape[1])
+    validate_counts("chunk_gated_delta_rule_states_at", counts, q.shape[0], q.shape[1], in_range=check_counts)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     o, states, ht = _ChunkGatedDeltaRuleStatesAt.apply(

@@ -2,10 +2,13 @@
 
 The one-pass engine's second provider for fla ``DeltaNetForCausalLM`` (``OnePassEngine(states="boundary")``). Each
 layer runs fla's projections, short convolutions and output norm as `trl_refine.rollout.fla_readout` does, but the
-delta rule itself is `trl_refine.kernels.delta_rule_boundary.chunk_delta_rule_with_boundary_states`, which returns
-the state at the start of every 64-token chunk and whose backward accepts gradients on those states; the state after
-each position is then `states_after` (the boundary state plus ≤ 63 tokens of its chunk, a masked triangular solve,
-differentiable). So the delta-rule op sees the documents alone: no n·K extra tokens in its forward and backward.
+delta rule itself is `trl_refine.kernels.delta_rule_boundary.chunk_delta_rule_states_at`, which returns the states
+after the positions' token counts from the same pass over the chunks (the start state of each position's 64-token
+chunk plus ≤ 63 tokens of it, a masked triangular solve) and whose backward takes those states' gradients sparsely;
+no dense per-chunk states are kept. So the delta-rule op sees the documents alone: no n·K extra tokens in its forward
+and backward. The counts' range is checked once per forward, where `PackedLayout` derives them from the positions
+(``1 <= counts <= L`` by construction), so the per-layer op runs with ``check_counts=False``: no host-device sync
+inside a layer.
 
 Layout: the kernel takes ``[B, T, H, *]`` without ``cu_seqlens``, so every document goes in its own row from column
 0 (token r of document b at ``[b, r]``, T = L; chunks start at the document's first token, as in fla's varlen
@@ -14,8 +17,8 @@ call), and the columns after a document's end hold ``k = v = beta = 0``: such a 
 kernel) is fla's ``l2norm`` with autograd, applied before. The conv states at a position are the last ``conv_size``
 projected inputs (`PackedLayout.conv_windows`, shared with the readout provider).
 
-Precision: the boundary states are fp32 whatever the model's dtype, and `states_after` runs in fp32 (autocast off);
-the readout provider's states pass through the kernel's output dtype instead (bf16 in bf16 models).
+Precision: the states at the positions are fp32 whatever the model's dtype (the partial-chunk part runs in fp32,
+autocast off); the readout provider's states pass through the kernel's output dtype instead (bf16 in bf16 models).
 """
 
 from __future__ import annotations
@@ -63,11 +66,11 @@ def _forward_with_boundary_states(
     attn, layout: PackedLayout, store: dict, hidden_states, attention_mask=None, past_key_values=None, **kwargs
 ):
     """fla's ``DeltaNet.forward`` (fla/layers/delta_net.py, 0.6.0) for a cache-free call over left-padded documents,
-    with the delta rule of `chunk_delta_rule_with_boundary_states`; the states after ``layout``'s positions go into
+    with the delta rule of `chunk_delta_rule_states_at`; the states after ``layout``'s positions go into
     ``store[layer_idx]``."""
     from fla.modules.norm.l2norm import l2norm
 
-    from trl_refine.kernels.delta_rule_boundary import chunk_delta_rule_with_boundary_states, states_after
+    from trl_refine.kernels.delta_rule_boundary import chunk_delta_rule_states_at
 
     check_whole_documents(past_key_values, kwargs)
     bsz, q_len, _ = hidden_states.shape
@@ -82,9 +85,11 @@ def _forward_with_boundary_states(
         return out.view(bsz, q_len, *t.shape[2:])
 
     q, k, v, beta = (unpack(t) for t in (q, k, v, beta))
-    o, boundary, final = chunk_delta_rule_with_boundary_states(q, k, v, beta, scale=attn.head_k_dim**-0.5)
-    with torch.autocast(device_type=q.device.type, enabled=False):  # its matmuls and solve stay in fp32
-        states = states_after(boundary, final, k, v, beta, layout.counts)  # [B, n, H, K, V]
+    # counts checked by PackedLayout.parts (once per forward): no per-layer sync. The op's partial-chunk matmuls and
+    # solve run in fp32 with autocast off inside it.
+    o, states, _ = chunk_delta_rule_states_at(
+        q, k, v, beta, attn.head_k_dim**-0.5, None, layout.counts, check_counts=False
+    )  # states [B, n, H, K, V] fp32
     store[attn.layer_idx] = {
         "recurrent_state": states,
         "attn_state": None,
@@ -99,7 +104,7 @@ def _forward_with_boundary_states(
 def record_boundary_position_states(model: torch.nn.Module, attention_mask: torch.Tensor, positions: torch.Tensor):
     """While active, a forward of ``model`` (fla DeltaNet, whole left-padded documents, no cache) also fills the
     yielded dict with every layer's states after ``positions`` [B, n] (fla's cache layout, a chunk dim after the
-    batch dim), from the boundary-state kernel."""
+    batch dim), from the fused boundary-state kernel (`chunk_delta_rule_states_at`)."""
     ok, why = fla_boundary_support(model)
     if not ok:
         raise ValueError(f"the boundary-state provider cannot run {type(unwrap(model)).__name__}: {why}")
