@@ -6,7 +6,8 @@ state, gradients from upstream gradients on both). Timing: forward + backward of
 1.3B benchmark's head geometry (16 heads of 128), 8K tokens, 4 documents: fla's op on the documents, fla's op on the
 documents plus the readout tokens the one-pass engine splices in (n·K = 8·128 per document), and ours (boundary
 states kept, with a gradient on them), and the fused `chunk_delta_rule_states_at` (also checked against the op +
-`states_after`, fp32 and bf16, and for run-to-run identical gradients with several positions in one chunk). Results
+`states_after`, fp32 and bf16, and for run-to-run identical gradients with several positions in one chunk; with
+``check_counts=False``, as the one-pass engine calls it, for no host-device sync). Results
 go to the JSON named by TRL_REFINE_GPU_RESULTS."""
 
 import json
@@ -138,6 +139,30 @@ def test_fused_states_at_matches_the_op_with_states_after_and_repeats_exactly(dt
     assert repeat, "the fused op's outputs or gradients differ between two identical runs"
     # fp32: TF32 tl.dot in both paths (summed in other orders); bf16: the same bf16 chunk-start states in both
     assert max(errs.values()) < (5e-3 if dtype == torch.float32 else 2e-2), errs
+
+
+def test_fused_states_at_without_the_count_check_never_syncs():
+    """What the one-pass engine's provider calls per layer (``check_counts=False``) runs forward and backward without
+    a host-device sync (CUDA-graph capturable in that respect); the default range check does sync, and is what
+    catches bad counts for direct users."""
+    B, T, H, K, V = 2, 200, 2, 64, 64
+    q, k, v, beta, _ = inputs(B, T, H, K, V, torch.bfloat16, h0=False)
+    counts = torch.tensor([[1, 64, 130], [3, 65, 200]], device=DEV)
+
+    def step(check):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, beta)]
+        o, after, ht = chunk_delta_rule_states_at(*leaves, K**-0.5, None, counts, check_counts=check)
+        (o.float().sum() + after.sum() + ht.sum()).backward()
+
+    step(True)  # compile and autotune first (they synchronize)
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        step(False)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            step(True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def _time(fn, reps=10):
