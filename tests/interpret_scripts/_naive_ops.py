@@ -1,14 +1,16 @@
 """fla's own pure-PyTorch references in place of the chunk ops whose Triton kernels the interpreter cannot run in fp32
-(``chunk_kda``, ``chunk_gated_delta_product``, ``chunk_rwkv7``; and GLA's ``fused_recurrent_gla``, whose kernels the
-interpreter runs but slowly, for the fla hybrid test fla_hybrid.py), with the op's signature and return ``(o,
-final_state)``: the in-kernel preprocessing (q/k L2 norm, beta sigmoid, KDA gate) in torch, varlen ``cu_seqlens``
-as one recurrence per sequence, ``initial_state`` / ``output_final_state`` and fla's state layouts. Autograd
-differentiates them, so the gradients are those of fla's reference recurrences. `patch` installs one where the fla
-layer module imports the op; the rest of fla's kernels stay under the interpreter. naive_ops_check.py compares
-each with fla's Triton fused_recurrent op under the interpreter (the substitution is faithful)."""
+(``chunk_kda``, ``chunk_gated_delta_product``, ``chunk_rwkv7``, ``chunk_gated_delta_rule``; and GLA's
+``fused_recurrent_gla``, whose kernels the interpreter runs but slowly, for the fla hybrid test fla_hybrid.py), with
+the op's signature and return ``(o, final_state)``: the in-kernel preprocessing (q/k L2 norm, beta sigmoid, KDA and
+GDN gates) in torch, varlen ``cu_seqlens`` as one recurrence per sequence, ``initial_state`` / ``output_final_state``
+and fla's state layouts. Autograd differentiates them, so the gradients are those of fla's reference recurrences.
+`patch` installs one where the fla layer module imports the op; the rest of fla's kernels stay under the
+interpreter. naive_ops_check.py compares each with fla's Triton fused_recurrent op under the interpreter (the
+substitution is faithful; ``chunk_gated_delta_rule``: fla_gated_patch.py does)."""
 
 import torch
 from fla.ops.gated_delta_product.naive import naive_recurrent_gated_delta_product
+from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence
 from fla.ops.gla.naive import naive_recurrent_gla
 from fla.ops.kda.gate import naive_kda_gate
@@ -55,6 +57,34 @@ def chunk_kda(
     def one(q, k, v, g, beta, h0):
         o, ht = naive_recurrent_kda(
             q, k, v, g, beta, scale=scale, initial_state=None if h0 is None else flip(h0), output_final_state=True
+        )
+        return o, flip(ht)
+
+    return _per_sequence(one, cu_seqlens, initial_state, (q, k, v, g, beta), output_final_state)
+
+
+def chunk_gated_delta_rule(
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
+    use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, state_v_first=False, cu_seqlens=None,
+    use_gate_in_kernel=False, A_log=None, dt_bias=None, **kwargs,
+):  # fmt: skip
+    """fla.ops.gated_delta_rule.chunk_gated_delta_rule by naive_recurrent_gated_delta_rule (+ naive_gdn_gate for the
+    in-kernel gate; grouped value heads by repeating q, k per value head)."""
+    from fla.ops.gated_delta_rule.gate import naive_gdn_gate
+
+    if use_qk_l2norm_in_kernel:
+        q, k = _l2norm(q), _l2norm(k)
+    if use_beta_sigmoid_in_kernel:
+        beta = beta.float().sigmoid() * (2.0 if allow_neg_eigval else 1.0)
+    if use_gate_in_kernel:
+        g = naive_gdn_gate(g, A_log, dt_bias)
+    group = v.shape[2] // q.shape[2]
+    q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
+    flip = (lambda s: s.transpose(-1, -2)) if state_v_first else (lambda s: s)  # [N, HV, V, K] <-> [N, HV, K, V]
+
+    def one(q, k, v, g, beta, h0):
+        o, ht = naive_recurrent_gated_delta_rule(
+            q, k, v, beta, g, scale=scale, initial_state=None if h0 is None else flip(h0), output_final_state=True
         )
         return o, flip(ht)
 
@@ -111,6 +141,10 @@ def fused_recurrent_gla(
 #: per family: the fla layer module, the name under which it imports the op, the substitute, fla's reference in it
 SUBSTITUTES = {
     "kda": ("fla.layers.kda", "chunk_kda", chunk_kda, "fla.ops.kda.naive.naive_recurrent_kda"),
+    "gated_deltanet": (
+        "fla.layers.gated_deltanet", "chunk_gated_delta_rule", chunk_gated_delta_rule,
+        "fla.ops.gated_delta_rule.naive.naive_recurrent_gated_delta_rule",
+    ),
     "gated_deltaproduct": (
         "fla.layers.gated_deltaproduct", "chunk_gated_delta_product", chunk_gated_delta_product,
         "fla.ops.gated_delta_product.naive.naive_recurrent_gated_delta_product",
