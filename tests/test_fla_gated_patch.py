@@ -141,3 +141,24 @@ def test_patched_gated_deltanet_equals_fla_naive_recurrence_under_the_triton_int
     assert {"model/logits", "model/grad_all", "cache/logits", "cache/states", "cache/grad_all"} <= set(res)
     for key, value in res.items():
         assert value < 1e-5, (key, value)
+
+
+@pytest.mark.slow
+def test_onepass_readout_takes_the_swap_and_equals_the_snapshot_engine_under_the_triton_interpreter():
+    """With the swap, the one-pass engine's readout forward (which imports fla's public op name at call time) runs our
+    kernel too, and its forward_train with grad equals the snapshot engine's (fla's layer from cached states): document
+    and rollout log-probs and all parameter gradients within 1e-6 relative (fp32, CPU). fla's own chunk op cannot run
+    under the interpreter, so a run that reached the end took ours on both paths; the op calls are counted too."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    script = root / "tests" / "interpret_scripts" / "fla_gated_patch.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "engines"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["onepass_op_calls"] >= 1 and res["snapshot_op_calls"] >= 1, res  # 1 layer: the readout pass, segments
+    assert res["grad_norm"] > 0
+    for key in ("doc_logps_rel", "rollout_logps_rel", "grad_rel"):
+        assert res[key] < 1e-6, (key, res)

@@ -9,6 +9,10 @@ cannot run under the interpreter), whose forward is first checked against fla's 
 * the cache as generation uses it: a prefix with ``use_cache=True`` then a continuation from that cache, with grad
   (initial state and final state on the kernel's path): continuation logits, cache states, parameter gradients.
 
+``python fla_gated_patch.py engines`` instead runs trl_refine's one-pass engine (whose readout forward imports fla's
+public op name at call time) and the snapshot engine (fla's layer, from cached states) on one GatedDeltaNet with
+the swap, with grad: document and rollout log-probs and every parameter's gradient, and how many op calls were ours.
+
 Run by tests/test_fla_gated_patch.py in a subprocess; prints one JSON line."""
 
 import copy
@@ -25,6 +29,7 @@ from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM  # noqa: E4
 from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+import trl_refine.kernels.fla_gated_patch as fla_gated_patch  # noqa: E402
 from trl_refine.kernels.fla_gated_patch import chunk_gated_delta_rule, use_trl_refine_gated_kernel  # noqa: E402
 
 t_start = time.time()
@@ -35,6 +40,55 @@ gen = torch.Generator().manual_seed(0)
 def randn(*shape):
     return torch.randn(*shape, generator=gen)
 
+
+def engines():
+    """The one-pass engine against the snapshot engine, both with the swap, with grad (module docstring)."""
+    from trl_refine.modeling_utils import ensure_fused_lm_head
+    from trl_refine.rollout import DocumentBatch, OnePassEngine, RolloutPlan, SnapshotEngine
+
+    calls = {"n": 0}
+    ours_op = fla_gated_patch.chunk_gated_delta_rule
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return ours_op(*args, **kwargs)
+
+    fla_gated_patch.chunk_gated_delta_rule = counted  # what the block installs
+    torch.manual_seed(0)
+    cfg = GatedDeltaNetConfig(
+        hidden_size=32, num_hidden_layers=1, num_heads=2, head_dim=16, vocab_size=64, attn_mode="chunk",
+        fuse_cross_entropy=False, fuse_norm=False, fuse_swiglu=False, use_short_conv=False,
+    )  # fmt: skip
+    model = GatedDeltaNetForCausalLM(cfg).float()
+    ensure_fused_lm_head(model)
+    ids = torch.randint(3, 64, (2, 40), generator=gen)  # + 2 x 16 readout tokens: two chunks
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    docs = DocumentBatch(ids, mask)
+    plan = RolloutPlan(torch.tensor([[10, 25], [20, 30]]), 2, 3)
+    outs = []
+    with use_trl_refine_gated_kernel(model):
+        for engine in (SnapshotEngine(), OnePassEngine()):
+            with torch.no_grad():
+                comp = outs[0][0] if outs else engine.generate(model, docs, plan, torch.Generator().manual_seed(5))
+                comp = comp if outs else comp.completion_ids
+            model.zero_grad()
+            before = calls["n"]
+            fwd = engine.forward_train(model, docs, plan, comp)
+            ((fwd.doc_logps * mask).sum() + fwd.rollout_logps.sum()).backward()
+            grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+            outs.append((comp, fwd.doc_logps.detach() * mask, fwd.rollout_logps.detach(), grads, calls["n"] - before))
+    (_, s_doc, s_roll, s_grad, s_calls), (_, o_doc, o_roll, o_grad, o_calls) = outs
+    res = {
+        "doc_logps_rel": rel(o_doc, s_doc), "rollout_logps_rel": rel(o_roll, s_roll), "grad_rel": rel(o_grad, s_grad),
+        "snapshot_op_calls": s_calls, "onepass_op_calls": o_calls, "grad_norm": s_grad.norm().item(),
+    }  # fmt: skip
+    print(json.dumps(res))
+    sys.exit(0)
+
+
+if sys.argv[1:] == ["engines"]:
+    engines()
 
 # --- the op -----------------------------------------------------------------------------------------------------
 H, HV, K, V = 2, 4, 16, 16
