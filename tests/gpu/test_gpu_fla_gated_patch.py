@@ -1,10 +1,11 @@
 """GPU (marked `gpu`, skipped without CUDA): fla GatedDeltaNet trained through trl_refine's gated kernel
-(``use_trl_refine_gated_kernel``). A tiny GatedDeltaNetForCausalLM (tests/conftest.py tiny_fla_config, bf16 and
-fp32, a left-padded row so the layers take the varlen path) computes an NTP loss and its backward with the swap;
-the logits and every parameter's gradient are compared with the same model in fp32 with fla's pure-PyTorch gated
-recurrence in the op's place (tests/interpret_scripts/_naive_ops.py). Unpatched, fla's own backward is tried too:
-on Hopper with 3.4.0 <= triton < 3.7.1 fla refuses it (fla #640) and the refusal is recorded; elsewhere its
-gradients are compared as well. Records go to $TRL_REFINE_GPU_RESULTS (merged into the file if it exists)."""
+(``use_trl_refine_gated_kernel``). A tiny GatedDeltaNetForCausalLM (tests/conftest.py tiny_fla_config; bf16, fp32,
+and fp32 under bf16 autocast as the recipes train; a left-padded row, so the layers take the varlen path) computes
+an NTP loss and its backward with the swap; the logits and every parameter's gradient are compared with the same
+model in fp32 with fla's pure-PyTorch gated recurrence in the op's place (tests/interpret_scripts/_naive_ops.py).
+Unpatched, fla's own backward is tried too: on Hopper with 3.4.0 <= triton < 3.7.1 fla refuses it (fla #640) and the
+refusal is recorded; elsewhere its gradients are compared as well. Records go to $TRL_REFINE_GPU_RESULTS (merged
+into the file if it exists)."""
 
 import copy
 import importlib
@@ -51,10 +52,11 @@ def record(name, **values):
             json.dump(results, f, indent=2)
 
 
-def ntp(model, ids, mask):
+def ntp(model, ids, mask, autocast=False):
     """Logits (padding zeroed) and every parameter's gradient of the mean NTP loss over the real tokens."""
     model.zero_grad()
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids, attention_mask=mask).logits
     logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
     loss = -(logp * mask[:, 1:]).sum() / mask[:, 1:].sum()
     loss.backward()
@@ -69,8 +71,12 @@ def compare(tag, out, ref):
     return {f"{tag}logits": rel(logits, ref_logits), f"{tag}grad_all": rel(*flat), f"{tag}grad_worst_param": worst}
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-2), (torch.bfloat16, 5e-2)])
-def test_patched_gated_deltanet_trains_and_matches_the_fp32_recurrence(dtype, tol, monkeypatch):
+@pytest.mark.parametrize(
+    "dtype, autocast, tol",
+    [(torch.float32, False, 1e-2), (torch.bfloat16, False, 5e-2), (torch.float32, True, 5e-2)],
+    ids=["fp32", "bf16", "fp32_autocast_bf16"],  # the last: the recipes' precision (fp32 master + bf16 autocast)
+)
+def test_patched_gated_deltanet_trains_and_matches_the_fp32_recurrence(dtype, autocast, tol, monkeypatch):
     torch.manual_seed(0)
     base = GatedDeltaNetForCausalLM(tiny_fla_config("gated_deltanet", fuse_cross_entropy=False)).to(DEV).float()
     gen = torch.Generator(device=DEV).manual_seed(1)
@@ -84,13 +90,13 @@ def test_patched_gated_deltanet_trains_and_matches_the_fp32_recurrence(dtype, to
         m.setattr(layer_module, FLA_OP_NAME, naive_op)
         ref = ntp(base, ids, mask)
 
-    res = {"dtype": str(dtype).split(".")[-1], "tolerance": tol}
+    res = {"dtype": str(dtype).split(".")[-1] + ("_autocast_bf16" if autocast else ""), "tolerance": tol}
     with use_trl_refine_gated_kernel(model) as layers:
-        ours = ntp(model, ids, mask)
+        ours = ntp(model, ids, mask, autocast)
     res["layers_swapped"] = layers
     res.update(compare("", ours, ref))
     try:  # fla's own kernel, unpatched
-        fla = ntp(model, ids, mask)
+        fla = ntp(model, ids, mask, autocast)
     except RuntimeError as err:
         if "640" not in str(err):
             raise
