@@ -168,7 +168,9 @@ def use_trl_refine_gated_kernel(model: torch.nn.Module) -> Iterator[int]:
 
     The swap is of the module-level name the layer calls (and of fla's public ``fla.ops.gated_delta_rule`` name, which
     trl_refine's readout forward imports at call time), so it holds for every GatedDeltaNet in the process while
-    active, and autograd keeps the kernel of each forward for its backward (also after the block). Short no-grad
+    active, and autograd keeps the kernel of each forward for its backward (also after the block). Anything that
+    reruns a forward during the backward (gradient checkpointing, ``nsp_segment_checkpointing``) looks the op up
+    again then: keep the whole step, backward included, inside the block. Short no-grad
     calls (fla's fused_recurrent mode, up to 64 tokens in eval) keep fla's kernel, which has no backward to refuse.
     Other fla layers calling fla's gated op (``mom``) are not swapped. Nested use is fine."""
     layer_class = _layer_class()
