@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from trl_refine.grpo_options import check_grpo_options
+from trl_refine.kernels.fla_gated_choice import check_fla_gated_kernel
 
 SELECTION_STRATEGIES = ("entropy", "uniform", "argmax", "argmin")
 REWARDS = ("cosine", "exact", "hybrid")
@@ -211,6 +212,16 @@ class RefineFields:
             "help": "Prefix tokens decoded into the `prompts` text given to rewards and logs (full ids: prefix_ids)."
         },
     )
+    fla_gated_kernel: str = field(
+        default="fla",
+        metadata={
+            "help": "Kernel of fla's GatedDeltaNet layers during training, evaluation and test-time adaptation: 'fla' "
+            "(default, fla's own), 'trl_refine' (our gated chunk kernel, same math, whose backward fla 0.6.0 does "
+            "not refuse on Hopper with 3.4.0 <= triton < 3.7.1, fla #640; fla GatedDeltaNet models only, checked at "
+            "construction) or 'auto' (trl_refine exactly where fla would refuse, else fla; logs which and why). "
+            "docs/models.md, docs/faithfulness.md."
+        },
+    )
 
     @property
     def smoothing_width(self) -> int:
@@ -244,6 +255,7 @@ class RefineFields:
         choice("nsp_reward", REWARDS)
         choice("nsp_group_by", GROUPINGS)
         choice("nsp_engine", ENGINES)
+        check_fla_gated_kernel(self.fla_gated_kernel)
         for name in ("nsp_num_chunks", "nsp_rollout_length", "nsp_num_rollouts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")

@@ -245,13 +245,15 @@ def parameters_sharded() -> bool:
 def evaluation_context(trainer):
     """Evaluate ``trainer``'s model outside its training steps: yields the unwrapped model, under the training
     precision (``bf16`` / ``fp16`` autocast: fla's chunk kernels reject fp32, and DeepSpeed's own precision applies
-    only inside its engine). Before training under ZeRO-3 the parameters are partitioned but DeepSpeed's gathering
-    hooks are not installed yet, so they are gathered for the evaluation (the whole model on every process)."""
+    only inside its engine), and with the kernel training runs (`NSPGRPOTrainer.kernel_block`, ``fla_gated_kernel``).
+    Before training under ZeRO-3 the parameters are partitioned but DeepSpeed's gathering hooks are not installed
+    yet, so they are gathered for the evaluation (the whole model on every process)."""
     args = trainer.args
     model = trainer.accelerator.unwrap_model(trainer.model)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     device = trainer.accelerator.device
     with contextlib.ExitStack() as stack:
+        stack.enter_context(trainer.kernel_block())
         if dtype is not None:
             stack.enter_context(torch.autocast(device.type, dtype=dtype))
         partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from trl_refine.config import RefineFields, check_batch_ranges, check_field_types
+from trl_refine.kernels.fla_gated_choice import fla_gated_kernel_block, resolve_fla_gated_kernel
 from trl_refine.losses import CLIP_EPSILON, DUAL_CLIP, masked_token_nll, ppo_clip_loss
 from trl_refine.modeling_utils import fused_lm_head, unwrap
 from trl_refine.precision import warn_if_updates_vanish
@@ -73,6 +74,7 @@ _SHARED_TRAINING_FIELDS = (
     "epsilon_high",
     "scale_rewards",
     "seed",
+    "fla_gated_kernel",
 )
 SHORT_PROMPT_POLICIES = ("skip", "error")
 PRECISIONS = ("bf16", "fp16")
@@ -241,6 +243,8 @@ class TestTimeRefine:
         self._precision_checked_for: int | None = None  # the model whose weight precision was checked (warned once)
         self._hidden_decided_for: int | None = None  # the model the hidden-states rule was applied to
         self._hidden = False
+        self._kernel_decided_for: int | None = None  # the model fla_gated_kernel was resolved for
+        self._kernel = "fla"
         self.history: list[dict[str, Any]] = []
 
     # -- public --------------------------------------------------------------------------------------------------------
@@ -249,9 +253,10 @@ class TestTimeRefine:
 
     @contextlib.contextmanager
     def adapting(self, model, tokenizer, prompts: Sequence[str]) -> Iterator[dict[str, Any]]:
-        """Adapt on ``prompts``, yield the stats, then restore (``reset="batch"``) and reset the train flag."""
+        """Adapt on ``prompts``, yield the stats, then restore (``reset="batch"``) and reset the train flag. The
+        caller's block (the evaluator's answers) runs inside `kernel_block` too, as the adaptation does."""
         restore = self.config.reset == "batch"
-        with restoring(model, "trainable" if restore else "none"):
+        with self.kernel_block(model), restoring(model, "trainable" if restore else "none"):
             try:
                 yield self.adapt(model, tokenizer, prompts)
             finally:
@@ -284,10 +289,24 @@ class TestTimeRefine:
         }
         self._optimizer_model = None
 
+    def kernel_block(self, model) -> contextlib.AbstractContextManager:
+        """The block adaptation runs in (``fla_gated_kernel``, `trl_refine.kernels.fla_gated_choice`): the swap of
+        fla's GatedDeltaNet chunk op for ``trl_refine``, else nothing; resolved (and refused for a model without
+        such layers) once per model, before its first step."""
+        if self._kernel_decided_for != id(model):
+            self._kernel = resolve_fla_gated_kernel(self.config.fla_gated_kernel, unwrap(model), model_device(model))
+            self._kernel_decided_for = id(model)
+        return fla_gated_kernel_block(self._kernel, unwrap(model))
+
     def adapt(self, model, tokenizer, prompts: Sequence[str]) -> dict[str, Any]:
-        """Take ``steps`` ReFINE passes over ``prompts`` (never restores); returns this batch's stats."""
+        """Take ``steps`` ReFINE passes over ``prompts`` (never restores) inside `kernel_block`; returns this batch's
+        stats."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a sequence of strings, not a single string")
+        with self.kernel_block(model):
+            return self._adapt(model, tokenizer, prompts)
+
+    def _adapt(self, model, tokenizer, prompts: Sequence[str]) -> dict[str, Any]:
         cfg = self.config
         prompts = list(prompts)
         tok = getattr(tokenizer, "tokenizer", tokenizer)

@@ -9,6 +9,7 @@ per group. The loss is ``ntp_coef · CE(document) + nsp_coef · PPO-clip`` where
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -28,6 +29,7 @@ from trl_refine.checkpoints import (
 from trl_refine.config import NSPGRPOConfig
 from trl_refine.data import check_documents_per_epoch, check_tokenizer, tokenize_documents, vocab_size_of
 from trl_refine.guards import DivergenceGuard
+from trl_refine.kernels.fla_gated_choice import fla_gated_kernel_block, resolve_fla_gated_kernel
 from trl_refine.losses import masked_token_nll
 from trl_refine.model_card import build_model_card
 from trl_refine.model_loading import load_causal_lm
@@ -135,6 +137,11 @@ class NSPGRPOTrainer(GRPOTrainer):
         finally:
             args.model_init_kwargs = init_kwargs
         check_trainer_attributes(self)
+        #: the kernel fla's GatedDeltaNet layers run in train / evaluate / predict ('fla' or 'trl_refine', from
+        #: `fla_gated_kernel`), decided here so that 'trl_refine' on a model without such layers fails at construction
+        self.fla_gated_kernel = resolve_fla_gated_kernel(
+            args.fla_gated_kernel, unwrap(self.model), self.accelerator.device
+        )
         warn_if_updates_vanish(self.model, args.learning_rate)
         self.tokenizer_ = getattr(self.processing_class, "tokenizer", self.processing_class)
         check_tokenizer(self.tokenizer_)
@@ -548,7 +555,30 @@ class NSPGRPOTrainer(GRPOTrainer):
         checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
             check_resume_settings(checkpoint, refine_settings(self))
-        return super().train(checkpoint, *args, **kwargs)
+        with self.kernel_block():
+            return super().train(checkpoint, *args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        """`Trainer.evaluate` inside `kernel_block` (a call outside `train`; within it the block is already held)."""
+        with self.kernel_block():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        """`Trainer.predict` inside `kernel_block`."""
+        with self.kernel_block():
+            return super().predict(*args, **kwargs)
+
+    def kernel_block(self) -> contextlib.AbstractContextManager:
+        """The block `train`, `evaluate` and `predict` run in: with ``fla_gated_kernel`` resolved to ``trl_refine``,
+        the swap of fla's GatedDeltaNet chunk op (`use_trl_refine_gated_kernel`), else nothing.
+
+        Held around the whole of `Trainer.train` rather than `training_step` or `compute_loss`, because the swap must
+        cover every forward that can reach fla's op and every backward: the rollouts (`_prepare_inputs`, run inside
+        the step), the loss forward, the backward together with any forward it recomputes (activation
+        checkpointing, ``nsp_segment_checkpointing``: the op is looked up again then), `NSPPostTrainer`'s nested
+        step (its answer forward and backward run after the stock step returns), and the evaluations the loop runs.
+        The swap is process-wide and nestable, so the `evaluate` inside `train` simply nests."""
+        return fla_gated_kernel_block(self.fla_gated_kernel, unwrap(self.model))
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
         """Inside `compute_loss`, hand TRL's loss the engine's log-probs instead of recomputing them."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from trl_refine.kernels.gated_delta_rule_boundary import CHUNK, chunk_gated_delta_rule_with_boundary_states
 
-__all__ = ["chunk_gated_delta_rule", "use_trl_refine_gated_kernel"]
+__all__ = ["chunk_gated_delta_rule", "gated_layer_count", "use_trl_refine_gated_kernel"]
 
 # fla 0.6.0 names this module relies on (tests/test_fla_gated_patch.py checks them; if an fla upgrade moves them, fix
 # this block): the GatedDeltaNet layer class, the module whose global ``chunk_gated_delta_rule`` (imported there from
@@ -161,6 +161,12 @@ def _layer_class() -> type:
     return getattr(importlib.import_module(FLA_LAYER_MODULE), FLA_LAYER_CLASS)
 
 
+def gated_layer_count(model: torch.nn.Module) -> int:
+    """How many fla GatedDeltaNet layers ``model`` has (the layers the swap reaches)."""
+    layer_class = _layer_class()
+    return sum(isinstance(m, layer_class) for m in model.modules())
+
+
 @contextmanager
 def use_trl_refine_gated_kernel(model: torch.nn.Module) -> Iterator[int]:
     """While active, fla's GatedDeltaNet layers run their chunk mode (every forward with grad, and long no-grad
@@ -172,9 +178,9 @@ def use_trl_refine_gated_kernel(model: torch.nn.Module) -> Iterator[int]:
     reruns a forward during the backward (gradient checkpointing, ``nsp_segment_checkpointing``) looks the op up
     again then: keep the whole step, backward included, inside the block. Short no-grad
     calls (fla's fused_recurrent mode, up to 64 tokens in eval) keep fla's kernel, which has no backward to refuse.
-    Other fla layers calling fla's gated op (``mom``) are not swapped. Nested use is fine."""
-    layer_class = _layer_class()
-    layers = sum(isinstance(m, layer_class) for m in model.modules())
+    Other fla layers calling fla's gated op (``mom``) are not swapped. Nested use is fine. The trainer and test-time
+    ReFINE hold this block for you with ``fla_gated_kernel="trl_refine"`` (`trl_refine.kernels.fla_gated_choice`)."""
+    layers = gated_layer_count(model)
     if layers == 0:
         raise ValueError(
             f"{type(model).__name__} has no fla GatedDeltaNet layer ({FLA_LAYER_MODULE}.{FLA_LAYER_CLASS}): the "
