@@ -97,6 +97,7 @@ NOT_COMPARED_SETTINGS = {
     "nsp_reuse_sampling_pass": "same rollouts, losses and gradients either way",
     "nsp_generic_rows_per_call": "memory only",
     "nsp_segment_checkpointing": "memory only",
+    "fla_gated_kernel": "the same math by another kernel (kernel numerics only)",
     "nsp_on_divergence": "decides what a fault does, not what a step optimises",
     "nsp_short_documents": "decides which documents are kept: compared as `train_documents`",
 }
