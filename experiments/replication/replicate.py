@@ -100,6 +100,79 @@ def load_model(path: str, device: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
 
 
+GATED_KERNELS = ("fla", "trl_refine")
+
+
+def check_fla_device(device: str) -> None:
+    """fla's Triton kernels need a GPU, or the Triton interpreter on CPU (slow: tiny shapes only)."""
+    if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit(
+            f"an fla GatedDeltaNet on device {device!r} runs fla's Triton kernels: use --device cuda, or set "
+            "TRITON_INTERPRET=1 on CPU (the Triton interpreter; slow, tiny shapes only: run the script through "
+            "experiments/replication/interpret.py, which also keeps one configuration per autotuner)"
+        )
+
+
+def base_folder(cfg: dict, out: str) -> str | None:
+    """The saved base the phases will load: ``<out>/pretrain/base``, else ``pretrain.checkpoint`` (relative paths
+    from the repository root), if it holds a ``config.json``."""
+    src = cfg["pretrain"].get("checkpoint")
+    for folder in (base_path(out), src and (src if os.path.isabs(src) else os.path.join(REPO, src))):
+        if folder and os.path.exists(os.path.join(folder, "config.json")):
+            return folder
+    return None
+
+
+def model_type(cfg: dict, out: str) -> str:
+    """The ``model_type`` of the model the phases load: the saved base's when there is one, else ``model.kind``'s."""
+    folder = base_folder(cfg, out)
+    if folder:
+        return read_json(os.path.join(folder, "config.json")).get("model_type", "?")
+    kind = cfg["model"].get("kind", "refine_delta_net")
+    return {"fla_gated_deltanet": "gated_deltanet", "fla_delta_net": "delta_net"}.get(kind, kind)
+
+
+def gated_kernel(cfg: dict, out: str, device: str, tok) -> contextlib.AbstractContextManager:
+    """``model.gated_kernel``: which kernel an fla GatedDeltaNet's chunk mode runs, for the whole process (every
+    phase, each step with its backward): ``fla`` (its own) or ``trl_refine`` (``use_trl_refine_gated_kernel``, the
+    same math by our gated kernel, whose backward fla 0.6.0 does not refuse; docs/faithfulness.md). Default
+    ``trl_refine``: fla refuses its own gated backward on Hopper with triton < 3.7.1 (fla #640), and its chunk op
+    does not run under the CPU interpreter; ``fla`` for fla's own kernel (other GPUs, a newer Triton). Other
+    models: nothing to swap, and ``trl_refine`` is refused."""
+    kind = model_type(cfg, out)
+    choice = cfg["model"].get("gated_kernel")
+    if choice is not None and choice not in GATED_KERNELS:
+        raise SystemExit(f"model.gated_kernel={choice!r}: choose one of {', '.join(GATED_KERNELS)}")
+    if kind != "gated_deltanet":
+        if choice == "trl_refine":
+            raise SystemExit(
+                f"model.gated_kernel=trl_refine needs an fla GatedDeltaNet, but the model is {kind!r}: drop the field"
+            )
+        return contextlib.nullcontext()
+    check_fla_device(device)
+    if choice == "fla":
+        log.info("fla GatedDeltaNet on %s: fla's own gated kernel (model.gated_kernel=fla)", device)
+        return contextlib.nullcontext()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trl_refine.kernels.fla_gated_patch import use_trl_refine_gated_kernel
+
+    folder = base_folder(cfg, out)
+    with torch.device("meta"):  # the architecture alone (no weights): the swap checks it has GatedDeltaNet layers
+        if folder:
+            import fla  # noqa: F401  (registers fla's model types)
+
+            shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        else:
+            shape = new_model(cfg, tok, "meta")
+    log.info(
+        "fla GatedDeltaNet on %s: every phase runs through trl_refine's gated kernel (use_trl_refine_gated_kernel; "
+        "fla 0.6.0 refuses its own gated backward on Hopper with triton < 3.7.1, fla #640)",
+        device,
+    )
+    return use_trl_refine_gated_kernel(shape)
+
+
 def encode_documents(texts: list[str], tok) -> list[list[int]]:
     return [ids + [tok.eos_token_id] for ids in tok(list(texts), add_special_tokens=False)["input_ids"]]
 
@@ -823,14 +896,16 @@ def main(argv: list[str] | None = None) -> str:
         wanted = a.arms.split(",") if a.arms else cfg[phase].get("arms", all_arms)
         return [x for x in all_arms if x in wanted]
 
-    if "pretrain" in phases:
-        phase_pretrain(cfg, a.out, device, held, tok)
-    if "midtrain" in phases:
-        phase_midtrain(cfg, a.out, device, held, tok, pick("midtrain", MIDTRAIN_ARMS), seeds)
-    if "posttrain" in phases:
-        phase_posttrain(cfg, a.out, device, held, tok, pick("posttrain", POSTTRAIN_ARMS), seeds)
-    if "testtime" in phases:
-        phase_testtime(cfg, a.out, device, held, tok, pick("testtime", TESTTIME_ARMS), seeds)
+    kernel = gated_kernel(cfg, a.out, device, tok) if set(phases) - {"report"} else contextlib.nullcontext()
+    with kernel:
+        if "pretrain" in phases:
+            phase_pretrain(cfg, a.out, device, held, tok)
+        if "midtrain" in phases:
+            phase_midtrain(cfg, a.out, device, held, tok, pick("midtrain", MIDTRAIN_ARMS), seeds)
+        if "posttrain" in phases:
+            phase_posttrain(cfg, a.out, device, held, tok, pick("posttrain", POSTTRAIN_ARMS), seeds)
+        if "testtime" in phases:
+            phase_testtime(cfg, a.out, device, held, tok, pick("testtime", TESTTIME_ARMS), seeds)
     return phase_report(cfg, a.out) if "report" in phases else ""
 
 

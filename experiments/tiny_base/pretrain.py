@@ -23,10 +23,21 @@ whose result has the highest ``V`` within ``[--target_low, --target_high]``; if 
 that range (ties: fewer parameters). The chosen model is saved as the pure-PyTorch reference DeltaNet
 (``refine_delta_net``, converted from fla on a GPU: ``trl_refine.models.delta_net.convert``).
 
+Families (``--family``, by default the sweep's): ``delta_net`` (above), ``gated_deltanet`` (fla's GatedDeltaNet, bf16
+autocast + fp32 weights, every step with its backward inside ``use_trl_refine_gated_kernel``: fla 0.6.0 refuses its
+own gated backward on Hopper with triton < 3.7.1, fla #640; on CPU only under ``TRITON_INTERPRET=1``; there is no
+reference GatedDeltaNet, so the fla model itself is saved) and ``lact`` (our LaCT-SwiGLU, pure PyTorch, bf16
+autocast on CUDA; saved as itself). Every saved base loads with ``replicate.py --base``.
+
     # CPU sanity check (reference DeltaNet, one thread):
     nice -n 10 python experiments/tiny_base/pretrain.py --device cpu --sweep h64l2 --max_minutes 5 --out /tmp/tb
     # GPU sweep (fla DeltaNet, bf16 autocast, fp32 weights):
     python experiments/tiny_base/pretrain.py --device cuda --sweep default --max_minutes 5 --workers 12 --out runs/tb
+    # the other families at ~110M (GPU size, run 5): fla GatedDeltaNet through our gated kernel, and LaCT
+    python experiments/tiny_base/pretrain.py --device cuda --sweep gpu100m_gated ... --out runs/tb_gated
+    python experiments/tiny_base/pretrain.py --device cuda --sweep gpu100m_lact ... --out runs/tb_lact
+    # CPU smoke of those two (tiny): TRITON_INTERPRET=1 for GatedDeltaNet (fla's Triton kernels, interpreted)
+    TRITON_INTERPRET=1 python experiments/tiny_base/pretrain.py --device cpu --sweep smoke_gated --steps 4 ...
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -49,13 +60,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "replication"))
 import retrieval_data  # noqa: E402
-from replicate import autocast  # noqa: E402  (bf16 on CUDA: fla's chunk kernels refuse fp32)
+from replicate import autocast, check_fla_device  # noqa: E402  (bf16 on CUDA: fla's chunk kernels refuse fp32)
 
 from trl_refine.models.delta_net.convert import reference_from_fla  # noqa: E402
 
 log = logging.getLogger("tiny_base")
 
-# name -> (hidden, layers, heads, intermediate (None: fla's rule), lr, value_weight)
+# name -> (hidden, layers, heads, intermediate (None: fla's rule), lr, value_weight[, family-specific config fields])
 SWEEPS = {
     "default": {
         "h128l2": (128, 2, 2, None, 2e-3, 4.0),
@@ -80,7 +91,30 @@ SWEEPS = {
     },
     "cpu": {"h64l2_cpu": (64, 2, 1, 128, 3e-3, 5.0)},
     "smoke": {"h32l1": (32, 1, 1, 64, 3e-3, 4.0)},
+    # GPU size, run 5 (docs/replication.md): the other two families at ~110M, run-3 recipe, peak lr 1e-3 as run 3's
+    # base. fla GatedDeltaNet: the DeltaNet base's widths (8 heads of 128, value width = key width: expand_v 1, so
+    # the gates are the only difference; fla's default expand_v 2 would be 137M), 112.2M parameters
+    "gpu100m_gated": {
+        "gdn_h1024l8": (1024, 8, 8, None, 1e-3, 4.0, {"expand_v": 1}),
+        "gdn_h1024l8_lr5e-4": (1024, 8, 8, None, 5e-4, 4.0, {"expand_v": 1}),
+    },
+    # LaCT-SwiGLU (ours): 8 attention heads of 128, 4 fast-weight heads (the published default), chunk = window =
+    # 256 bytes (replicate.py's lact_swiglu), so retrieval past 256 bytes must go through the fast weights; 110.1M
+    "gpu100m_lact": {
+        "lact_h1024l8": (1024, 8, 8, None, 1e-3, 4.0, {"num_lact_heads": 4, "lact_chunk_size": 256}),
+        "lact_h1024l8_lr5e-4": (1024, 8, 8, None, 5e-4, 4.0, {"num_lact_heads": 4, "lact_chunk_size": 256}),
+    },
+    # CPU smoke of those two (GatedDeltaNet under TRITON_INTERPRET=1)
+    "smoke_gated": {"gdn_h32l1": (32, 1, 2, 64, 3e-3, 4.0, {"expand_v": 1})},
+    "smoke_lact": {"lact_h32l1": (32, 1, 2, 64, 3e-3, 4.0, {"num_lact_heads": 1, "lact_chunk_size": 64})},
 }
+FAMILIES = ("delta_net", "gated_deltanet", "lact")
+SWEEP_FAMILY = {
+    "gpu100m_gated": "gated_deltanet",
+    "smoke_gated": "gated_deltanet",
+    "gpu100m_lact": "lact",
+    "smoke_lact": "lact",
+}  # every other sweep: delta_net
 
 
 def model_fields(hidden: int, layers: int, heads: int, intermediate: int | None) -> dict:
@@ -96,6 +130,29 @@ def model_fields(hidden: int, layers: int, heads: int, intermediate: int | None)
         bos_token_id=None,
         fuse_cross_entropy=False,
     )
+
+
+def family_fields(family: str, hidden: int, layers: int, heads: int, intermediate: int | None, extra: dict) -> dict:
+    """The config fields of ``family`` (byte vocabulary): DeltaNet's ``model_fields``; GatedDeltaNet's with head dim
+    ``hidden // heads``; LaCT's with ``heads`` attention heads and a window as long as its chunk."""
+    fields = model_fields(hidden, layers, heads, intermediate)
+    if family == "gated_deltanet":
+        fields["head_dim"] = hidden // heads
+    elif family == "lact":
+        fields["num_attn_heads"] = fields.pop("num_heads")
+        fields["window_size"] = extra.get("lact_chunk_size", 2048)
+    return {**fields, **extra}
+
+
+def new_family_model(family: str, fields: dict, device: str):
+    """fla GatedDeltaNet or our LaCT, fresh (DeltaNet: ``new_model``)."""
+    if family == "gated_deltanet":
+        from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+        return GatedDeltaNetForCausalLM(GatedDeltaNetConfig(**fields)).to(device)
+    from trl_refine.models.lact import LaCTConfig, LaCTForCausalLM
+
+    return LaCTForCausalLM(LaCTConfig(**fields)).to(device)
 
 
 def uses_fla(device: str, impl: str) -> bool:
@@ -221,6 +278,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sweep", default="default", help=f"one of {sorted(SWEEPS)}")
+    p.add_argument(
+        "--family",
+        default="auto",
+        choices=("auto", *FAMILIES),
+        help="model family; auto: the sweep's (SWEEP_FAMILY, else delta_net)",
+    )
     p.add_argument("--only", default=None, help="comma-separated configurations of the sweep")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--start_length", type=int, default=300)
@@ -241,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--target_high", type=float, default=80.0)
     p.add_argument("--val_rep", type=int, default=40)
     p.add_argument("--val_default", type=int, default=32)
+    p.add_argument("--val_docs", type=int, default=64, help="fixed validation documents for the NLLs")
     p.add_argument(
         "--mix", default="default", choices=("default", "cpu", "staged"), help="document kinds (retrieval_data)"
     )
@@ -249,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--impl",
         default="auto",
         choices=("auto", "fla", "reference"),
-        help="auto: fla on CUDA (bf16 autocast), the reference DeltaNet elsewhere; reference on CUDA "
+        help="DeltaNet only. auto: fla on CUDA (bf16 autocast), the reference DeltaNet elsewhere; reference on CUDA "
         "runs fp32 without Triton (no compile or autotune)",
     )
     p.add_argument("--workers", type=int, default=0)
@@ -266,6 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(a.threads)
     if a.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    family = check_family(a)
     os.makedirs(a.out, exist_ok=True)
     sweep = SWEEPS[a.sweep]
     if a.only:
@@ -281,83 +346,118 @@ def main(argv: list[str] | None = None) -> dict:
             return retrieval_data.STAGED_MIX[0 if b < a.stage_a * a.steps else 1]
         return retrieval_data.CPU_MIX if a.mix == "cpu" else None
 
-    fla = uses_fla(a.device, a.impl)
-    amp = (lambda: autocast(a.device)) if fla else nullcontext
+    delta = family == "delta_net"
+    fla = uses_fla(a.device, a.impl) if delta else family == "gated_deltanet"
+    amp = (lambda: autocast(a.device)) if fla or not delta else nullcontext  # autocast: bf16 on CUDA, off on CPU
+    kernels = ExitStack()  # GatedDeltaNet: every step, backward included, through trl_refine's gated kernel
     runs = {}
-    for name, (hidden, layers, heads, inter, lr, vw) in sweep.items():
+    for name, (hidden, layers, heads, inter, lr, vw, *extra) in sweep.items():
         torch.manual_seed(a.seed)
-        fields = model_fields(hidden, layers, heads, inter)
-        model = new_model(fields, a.device, a.impl).float().train()
+        if delta:
+            fields = model_fields(hidden, layers, heads, inter)
+            model = new_model(fields, a.device, a.impl).float().train()
+        else:
+            fields = family_fields(family, hidden, layers, heads, inter, extra[0] if extra else {})
+            model = new_family_model(family, fields, a.device).float().train()
+            if family == "gated_deltanet":
+                from trl_refine.kernels.fla_gated_patch import use_trl_refine_gated_kernel
+
+                kernels.enter_context(use_trl_refine_gated_kernel(model))
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
         n = sum(x.numel() for x in model.parameters())
         runs[name] = dict(model=model, opt=opt, lr=lr, value_weight=vw, fields=fields, params=n, curve=[], done=False)
-        log.info("%s: %.3fM params, lr %g, value weight %g", name, n / 1e6, lr, vw)
-    val = Validation(a.val_rep, a.val_default, 64)
-    if a.steps <= 0:
-        a.steps = calibrate_steps(runs, a, amp)
-    loader = iter(
-        torch.utils.data.DataLoader(
-            Batches(a.seed, a.batch, curriculum, mix=mix_of),
-            batch_size=None,
-            num_workers=a.workers,
-            prefetch_factor=8 if a.workers else None,
-            persistent_workers=bool(a.workers),
+        log.info("%s: %s %.3fM params, lr %g, value weight %g", name, family, n / 1e6, lr, vw)
+    if family == "gated_deltanet":
+        log.info("fla GatedDeltaNet: every step through trl_refine's gated kernel (use_trl_refine_gated_kernel)")
+    with kernels:
+        val = Validation(a.val_rep, a.val_default, a.val_docs)
+        if a.steps <= 0:
+            a.steps = calibrate_steps(runs, a, amp)
+        loader = iter(
+            torch.utils.data.DataLoader(
+                Batches(a.seed, a.batch, curriculum, mix=mix_of),
+                batch_size=None,
+                num_workers=a.workers,
+                prefetch_factor=8 if a.workers else None,
+                persistent_workers=bool(a.workers),
+            )
         )
-    )
-    t0 = time.perf_counter()
-    step, wait = 0, 0.0
-    while not all(r["done"] for r in runs.values()):
-        t_wait = time.perf_counter()
-        ids, kind = next(loader)
-        wait += time.perf_counter() - t_wait
-        ids, kind = ids.to(a.device, non_blocking=True), kind.to(a.device, non_blocking=True)
-        step += 1
-        minutes = (time.perf_counter() - t0) / 60
-        for name, r in runs.items():
-            if r["done"]:
-                continue
-            model, opt = r["model"], r["opt"]
-            scale = min(1.0, step / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / a.steps))))
-            for g in opt.param_groups:
-                g["lr"] = r["lr"] * scale
-            with amp():
-                loss, text_nll, ans_nll = weighted_loss(model(input_ids=ids).logits, ids, kind, r["value_weight"])
-            if not torch.isfinite(loss):
-                log.warning("%s: non-finite loss at step %d: stopped", name, step)
-                r["done"] = True
-                continue
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        step, wait = 0, 0.0
+        while not all(r["done"] for r in runs.values()):
+            t_wait = time.perf_counter()
+            ids, kind = next(loader)
+            wait += time.perf_counter() - t_wait
+            ids, kind = ids.to(a.device, non_blocking=True), kind.to(a.device, non_blocking=True)
+            step += 1
+            minutes = (time.perf_counter() - t0) / 60
+            for name, r in runs.items():
+                if r["done"]:
+                    continue
+                model, opt = r["model"], r["opt"]
+                scale = min(1.0, step / a.warmup) * (
+                    0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / a.steps)))
+                )
+                for g in opt.param_groups:
+                    g["lr"] = r["lr"] * scale
+                with amp():
+                    loss, text_nll, ans_nll = weighted_loss(model(input_ids=ids).logits, ids, kind, r["value_weight"])
+                if not torch.isfinite(loss):
+                    log.warning("%s: non-finite loss at step %d: stopped", name, step)
+                    r["done"] = True
+                    continue
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if step % 50 == 0:
+                    log.info(
+                        "%s step %d len %s loss %.3f text %.3f answer %.3f (%.1f min, data wait %.0f s)",
+                        name, step, curriculum(step), loss.item(), text_nll.item(), ans_nll.item(), minutes, wait,
+                    )  # fmt: skip
+                last = step >= a.steps or minutes >= a.max_minutes
+                if step % a.eval_every == 0 or last:
+                    v = val(model, a.device)
+                    v.update(step=step, minutes=minutes, lengths=curriculum(step), train_loss=loss.item())
+                    r["curve"].append(v)
+                    log.info(
+                        "%s step %d: V %.1f (rep %.1f, default %.1f), val answer NLL %.3f (digits %.3f), text NLL %.3f %s",
+                        name, step, v["V"], v["val_rep"], v["val_default"], v["val_answer_nll"],
+                        v["val_answer_digit_nll"], v["val_text_nll"],
+                        v["predictions"][:3],
+                    )  # fmt: skip
+                    if v["V"] >= a.stop_score or last:
+                        r["done"], r["result"] = True, v
+                        if delta:
+                            r["reference"] = (  # the pure-PyTorch reference (CPU, fp32), converted from fla if needed
+                                reference_from_fla(model) if fla else copy.deepcopy(model).to("cpu", torch.float32)
+                            )
+                            r["parity"] = parity(model, r["reference"], val.docs[0][:4], a.device)
+                        else:  # no reference model of these families: the trained model itself (CPU, fp32)
+                            r["reference"], r["parity"] = copy.deepcopy(model).to("cpu", torch.float32), None
             if step % 50 == 0:
-                log.info(
-                    "%s step %d len %s loss %.3f text %.3f answer %.3f (%.1f min, data wait %.0f s)",
-                    name, step, curriculum(step), loss.item(), text_nll.item(), ans_nll.item(), minutes, wait,
-                )  # fmt: skip
-            last = step >= a.steps or minutes >= a.max_minutes
-            if step % a.eval_every == 0 or last:
-                v = val(model, a.device)
-                v.update(step=step, minutes=minutes, lengths=curriculum(step), train_loss=loss.item())
-                r["curve"].append(v)
-                log.info(
-                    "%s step %d: V %.1f (rep %.1f, default %.1f), val answer NLL %.3f (digits %.3f), text NLL %.3f %s",
-                    name, step, v["V"], v["val_rep"], v["val_default"], v["val_answer_nll"],
-                    v["val_answer_digit_nll"], v["val_text_nll"],
-                    v["predictions"][:3],
-                )  # fmt: skip
-                if v["V"] >= a.stop_score or last:
-                    r["done"], r["result"] = True, v
-                    r["reference"] = (  # the pure-PyTorch reference (CPU, fp32), converted from fla if needed
-                        reference_from_fla(model) if fla else copy.deepcopy(model).to("cpu", torch.float32)
-                    )
-                    r["parity"] = parity(model, r["reference"], val.docs[0][:4], a.device)
-        if step % 50 == 0:
-            write_summary(a, runs)
+                write_summary(a, runs)
     for name, r in runs.items():  # every configuration's result, as the reference model (small)
         save_reference(r, os.path.join(a.out, "configs", name), a, name)
     write_summary(a, runs)
     return choose_base(a.out, a.target_low, a.target_high) if not a.no_choose else {}
+
+
+def check_family(a) -> str:
+    """The family of the run (``--family``, else the sweep's); bad combinations fail here, before any model."""
+    if a.sweep not in SWEEPS:
+        raise SystemExit(f"--sweep {a.sweep!r}: choose one of {sorted(SWEEPS)}")
+    family = SWEEP_FAMILY.get(a.sweep, "delta_net") if a.family == "auto" else a.family
+    if family != SWEEP_FAMILY.get(a.sweep, "delta_net"):
+        raise SystemExit(
+            f"--family {family} with --sweep {a.sweep} (a {SWEEP_FAMILY.get(a.sweep, 'delta_net')} sweep): "
+            f"pick a {family} sweep ({sorted(k for k, f in SWEEP_FAMILY.items() if f == family) or 'the others'})"
+        )
+    if family != "delta_net" and a.impl != "auto":
+        raise SystemExit(f"--impl {a.impl} is DeltaNet's (fla or the reference); {family} has one implementation")
+    if family == "gated_deltanet":
+        check_fla_device(a.device)
+    return family
 
 
 def calibrate_steps(runs: dict, a, amp) -> int:
@@ -423,7 +523,8 @@ def parity(model, reference, ids: torch.Tensor, device: str) -> dict:
 
 
 def save_reference(r: dict, path: str, a, name: str) -> None:
-    """Save a result as the pure-PyTorch reference DeltaNet (HF save_pretrained), with its build log."""
+    """Save a result as the pure-PyTorch reference DeltaNet (other families: the model itself; HF save_pretrained),
+    with its build log."""
     from transformers import ByT5Tokenizer
 
     r["reference"].save_pretrained(path, safe_serialization=True)
