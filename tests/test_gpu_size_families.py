@@ -26,8 +26,9 @@ TINY = ["--device", "cpu", "--batch", "2", "--steps", "4", "--eval_every", "2", 
 
 
 def test_lact_family_pretrains_moves_its_weights_and_saves_a_base_replicate_loads(tmp_path):
+    """In micro-batches of one row, as the session pretrains LaCT (MICRO_LACT)."""
     out = tmp_path / "tb"
-    choice = pretrain.main(["--out", str(out), "--sweep", "smoke_lact", *TINY])
+    choice = pretrain.main(["--out", str(out), "--sweep", "smoke_lact", "--micro_batch", "1", *TINY])
     assert choice["chosen"] == "lact_h32l1"
     log = json.loads((out / "base" / "build_log.json").read_text())
     assert log["arguments"]["family"] == "auto" and [c["step"] for c in log["curve"]] == [2, 4]
@@ -125,3 +126,19 @@ def test_the_pre_registered_configs_share_run_3s_protocol():
         assert cfg["model"]["kind"] == kind and cfg["seeds"] == [0, 1, 2, 3, 4]
         for key in ("device", "data", "eval", "pretrain", "midtrain", "posttrain", "testtime"):
             assert cfg[key] == delta[key], (name, key)
+
+
+def test_micro_batches_give_the_whole_batch_gradient():
+    from contextlib import nullcontext
+
+    torch.manual_seed(0)
+    model = pretrain.new_model(pretrain.model_fields(32, 1, 1, 64), "cpu", "reference")
+    ids, kind = pretrain.Batches(0, 5, lambda b: (150, 200)).make(3)
+    loss, _, _ = pretrain.weighted_loss(model(input_ids=ids).logits, ids, kind, 4.0)
+    loss.backward()
+    whole = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    sliced, _, _ = pretrain.accumulated_backward(model, ids, kind, 4.0, nullcontext, 2)
+    assert torch.allclose(sliced, loss.detach(), rtol=1e-5) and not sliced.requires_grad
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, whole[n], rtol=1e-4, atol=1e-7), n

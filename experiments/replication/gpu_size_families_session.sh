@@ -2,6 +2,8 @@
 # GPU size, run 5 (issue 13; pre-registered in docs/replication.md "GPU size, run 5"): fla GatedDeltaNet (~112M,
 # through trl_refine's gated kernel) and LaCT (~110M, ours), as ONE background job on one H200 + 16 CPU cores, from a
 # staged copy of the repository root (.whl, shared_data, autotune caches; docs/benchmarks.md):
+#   0. beside step 1 (GATED_TEST=0 skips it): the gated kernel swap's GPU test (tests/gpu/test_gpu_fla_gated_patch.py,
+#      a tiny model, never run before), capped at 150 s;
 #   1. side by side, one process per family: pretraining from scratch (experiments/tiny_base/pretrain.py --sweep
 #      gpu100m_gated / gpu100m_lact, run 3's recipe, bf16 autocast + fp32 weights), time-capped at PRETRAIN_MIN;
 #      then each family's validation rule chooses its base;
@@ -16,10 +18,12 @@
 #   setsid bash experiments/replication/gpu_size_families_session.sh /tmp/gsf > /dev/null 2>&1 < /dev/null &
 #   BASE=0 bash experiments/replication/run2_poll.sh /tmp/gsf "all done" 540
 # Knobs: RUN ("gated lact": the families), PRETRAIN_MIN (6), STEPS (0: calibrate the step budget to PRETRAIN_MIN;
-# N: a fixed budget, e.g. from a timed step), BATCH (32), WORKERS (3 data workers per process), EVAL_EVERY (250),
+# N: a fixed budget, e.g. from a timed step), BATCH (32), MICRO_GATED (0) / MICRO_LACT (16): backward in slices
+# of that many rows, the same gradient (LaCT's activations at batch 32 x 1200, measured on CPU in fp32: ~11 GB a
+# layer), WORKERS (3 data workers per process), EVAL_EVERY (250),
 # GATED_CONFIGS / LACT_CONFIGS (the sweep entries, comma-separated; default the lr-1e-3 one), SEEDS ("0 1 2"),
 # MID_ARMS ("ntp refine_cosine"), POST_ARMS ("sft nested"), ARMS_S (400), POST_AT (ARMS_S/2), PRETRAIN=0 (the bases
-# exist under $W/tb_<family>/base: skip step 1), DEVICE (cuda; cpu for the CPU smoke, with TRITON_INTERPRET=1 and
+# exist under $W/tb_<family>/base: skip step 1), GATE=0 (arms whatever the base scores: the smoke), DEVICE (cuda; cpu for the CPU smoke, with TRITON_INTERPRET=1 and
 # the smoke sweeps: SWEEP_GATED / SWEEP_LACT, CFG_GATED / CFG_LACT, PRETRAIN_ARGS, REPLICATE_ARGS).
 set -u
 if [ -z "${RELOCATED:-}" ]; then
@@ -46,6 +50,7 @@ echo "cores $(nproc)" >> "$W/env.log"
 note env
 
 sweep() { case $1 in gated) echo "${SWEEP_GATED:-gpu100m_gated}";; lact) echo "${SWEEP_LACT:-gpu100m_lact}";; esac; }
+micro() { case $1 in gated) echo "${MICRO_GATED:-0}";; lact) echo "${MICRO_LACT:-16}";; esac; }
 only() { case $1 in gated) echo "${GATED_CONFIGS:-gdn_h1024l8}";; lact) echo "${LACT_CONFIGS:-lact_h1024l8}";; esac; }
 cfg() { case $1 in
   gated) echo "${CFG_GATED:-experiments/replication/configs/gpu_size_gated_deltanet.yaml}";;
@@ -53,12 +58,19 @@ cfg() { case $1 in
 R() { $PY experiments/replication/replicate.py --config "$(cfg "$1")" --out "$W/gs_$1" --device "$DEVICE" \
   --base "$W/tb_$1/base" ${REPLICATE_ARGS:-} "${@:2}"; }
 
+if [ "$DEVICE" = cuda ] && [ "${GATED_TEST:-1}" = 1 ]; then  # beside the pretraining: the swap's GPU check (tiny)
+  ( timeout -k 10 -s INT "${GATED_TEST_LIMIT:-150}" env TRL_REFINE_GPU_RESULTS="$W/gpu_fla_gated_patch.json" \
+      python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_fla_gated_patch.py -m gpu -rA --durations=0 \
+      > "$W/gated_patch_test.log" 2>&1
+    note "gated patch GPU test rc=$?" ) &
+fi
 if [ "${PRETRAIN:-1}" = 1 ]; then
   PIDS=""
   for f in $RUN; do
     # shellcheck disable=SC2086
     $PY experiments/tiny_base/pretrain.py --device "$DEVICE" --sweep "$(sweep $f)" --only "$(only $f)" --no_choose \
-      --workers "${WORKERS:-3}" --batch "${BATCH:-32}" --mix staged --stage_a 0.25 --steps "${STEPS:-0}" --ramp 0.4 \
+      --workers "${WORKERS:-3}" --batch "${BATCH:-32}" \
+      --micro_batch "$(micro $f)" --mix staged --stage_a 0.25 --steps "${STEPS:-0}" --ramp 0.4 \
       --max_minutes "$PRETRAIN_MIN" --eval_every "${EVAL_EVERY:-250}" ${PRETRAIN_ARGS:-} --out "$W/tb_$f" \
       > "$W/tb_$f.log" 2>&1 &
     PIDS="$PIDS $!"
@@ -81,7 +93,7 @@ ARMS=""
 for f in $OK; do  # the pre-registered gate: the base's held-out NIAH average strictly inside (0, 100)
   v=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['eval']['niah_avg'])" \
       "$W/gs_$f/pretrain/base/result.json" 2>/dev/null)
-  if python3 -c "import sys; sys.exit(0 if 0 < float(sys.argv[1]) < 100 else 1)" "${v:-nan}" 2>/dev/null; then
+  if [ "${GATE:-1}" = 0 ] || python3 -c "import sys; sys.exit(0 if 0 < float(sys.argv[1]) < 100 else 1)" "${v:-nan}"; then
     ARMS="$ARMS $f"; note "$f base scored: held-out NIAH $v: arms run"
   else note "$f base scored: held-out NIAH ${v:-missing}: no arms (gs_${f}_base.log)"; fi
 done

@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--only", default=None, help="comma-separated configurations of the sweep")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument(
+        "--micro_batch", type=int, default=0, help="backward in slices of this many rows (same gradient; 0: whole)"
+    )
     p.add_argument("--start_length", type=int, default=300)
     p.add_argument("--min_length", type=int, default=250)
     p.add_argument("--max_length", type=int, default=1200)
@@ -400,13 +403,21 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 for g in opt.param_groups:
                     g["lr"] = r["lr"] * scale
-                with amp():
-                    loss, text_nll, ans_nll = weighted_loss(model(input_ids=ids).logits, ids, kind, r["value_weight"])
+                if a.micro_batch and a.micro_batch < len(ids):  # the same gradient, in slices (activation memory)
+                    loss, text_nll, ans_nll = accumulated_backward(
+                        model, ids, kind, r["value_weight"], amp, a.micro_batch
+                    )
+                else:
+                    with amp():
+                        loss, text_nll, ans_nll = weighted_loss(
+                            model(input_ids=ids).logits, ids, kind, r["value_weight"]
+                        )
                 if not torch.isfinite(loss):
                     log.warning("%s: non-finite loss at step %d: stopped", name, step)
                     r["done"] = True
                     continue
-                loss.backward()
+                if loss.requires_grad:
+                    loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -460,6 +471,25 @@ def check_family(a) -> str:
     return family
 
 
+def accumulated_backward(model, ids: torch.Tensor, kind: torch.Tensor, value_weight: float, amp, micro: int):
+    """``weighted_loss`` of the whole batch and its backward, in slices of ``micro`` rows: each slice's loss is
+    weighted by its share of the batch's loss weight, so the gradient is the whole batch's (up to summation order).
+    Returns the batch's loss and the (weight-averaged) text and answer NLLs, detached."""
+    w = (kind[:, 1:] == 1).float() + value_weight * (kind[:, 1:] == 2).float()
+    total, text, answer = w.sum(), [], []
+    loss = ids.new_zeros((), dtype=torch.float32)
+    for i in range(0, len(ids), micro):
+        x, k = ids[i : i + micro], kind[i : i + micro]
+        share = w[i : i + micro].sum() / total
+        with amp():
+            part, text_nll, ans_nll = weighted_loss(model(input_ids=x).logits, x, k, value_weight)
+        (part * share).backward()
+        loss += (part * share).detach()
+        text.append(text_nll)
+        answer.append(ans_nll)
+    return loss, torch.stack(text).mean(), torch.stack(answer).mean()
+
+
 def calibrate_steps(runs: dict, a, amp) -> int:
     """The step budget that fits ``--max_minutes``: time a few steps of every configuration (on copies, then thrown
     away) on a batch of the longest documents and keep 75% of the time for training (the rest: shorter documents
@@ -476,9 +506,12 @@ def calibrate_steps(runs: dict, a, amp) -> int:
             if i == 3:  # three warm-up steps
                 sync()
                 t0 = time.perf_counter()
-            with amp():
-                loss = weighted_loss(model(input_ids=ids).logits, ids, kind, 1.0)[0]
-            loss.backward()
+            if a.micro_batch and a.micro_batch < len(ids):
+                accumulated_backward(model, ids, kind, 1.0, amp, a.micro_batch)
+            else:
+                with amp():
+                    loss = weighted_loss(model(input_ids=ids).logits, ids, kind, 1.0)[0]
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         sync()
