@@ -103,9 +103,14 @@ def test_replicate_runs_a_gated_deltanet_base_through_the_gated_kernel(tmp_path,
         with replicate.gated_kernel(cfg, str(tmp_path / "rep"), "cuda", tok):
             assert getattr(layer_module, patch.FLA_OP_NAME) is patch.chunk_gated_delta_rule
         assert getattr(layer_module, patch.FLA_OP_NAME) is fla_op
-    cfg["model"]["gated_kernel"] = "fla"
-    with replicate.gated_kernel(cfg, str(tmp_path / "rep"), "cuda", tok):
-        assert getattr(layer_module, patch.FLA_OP_NAME) is fla_op
+    from trl_refine.kernels.fla_gated_choice import fla_refuses_gated_backward
+
+    refuses = fla_refuses_gated_backward("cuda")[0]  # False without a CUDA GPU
+    for choice, swapped in (("fla", False), ("auto", refuses)):
+        cfg["model"]["gated_kernel"] = choice
+        with replicate.gated_kernel(cfg, str(tmp_path / "rep"), "cuda", tok):
+            op = getattr(layer_module, patch.FLA_OP_NAME)
+            assert op is (patch.chunk_gated_delta_rule if swapped else fla_op), choice
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(SystemExit, match="TRITON_INTERPRET=1"):
         replicate.gated_kernel(cfg, str(tmp_path / "rep"), "cpu", tok)
@@ -113,7 +118,7 @@ def test_replicate_runs_a_gated_deltanet_base_through_the_gated_kernel(tmp_path,
     with pytest.raises(SystemExit, match="needs an fla GatedDeltaNet"):
         replicate.gated_kernel(cfg, str(tmp_path / "rep2"), "cuda", tok)
     cfg["model"]["gated_kernel"] = "tilelang"
-    with pytest.raises(SystemExit, match="choose one of fla, trl_refine"):
+    with pytest.raises(SystemExit, match="choose one of fla, trl_refine, auto"):
         replicate.gated_kernel(cfg, str(tmp_path / "rep2"), "cuda", tok)
 
 

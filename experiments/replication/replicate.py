@@ -100,9 +100,6 @@ def load_model(path: str, device: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
 
 
-GATED_KERNELS = ("fla", "trl_refine")
-
-
 def check_fla_device(device: str) -> None:
     """fla's Triton kernels need a GPU, or the Triton interpreter on CPU (slow: tiny shapes only)."""
     if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
@@ -133,16 +130,22 @@ def model_type(cfg: dict, out: str) -> str:
 
 
 def gated_kernel(cfg: dict, out: str, device: str, tok) -> contextlib.AbstractContextManager:
-    """``model.gated_kernel``: which kernel an fla GatedDeltaNet's chunk mode runs, for the whole process (every
-    phase, each step with its backward): ``fla`` (its own) or ``trl_refine`` (``use_trl_refine_gated_kernel``, the
-    same math by our gated kernel, whose backward fla 0.6.0 does not refuse; docs/faithfulness.md). Default
-    ``trl_refine``: fla refuses its own gated backward on Hopper with triton < 3.7.1 (fla #640), and its chunk op
-    does not run under the CPU interpreter; ``fla`` for fla's own kernel (other GPUs, a newer Triton). Other
-    models: nothing to swap, and ``trl_refine`` is refused."""
+    """``model.gated_kernel``: the kernel an fla GatedDeltaNet's layers run for the whole process (every phase, each
+    step with its backward, evaluation included), with the library's choices (``fla_gated_kernel``,
+    trl_refine/kernels/fla_gated_choice.py): ``fla`` (its own), ``trl_refine`` (``use_trl_refine_gated_kernel``: the
+    same math by our gated kernel, whose backward fla 0.6.0 does not refuse; docs/faithfulness.md) or ``auto``.
+    Default here ``trl_refine``: fla refuses its own gated backward on Hopper with triton < 3.7.1 (fla #640), and its
+    chunk op does not run under the CPU interpreter. Other models: nothing to swap; ``trl_refine`` is refused."""
+    from trl_refine.kernels.fla_gated_choice import (
+        FLA_GATED_KERNELS,
+        fla_gated_kernel_block,
+        resolve_fla_gated_kernel,
+    )
+
     kind = model_type(cfg, out)
     choice = cfg["model"].get("gated_kernel")
-    if choice is not None and choice not in GATED_KERNELS:
-        raise SystemExit(f"model.gated_kernel={choice!r}: choose one of {', '.join(GATED_KERNELS)}")
+    if choice is not None and choice not in FLA_GATED_KERNELS:
+        raise SystemExit(f"model.gated_kernel={choice!r}: choose one of {', '.join(FLA_GATED_KERNELS)}")
     if kind != "gated_deltanet":
         if choice == "trl_refine":
             raise SystemExit(
@@ -150,27 +153,27 @@ def gated_kernel(cfg: dict, out: str, device: str, tok) -> contextlib.AbstractCo
             )
         return contextlib.nullcontext()
     check_fla_device(device)
-    if choice == "fla":
-        log.info("fla GatedDeltaNet on %s: fla's own gated kernel (model.gated_kernel=fla)", device)
-        return contextlib.nullcontext()
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trl_refine.kernels.fla_gated_patch import use_trl_refine_gated_kernel
-
     folder = base_folder(cfg, out)
-    with torch.device("meta"):  # the architecture alone (no weights): the swap checks it has GatedDeltaNet layers
+    with torch.device("meta"):  # the architecture alone (no weights), for the choice's check of its layers
         if folder:
             import fla  # noqa: F401  (registers fla's model types)
 
             shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
         else:
             shape = new_model(cfg, tok, "meta")
+    kernel = resolve_fla_gated_kernel(choice or "trl_refine", shape, device)
     log.info(
-        "fla GatedDeltaNet on %s: every phase runs through trl_refine's gated kernel (use_trl_refine_gated_kernel; "
-        "fla 0.6.0 refuses its own gated backward on Hopper with triton < 3.7.1, fla #640)",
+        "fla GatedDeltaNet on %s: every phase runs %s (model.gated_kernel=%s)",
         device,
+        "through trl_refine's gated kernel (use_trl_refine_gated_kernel; fla 0.6.0 refuses its own gated backward "
+        "on Hopper with triton < 3.7.1, fla #640)"
+        if kernel == "trl_refine"
+        else "fla's own gated kernel",
+        choice or "trl_refine (default)",
     )
-    return use_trl_refine_gated_kernel(shape)
+    return fla_gated_kernel_block(kernel, shape)
 
 
 def encode_documents(texts: list[str], tok) -> list[list[int]]:

@@ -509,7 +509,7 @@ def calibrate_steps(runs: dict, a, amp) -> int:
             if i == 3:  # three warm-up steps
                 sync()
                 t0 = time.perf_counter()
-            if a.micro_batch and a.micro_batch < len(ids):
+            if getattr(a, "micro_batch", 0) and a.micro_batch < len(ids):
                 accumulated_backward(model, ids, kind, 1.0, amp, a.micro_batch)
             else:
                 with amp():
