@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One background job on one H200 (issues 18, 13): the GPU tests of our kernels (the gated kernel swap inside fla's
+# GatedDeltaNet, the gated boundary kernel, the DeltaNet boundary kernel with the fused states_at op), the boundary
+# kernel's profile, the engines at 8K (NTP vs one-pass with the readout vs with the fused boundary op, fp32 master
+# weights + bf16 autocast), and the pretraining step of ~100M models (benchmarks/train_step_probe.py). Timings run
+# one at a time. Each step under its own limit. From a staged copy (docs/benchmarks.md: .whl, autotune caches):
+#   setsid bash benchmarks/kernel_session.sh /tmp/k > /dev/null 2>&1 < /dev/null & bash benchmarks/gpu_poll.sh /tmp/k 520
+set -u
+if [ -z "${RELOCATED:-}" ]; then
+  rm -rf /tmp/stage_k && cp -r "$PWD" /tmp/stage_k && cd /tmp/stage_k || exit 1
+  RELOCATED=1 exec bash benchmarks/kernel_session.sh "$@"
+fi
+R=${1:-/tmp/k}; mkdir -p "$R"
+source benchmarks/gpu_env.sh > "$R/env.log" 2>&1 || { cat "$R/env.log" >> "$R/progress.log"; echo "=== done" >> "$R/progress.log"; exit 1; }
+export TRITON_CACHE_DIR=/tmp/triton_cache PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; mkdir -p $TRITON_CACHE_DIR
+for t in benchmarks/triton_autotune*.tgz triton_autotune*.tgz; do [ -f "$t" ] && tar xzf "$t" -C $TRITON_CACHE_DIR 2>/dev/null; done
+nvidia-smi --query-gpu=name,memory.used,utilization.gpu,driver_version --format=csv >> "$R/env.log" 2>&1
+step() { local name=$1 limit=$2; shift 2; local t0=$(date +%s); echo "=== $name start $(date +%T)" >> "$R/progress.log"
+  timeout -k 10 -s INT "$limit" "$@" > "$R/$name.log" 2>&1; echo "=== $name rc=$? $(( $(date +%s) - t0 ))s" >> "$R/progress.log"; }
+gpu_test() { local name=$1 limit=$2 file=$3; step "$name" "$limit" env TRL_REFINE_GPU_RESULTS="$R/$name.json" \
+  python3 -m pytest -q -p no:cacheprovider "$file" -m gpu -rA --durations=0; }
+gpu_test gated_patch "${PATCH_LIMIT:-240}" tests/gpu/test_gpu_fla_gated_patch.py
+step probe "${PROBE_LIMIT:-240}" python3 benchmarks/train_step_probe.py --out "$R/train_step_probe.json"
+step bench "${BENCH_LIMIT:-360}" python3 benchmarks/bench_engines.py --lengths 8192 --rollouts ${ROLLOUTS:-1 8} \
+  --docs ${DOCS:-4 1} --precisions amp --variants ntp onepass_reuse onepass_boundary_reuse \
+  --skip-generic-above 65536 --out "$R/bench_fla_8k_boundary.json"
+step profile "${PROFILE_LIMIT:-150}" python3 benchmarks/profile_boundary_kernel.py --out "$R/profile_boundary.json"
+gpu_test boundary_kernel "${KERNEL_LIMIT:-300}" tests/gpu/test_gpu_boundary_kernel.py
+gpu_test gated_kernel "${GATED_LIMIT:-240}" tests/gpu/test_gpu_gated_boundary_kernel.py
+echo "=== done $(date +%T)" >> "$R/progress.log"
