@@ -188,6 +188,14 @@ def _blocks(K: int, V: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(K)), min(64, max(16, triton.next_power_of_2(V)))
 
 
+def _pipeline(x: torch.Tensor, BK: int) -> dict:
+    """Launch options: fp32 tiles at K = 128 with Triton's default software pipelining (3 stages of the k/w/u tiles)
+    ask for more shared memory than a Hopper SM has (H200, 2026-12-03: ``OutOfResources: shared memory, Required:
+    278528, Hardware limit: 232448`` in the forward at K = V = 128), so fp32 inputs with BK > 64 load one stage at a
+    time. bf16/fp16, what training under autocast runs, keep the default."""
+    return {"num_stages": 1} if x.element_size() == 4 and BK > 64 else {}
+
+
 def recurrent_forward(k, w, u, g, initial_state, *, chunks=None, fla_layout=False, h_dtype=torch.float32):
     """The forward recurrence: (chunk-start states ``[B, H, NT, K, V]``, or fla's ``[B, NT, H, K, V]`` with
     ``fla_layout``, in ``h_dtype``; v_new like u; final state fp32; the fp32 start states ``[B, n, H, K, V]`` of the
@@ -207,7 +215,7 @@ def recurrent_forward(k, w, u, g, initial_state, *, chunks=None, fla_layout=Fals
     _boundary_fwd_kernel[grid](
         k, w, u, g, h0, hs, v_new, ht, sel, s0, T, NT, sel.shape[1] if sel is not None else 0, H=H, K=K, V=V,
         BT=CHUNK, BK=BK, BV=BV, HAS_H0=h0 is not None, USE_G=g is not None, FLA_LAYOUT=fla_layout,
-        HAS_SEL=sel is not None,
+        HAS_SEL=sel is not None, **_pipeline(k, BK),
     )  # fmt: skip
     return hs, v_new, ht, s0
 
@@ -232,7 +240,7 @@ def recurrent_backward(q, k, w, g, do, dv, dht, dhb, scale, want_dh0, *, chunks=
     _boundary_bwd_kernel[grid](
         q, k, w, g, do, dv, dht, dhb, sel, ds0, dh, dh0, dv2, scale, T, NT, sel.shape[1] if sparse else 0, H=H, K=K,
         V=V, BT=CHUNK, BK=BK, BV=BV, HAS_DHT=dht is not None, HAS_DHB=dhb is not None, HAS_DH0=want_dh0,
-        USE_G=g is not None, HAS_SEL=sparse,
+        USE_G=g is not None, HAS_SEL=sparse, **_pipeline(k, BK),
     )  # fmt: skip
     return dh, dh0, dv2
 
