@@ -287,7 +287,6 @@ class TestTimeRefine:
             "skipped_prompts": sum(b["skipped"] for b in self.history),
             "per_step": [{k: mean(v) for k, v in per_index[i].items()} for i in sorted(per_index)],
         }
-        self._optimizer_model = None
 
     def kernel_block(self, model) -> contextlib.AbstractContextManager:
         """The block adaptation runs in (``fla_gated_kernel``, `trl_refine.kernels.fla_gated_choice`): the swap of
