@@ -1,5 +1,6 @@
 """fla's own pure-PyTorch references in place of the chunk ops whose Triton kernels the interpreter cannot run in fp32
-(``chunk_kda``, ``chunk_gated_delta_product``, ``chunk_rwkv7``, ``chunk_gated_delta_rule``; and GLA's
+(``chunk_kda``, ``chunk_gated_delta_product``, ``chunk_rwkv7``, ``chunk_gated_delta_rule``, ``chunk_hgrn``,
+``chunk_comba``; and GLA's
 ``fused_recurrent_gla``, whose kernels the interpreter runs but slowly, for the fla hybrid test fla_hybrid.py), with
 the op's signature and return ``(o, final_state)``: the in-kernel preprocessing (q/k L2 norm, beta sigmoid, KDA and
 GDN gates) in torch, varlen ``cu_seqlens`` as one recurrence per sequence, ``initial_state`` / ``output_final_state``
@@ -9,10 +10,12 @@ interpreter. naive_ops_check.py compares each with fla's Triton fused_recurrent 
 substitution is faithful; ``chunk_gated_delta_rule``: fla_gated_patch.py does)."""
 
 import torch
+from fla.ops.comba.naive import naive_chunk_comba
 from fla.ops.gated_delta_product.naive import naive_recurrent_gated_delta_product
 from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence
 from fla.ops.gla.naive import naive_recurrent_gla
+from fla.ops.hgrn.naive import naive_recurrent_hgrn
 from fla.ops.kda.gate import naive_kda_gate
 from fla.ops.kda.naive import naive_recurrent_kda
 
@@ -138,6 +141,35 @@ def fused_recurrent_gla(
     return _per_sequence(one, cu_seqlens, initial_state, (q, k, v, gk), output_final_state)
 
 
+def chunk_hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, **kwargs):
+    """fla.ops.hgrn.chunk_hgrn (x, g [B, T, D]; state [N, D]) by naive_recurrent_hgrn (fp32 state, output in x's
+    dtype), one recurrence per sequence with ``cu_seqlens`` (fla's chunk op refuses varlen; its fused_recurrent takes
+    it, as this does)."""
+
+    def one(x, g, h0):
+        return naive_recurrent_hgrn(x, g, initial_state=h0, output_final_state=True)
+
+    return _per_sequence(one, cu_seqlens, initial_state, (x, g), output_final_state)
+
+
+def chunk_comba(
+    q, k, v, p, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+    use_qk_l2norm_in_kernel=False, **kwargs,
+):  # fmt: skip
+    """fla.ops.comba.chunk_comba by fla's pure-PyTorch naive_chunk_comba. Not by its naive_recurrent_comba: that one
+    decays the state before the correction term reads it (S_t = a_t S_{t-1}, then v_t - S_t p_t), while the chunk and
+    fused_recurrent kernels (and the Comba paper) read the undecayed S_{t-1}; on random inputs it is 8% off both
+    kernels, naive_chunk_comba 1.4e-7 (CPU fp32, interpreter). ``use_qk_l2norm_in_kernel`` normalizes q, k **and p**,
+    as fla's chunk op (``chunk_comba_fwd``: l2norm_fwd on all three) and fused_recurrent kernel (b_q, b_k, b_p) do."""
+    if use_qk_l2norm_in_kernel:
+        q, k, p = _l2norm(q), _l2norm(k), _l2norm(p)
+
+    def one(q, k, v, p, beta, g, h0):
+        return naive_chunk_comba(q, k, v, p, g, beta, scale=scale, initial_state=h0, output_final_state=True)
+
+    return _per_sequence(one, cu_seqlens, initial_state, (q, k, v, p, beta, g), output_final_state)
+
+
 #: per family: the fla layer module, the name under which it imports the op, the substitute, fla's reference in it
 SUBSTITUTES = {
     "kda": ("fla.layers.kda", "chunk_kda", chunk_kda, "fla.ops.kda.naive.naive_recurrent_kda"),
@@ -151,6 +183,8 @@ SUBSTITUTES = {
     ),
     "rwkv7": ("fla.layers.rwkv7", "chunk_rwkv7", chunk_rwkv7, "fla.ops.generalized_delta_rule.dplr.naive.dplr_recurrence"),
     "gla": ("fla.layers.gla", "fused_recurrent_gla", fused_recurrent_gla, "fla.ops.gla.naive.naive_recurrent_gla"),
+    "hgrn": ("fla.layers.hgrn", "chunk_hgrn", chunk_hgrn, "fla.ops.hgrn.naive.naive_recurrent_hgrn"),
+    "comba": ("fla.layers.comba", "chunk_comba", chunk_comba, "fla.ops.comba.naive.naive_chunk_comba"),
 }  # fmt: skip
 
 

@@ -8,7 +8,7 @@ import sys
 
 import torch
 from _interpreter import rel  # first: turns the Triton interpreter on
-from _naive_ops import chunk_gated_delta_product, chunk_kda, chunk_rwkv7, fused_recurrent_gla
+from _naive_ops import chunk_comba, chunk_gated_delta_product, chunk_hgrn, chunk_kda, chunk_rwkv7, fused_recurrent_gla
 
 family = sys.argv[1]
 torch.manual_seed(0)
@@ -84,6 +84,26 @@ elif family == "gla":
     args = dict(q=q, k=k, v=v, gk=gk, output_final_state=True, state_v_first=True, cu_seqlens=cu)
     naive = fused_recurrent_gla(**args, initial_state=h0.clone())
     res.update(compare("", naive, triton_gla(**args, initial_state=h0.clone())))
+elif family == "hgrn":
+    from fla.ops.hgrn import fused_recurrent_hgrn
+
+    D = H * K
+    x, h0 = randn(1, T, D), randn(n, D)
+    g = torch.nn.functional.logsigmoid(randn(1, T, D))  # the layer's forget gate, a log in (-inf, 0)
+    args = dict(x=x, g=g, output_final_state=True, cu_seqlens=cu)
+    naive = chunk_hgrn(**args, initial_state=h0.clone())
+    res.update(compare("", naive, fused_recurrent_hgrn(**args, initial_state=h0.clone())))
+elif family == "comba":
+    from fla.ops.comba import fused_recurrent_comba
+
+    q, k, v, h0 = randn(1, T, H, K), randn(1, T, H, K), randn(1, T, H, V), randn(n, H, K, V)
+    p = k * torch.rand(1, 1, H, 1)  # the layer's inner decay: p = k * sigmoid(decay)
+    beta, g = torch.rand(1, T, H), -torch.rand(1, T, H)
+    args = dict(
+        q=q, k=k, v=v, p=p, g=g, beta=beta, output_final_state=True, cu_seqlens=cu, use_qk_l2norm_in_kernel=True
+    )
+    naive = chunk_comba(**args, initial_state=h0.clone())
+    res.update(compare("", naive, fused_recurrent_comba(**args, initial_state=h0.clone())))
 else:
-    raise SystemExit(f"unknown family {family!r} (kda, gated_deltaproduct, rwkv7, gla)")
+    raise SystemExit(f"unknown family {family!r} (kda, gated_deltaproduct, rwkv7, gla, hgrn, comba)")
 print(json.dumps(res))
