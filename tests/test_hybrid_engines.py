@@ -3,10 +3,16 @@ log-probs, hidden states and gradients as the generic engine (CPU, fp32, left-pa
 
 import pytest
 import torch
-from test_snapshot_engine import batch, rel
+from _engine_harness import (
+    assert_checkpointed_and_reused_pass_match,
+    assert_gradient_flows_through_snapshots,
+    assert_snapshot_equals_generic,
+    batch,
+    rel,
+    tiny_transformers_model,
+)
 
 from trl_refine._compat import attn_implementation
-from trl_refine.modeling_utils import ensure_fused_lm_head
 from trl_refine.models.tiny_configs import TRANSFORMERS_HYBRIDS, tiny_config
 from trl_refine.rollout import GenericEngine, RolloutPlan, SnapshotEngine
 from trl_refine.rollout.adapters.transformers_hybrid import SHARED_PREFIX_MODEL_TYPES, TransformersHybridStateAdapter
@@ -16,44 +22,12 @@ VOCAB = 96
 
 
 def tiny_hybrid(model_type: str, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = tiny_config(model_type, vocab_size=VOCAB, hidden_size=32, layers=2, heads=2)
-    model = AutoModelForCausalLM.from_config(config).float().eval()
-    ensure_fused_lm_head(model)
-    return model
+    return tiny_transformers_model(model_type, VOCAB, seed=seed)
 
 
 @pytest.mark.parametrize("model_type", TRANSFORMERS_HYBRIDS)
 def test_hybrid_snapshot_equals_generic(model_type):
-    model = tiny_hybrid(model_type)
-    docs = batch((40, 27), vocab=VOCAB, seed=1)
-    # left padding in doc 1; chunks 0 and 1 on the same prefix (an empty segment); k = 3
-    pos = torch.tensor([[9, 9, 21, 30], [16, 20, 24, 33]])
-    plan = RolloutPlan(pos, 2, 3)
-    generic, snap = GenericEngine(), SnapshotEngine()
-    with torch.no_grad():
-        out_g = generic.generate(model, docs, plan, torch.Generator().manual_seed(5))
-        out_s = snap.generate(model, docs, plan, torch.Generator().manual_seed(5))
-    assert torch.equal(out_g.completion_ids, out_s.completion_ids)
-    assert rel(out_s.old_logps, out_g.old_logps) < 1e-5
-    assert rel(out_s.hidden_states, out_g.hidden_states) < 1e-5
-
-    adv = torch.linspace(-1, 1, plan.num_rows)
-    grads = []
-    for engine in (generic, snap):
-        model.zero_grad()
-        fwd = engine.forward_train(model, docs, plan, out_g.completion_ids)
-        mask = docs.label_mask()
-        loss = -(fwd.doc_logps * mask).sum() / mask.sum() - (adv[:, None] * fwd.rollout_logps).mean()
-        loss.backward()
-        grads.append((fwd, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
-    (fg, gg), (fs, gs) = grads
-    assert rel(fs.doc_logps, fg.doc_logps) < 1e-5
-    assert rel(fs.rollout_logps, fg.rollout_logps) < 1e-5
-    assert rel(gs, gg) < 1e-5
-    assert gs.abs().sum() > 0
+    assert_snapshot_equals_generic(tiny_hybrid(model_type), VOCAB)
 
 
 @pytest.mark.parametrize("model_type", SHARED_PREFIX_MODEL_TYPES)
@@ -232,29 +206,9 @@ def test_auto_picks_snapshot_for_hybrids(model_type, caplog):
 
 def test_hybrid_gradient_flows_through_snapshots():
     """Detaching the branch states (conv, recurrent and attention K/V) changes the rollout gradient a lot."""
-    model = tiny_hybrid("qwen3_next", seed=2)
     docs = batch((40, 33), vocab=VOCAB, seed=4)
     plan = RolloutPlan(torch.tensor([[12, 25], [15, 27]]), 2, 4)
-    snap = SnapshotEngine()
-    with torch.no_grad():
-        comp = snap.generate(model, docs, plan, torch.Generator().manual_seed(0)).completion_ids
-    adv = torch.linspace(-1, 1, plan.num_rows)
-
-    def grad(detach: bool):
-        from trl_refine.rollout.state import map_tensors
-
-        model.zero_grad()
-        original = snap._branch_rows
-        if detach:
-            snap._branch_rows = lambda s, p: map_tensors(original(s, p), torch.Tensor.detach)
-        try:
-            fwd = snap.forward_train(model, docs, plan, comp)
-        finally:
-            snap._branch_rows = original
-        (-(adv[:, None] * fwd.rollout_logps[:, 1:]).mean()).backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    assert rel(grad(True), grad(False)) > 0.1
+    assert_gradient_flows_through_snapshots(tiny_hybrid("qwen3_next", seed=2), docs, plan)
 
 
 def test_mamba_hybrid_refuses_one_token_calls_with_gradients():
@@ -316,24 +270,9 @@ def test_recipe_tiny_model_of_a_hybrid_gets_the_snapshot_engine(model_type):
 
 
 def test_hybrid_checkpointed_segments_and_reused_sampling_pass_give_the_same_gradients():
-    model = tiny_hybrid("lfm2")
     docs = batch((40, 27), vocab=VOCAB, seed=1)
     plan = RolloutPlan(torch.tensor([[9, 9, 21, 30], [16, 20, 24, 33]]), 2, 3)
-    with torch.no_grad():
-        comp = SnapshotEngine().generate(model, docs, plan, torch.Generator().manual_seed(5)).completion_ids
-
-    def grads(engine, **kw):
-        model.zero_grad()
-        fwd = engine.forward_train(model, docs, plan, comp, **kw)
-        (fwd.doc_logps.sum() + fwd.rollout_logps.sum()).backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    plain = grads(SnapshotEngine())
-    assert rel(grads(SnapshotEngine(checkpoint_segments=True)), plain) < 1e-6
-    engine = SnapshotEngine()
-    out = engine.generate(model, docs, plan, torch.Generator().manual_seed(5), train_model=model)
-    assert torch.equal(out.completion_ids, comp)
-    assert rel(grads(engine, sampling_pass=out.sampling_pass), plain) < 1e-6
+    assert_checkpointed_and_reused_pass_match(tiny_hybrid("lfm2"), docs, plan)
 
 
 def test_trainer_steps_agree_between_engines_on_a_hybrid(tmp_path, byte_tokenizer):

@@ -6,10 +6,17 @@ import logging
 
 import pytest
 import torch
-from test_snapshot_engine import batch, rel
+from _engine_harness import (
+    assert_checkpointed_and_reused_pass_match,
+    assert_gradient_flows_through_snapshots,
+    assert_snapshot_equals_generic,
+    batch,
+    loss_grads,
+    rel,
+    tiny_transformers_model,
+)
 
-from trl_refine.modeling_utils import ensure_fused_lm_head
-from trl_refine.models.tiny_configs import TRANSFORMERS_SSMS, tiny_config
+from trl_refine.models.tiny_configs import TRANSFORMERS_SSMS
 from trl_refine.rollout import GenericEngine, RolloutPlan, SnapshotEngine
 from trl_refine.rollout.registry import build_engine
 
@@ -17,93 +24,29 @@ VOCAB = 96
 
 
 def tiny_ssm(family: str, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = tiny_config(family, vocab_size=VOCAB, hidden_size=32, layers=2, heads=2)
-    if family == "transformers_mamba2":
-        config.chunk_size = 8  # segments span several chunks of the scan, each continuing the state
-    model = AutoModelForCausalLM.from_config(config).float().eval()
-    ensure_fused_lm_head(model)
-    return model
-
-
-def _loss_grads(engine, model, docs, plan, completion_ids, **kw):
-    model.zero_grad()
-    fwd = engine.forward_train(model, docs, plan, completion_ids, **kw)
-    mask = docs.label_mask()
-    adv = torch.linspace(-1, 1, plan.num_rows)
-    loss = -(fwd.doc_logps * mask).sum() / mask.sum() - (adv[:, None] * fwd.rollout_logps).mean()
-    loss.backward()
-    return fwd, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    # Mamba-2: segments span several chunks of the scan, each continuing the state
+    overrides = {"chunk_size": 8} if family == "transformers_mamba2" else {}
+    return tiny_transformers_model(family, VOCAB, seed=seed, **overrides)
 
 
 @pytest.mark.parametrize("family", TRANSFORMERS_SSMS)
 def test_mamba_snapshot_equals_generic(family):
-    model = tiny_ssm(family)
-    docs = batch((40, 27), vocab=VOCAB, seed=1)
-    # left padding in doc 1; chunks 0 and 1 on the same prefix (an empty segment); k = 3
-    plan = RolloutPlan(torch.tensor([[9, 9, 21, 30], [16, 20, 24, 33]]), 2, 3)
-    generic, snap = GenericEngine(), SnapshotEngine()
-    with torch.no_grad():
-        out_g = generic.generate(model, docs, plan, torch.Generator().manual_seed(5))
-        out_s = snap.generate(model, docs, plan, torch.Generator().manual_seed(5))
-    assert torch.equal(out_g.completion_ids, out_s.completion_ids)
-    assert rel(out_s.old_logps, out_g.old_logps) < 1e-5
-    assert rel(out_s.hidden_states, out_g.hidden_states) < 1e-5
-    fg, gg = _loss_grads(generic, model, docs, plan, out_g.completion_ids)
-    fs, gs = _loss_grads(snap, model, docs, plan, out_g.completion_ids)
-    assert rel(fs.doc_logps, fg.doc_logps) < 1e-5
-    assert rel(fs.rollout_logps, fg.rollout_logps) < 1e-5
-    assert rel(gs, gg) < 1e-5
-    assert gs.abs().sum() > 0
+    assert_snapshot_equals_generic(tiny_ssm(family), VOCAB)
 
 
 @pytest.mark.parametrize("family", TRANSFORMERS_SSMS)
 def test_mamba_checkpointed_segments_and_reused_sampling_pass(family):
-    model = tiny_ssm(family, seed=1)
     docs = batch((40, 27), vocab=VOCAB, seed=2)
     plan = RolloutPlan(torch.tensor([[9, 21, 30], [16, 20, 33]]), 3, 4)
-    with torch.no_grad():
-        comp = SnapshotEngine().generate(model, docs, plan, torch.Generator().manual_seed(5)).completion_ids
-    _, plain = _loss_grads(SnapshotEngine(), model, docs, plan, comp)
-    _, generic = _loss_grads(GenericEngine(), model, docs, plan, comp)
-    assert rel(plain, generic) < 1e-5
-    _, checkpointed = _loss_grads(SnapshotEngine(checkpoint_segments=True), model, docs, plan, comp)
-    assert rel(checkpointed, plain) < 1e-6
-    engine = SnapshotEngine()
-    out = engine.generate(model, docs, plan, torch.Generator().manual_seed(5), train_model=model)
-    assert torch.equal(out.completion_ids, comp)
-    _, reused = _loss_grads(engine, model, docs, plan, comp, sampling_pass=out.sampling_pass)
-    assert rel(reused, plain) < 1e-6
+    assert_checkpointed_and_reused_pass_match(tiny_ssm(family, seed=1), docs, plan)
 
 
 @pytest.mark.parametrize("family", TRANSFORMERS_SSMS)
 def test_mamba_gradient_flows_through_snapshots(family):
     """Detaching the branch states (conv window and SSM state) changes the rollout gradient a lot."""
-    from trl_refine.rollout.state import map_tensors
-
-    model = tiny_ssm(family, seed=2)
     docs = batch((40, 33), vocab=VOCAB, seed=4)
     plan = RolloutPlan(torch.tensor([[12, 25], [15, 27]]), 2, 4)
-    snap = SnapshotEngine()
-    with torch.no_grad():
-        comp = snap.generate(model, docs, plan, torch.Generator().manual_seed(0)).completion_ids
-    adv = torch.linspace(-1, 1, plan.num_rows)
-
-    def grad(detach: bool):
-        model.zero_grad()
-        original = snap._branch_rows
-        if detach:
-            snap._branch_rows = lambda s, p: map_tensors(original(s, p), torch.Tensor.detach)
-        try:
-            fwd = snap.forward_train(model, docs, plan, comp)
-        finally:
-            snap._branch_rows = original
-        (-(adv[:, None] * fwd.rollout_logps[:, 1:]).mean()).backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    assert rel(grad(True), grad(False)) > 0.1
+    assert_gradient_flows_through_snapshots(tiny_ssm(family, seed=2), docs, plan)
 
 
 def test_mamba_one_token_calls_with_gradients():
@@ -120,8 +63,8 @@ def test_mamba_one_token_calls_with_gradients():
             with pytest.raises(ValueError, match="rollout length of at least 3"):
                 snap.forward_train(model, docs, plan, comp)
             continue
-        _, gs = _loss_grads(snap, model, docs, plan, comp)
-        _, gg = _loss_grads(GenericEngine(), model, docs, plan, comp)
+        _, gs = loss_grads(snap, model, docs, plan, comp)
+        _, gg = loss_grads(GenericEngine(), model, docs, plan, comp)
         assert rel(gs, gg) < 1e-5
 
 

@@ -7,9 +7,10 @@ import os
 
 import pytest
 import torch
+from _engine_harness import batch, rel
 from conftest import documents, small_config, tiny_delta_net, tiny_llama
 from datasets import Dataset
-from test_snapshot_engine import batch, rel, tiny_lact
+from test_snapshot_engine import tiny_lact
 
 from trl_refine import NSPGRPOTrainer
 from trl_refine.modeling_utils import ensure_fused_lm_head

@@ -3,29 +3,15 @@ rewards and parameter gradients (reference DeltaNet, fp32), with left-padded, va
 
 import pytest
 import torch
+from _engine_harness import batch, rel, rollout_grad
 from conftest import documents, small_config, tiny_delta_net, tiny_llama
 from datasets import Dataset
 
 from trl_refine import NSPGRPOTrainer
 from trl_refine.rewards import cosine_scores
-from trl_refine.rollout import DocumentBatch, GenericEngine, RolloutPlan, SnapshotEngine
+from trl_refine.rollout import GenericEngine, RolloutPlan, SnapshotEngine
 from trl_refine.rollout.registry import build_engine
 from trl_refine.selection import select_positions
-
-
-def batch(lengths, vocab=384, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    total = max(lengths)
-    ids = torch.zeros(len(lengths), total, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, total - n :] = torch.randint(3, vocab, (n,), generator=g)
-        mask[i, total - n :] = 1
-    return DocumentBatch(ids, mask)
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
 
 
 @pytest.fixture(scope="module")
@@ -93,33 +79,8 @@ def test_gradient_flows_through_snapshots(model):
         pos = select_positions(scan.entropy, docs.attention_mask, num_chunks=4, rollout_length=5, margin=8)
         plan = RolloutPlan(pos, 1, 5)
         comp = snap.generate(model, docs, plan, torch.Generator().manual_seed(0)).completion_ids
-    adv = torch.linspace(-1, 1, plan.num_rows)
-
-    def grad(detach):
-        model.zero_grad()
-        original = snap._branch_rows
-        if detach:
-            snap._branch_rows = lambda s, p: [
-                {
-                    k: (
-                        v.detach()
-                        if torch.is_tensor(v)
-                        else tuple(t.detach() for t in v)
-                        if isinstance(v, tuple)
-                        else v
-                    )
-                    for k, v in layer.items()
-                }
-                for layer in original(s, p)
-            ]
-        try:
-            fwd = snap.forward_train(model, docs, plan, comp)
-        finally:
-            snap._branch_rows = original
-        (-(adv[:, None] * fwd.rollout_logps[:, 1:]).mean()).backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    full, detached = grad(False), grad(True)
+    full = rollout_grad(snap, model, docs, plan, comp, detach=False)
+    detached = rollout_grad(snap, model, docs, plan, comp, detach=True)
     assert rel(detached, full) > 0.1
 
 
