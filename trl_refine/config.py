@@ -203,6 +203,16 @@ class RefineFields:
             "the loss pass during sampling."
         },
     )
+    nsp_fuse_scan: bool = field(
+        default=False,
+        metadata={
+            "help": "One-pass engine, with the sampling pass reused (nsp_reuse_sampling_pass): compute the scan's "
+            "entropies from the loss's document forward, which keeps what gives the states at positions chosen "
+            "after it, instead of a no-grad forward of its own (one document forward per step instead of two; same "
+            "positions, rollouts, losses and gradients). Models with supports_deferred_states (the reference "
+            "DeltaNet) and fla DeltaNet with the boundary provider; elsewhere the step scans as before."
+        },
+    )
     nsp_generic_rows_per_call: int | None = field(
         default=None, metadata={"help": "Generic engine: rollout rows per no-grad model call (None = all at once)."}
     )

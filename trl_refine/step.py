@@ -3,8 +3,8 @@
 `NSPGRPOTrainer` (mid- and post-training, through TRL's reward and loss machinery) and `TestTimeRefine`
 (test-time training, a plain loop) both call these functions, so a change to the algorithm lands in one place:
 
-* `sample_rollouts`: engine scan, position selection, `RolloutPlan` (EOS masked unless ``nsp_sample_eos``), engine
-  rollouts;
+* `sample_rollouts`: engine scan (or the fused scan, ``nsp_fuse_scan``), position selection, `RolloutPlan` (EOS
+  masked unless ``nsp_sample_eos``), engine rollouts;
 * `reward_rows` / `reward_call_args`: what every reward function receives, per rollout;
 * `hidden_states_needed`: the rule for computing rollout hidden states (`rewards` module docstring);
 * `score_rewards`: the weighted sum of reward functions (built-in dispatch is `rewards.builtin_reward_funcs`);
@@ -94,9 +94,17 @@ def sample_rollouts(
     train_model: torch.nn.Module | None = None,
     need_hidden: bool = True,
 ) -> SampledStep:
-    """Scan the documents, select n positions each, and sample G rollouts of k tokens per position (no grad)."""
+    """Scan the documents, select n positions each, and sample G rollouts of k tokens per position (no grad).
+
+    With ``train_model`` (the sampling pass reused for the loss), ``nsp_fuse_scan`` and an engine whose fused scan
+    serves the model, the scan comes from the loss's document forward (`RolloutEngine.fused_scan`): one document
+    forward instead of two, the same positions, rollouts and sampling pass."""
+    pending = None
+    if train_model is not None and fields.nsp_fuse_scan and not engine.fused_scan_problem(train_model):
+        scan, pending = engine.fused_scan(model, docs, train_model)
     with torch.no_grad():
-        scan = engine.scan(model, docs)
+        if pending is None:
+            scan = engine.scan(model, docs)
         positions = select_positions(
             torch.nan_to_num(scan.entropy, nan=0.0, posinf=0.0, neginf=0.0),  # non-finite: the trainer's guard stops
             docs.attention_mask,
@@ -109,7 +117,12 @@ def sample_rollouts(
             generator=generators[0],
         )
         plan = RolloutPlan(positions, fields.nsp_num_rollouts, fields.nsp_rollout_length, masked_token_ids)
-        rollout = engine.generate(model, docs, plan, generators[1], train_model=train_model, need_hidden=need_hidden)
+        if pending is None:
+            rollout = engine.generate(
+                model, docs, plan, generators[1], train_model=train_model, need_hidden=need_hidden
+            )
+        else:
+            rollout = engine.generate_fused(model, docs, plan, pending, generators[1], need_hidden=need_hidden)
     return SampledStep(docs, scan, positions, plan, rollout)
 
 

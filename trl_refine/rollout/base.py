@@ -179,6 +179,31 @@ class RolloutEngine(ABC):
         """Forward with gradients for the NTP term and the NSP term (gradient reaches the prefix).
         ``sampling_pass``: what ``generate(..., train_model=...)`` returned, reused instead of a second pass."""
 
+    def fused_scan_problem(self, model: torch.nn.Module) -> str:
+        """Why `fused_scan` cannot serve ``model`` ('' when it can)."""
+        return f"the {self.name} engine has no fused scan"
+
+    def fused_scan(
+        self, model: torch.nn.Module, docs: DocumentBatch, train_model: torch.nn.Module
+    ) -> tuple[ScanOutput, Any]:
+        """The scan and the loss's document pass in one forward with gradients through ``train_model``
+        (``nsp_fuse_scan``, with the sampling pass reused): returns the `ScanOutput` (detached) and what
+        `generate_fused` continues from, once the positions are chosen from the scan's entropies."""
+        raise NotImplementedError(self.fused_scan_problem(model))
+
+    def generate_fused(
+        self,
+        model: torch.nn.Module,
+        docs: DocumentBatch,
+        plan: RolloutPlan,
+        pending: Any,
+        generator: torch.Generator | None = None,
+        need_hidden: bool = True,
+    ) -> RolloutOutput:
+        """`generate` with ``train_model`` (the sampling pass reused), from the forward of `fused_scan` instead of a
+        document pass of its own; the same rollouts and sampling pass."""
+        raise NotImplementedError(self.fused_scan_problem(model))
+
     @classmethod
     def supports(cls, model: torch.nn.Module) -> tuple[bool, str]:
         """Whether this engine can run ``model``, and why not."""

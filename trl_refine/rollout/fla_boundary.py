@@ -17,6 +17,11 @@ call), and the columns after a document's end hold ``k = v = beta = 0``: such a 
 kernel) is fla's ``l2norm`` with autograd, applied before. The conv states at a position are the last ``conv_size``
 projected inputs (`PackedLayout.conv_windows`, shared with the readout provider).
 
+`record_boundary_deferred_states` is the same forward for positions chosen after it (the one-pass engine's fused
+scan): the delta rule is `chunk_delta_rule_with_boundary_states`, whose every chunk-boundary state (with their
+gradients) is kept with the layer's k, v, beta and conv inputs, and `DeferredBoundaryStates.at` then reads the
+states after any positions from those (`states_after`: the boundary state plus ≤ 63 tokens of its chunk).
+
 Precision: the states at the positions are fp32 whatever the model's dtype (the partial-chunk part runs in fp32,
 autocast off); the readout provider's states pass through the kernel's output dtype instead (bf16 in bf16 models).
 """
@@ -98,6 +103,86 @@ def _forward_with_boundary_states(
     }
     o = o.reshape(bsz * q_len, *o.shape[2:]).index_select(0, rows)[None]
     return layer_output(attn, o, x, layout, bsz, q_len), None, past_key_values
+
+
+def _forward_keeping_boundary_states(
+    attn, layout: PackedLayout, store: dict, hidden_states, attention_mask=None, past_key_values=None, **kwargs
+):
+    """`_forward_with_boundary_states` with the delta rule of `chunk_delta_rule_with_boundary_states`: the layer
+    keeps, in ``store[layer_idx]``, what gives its states after any positions (`DeferredBoundaryStates.at`)."""
+    from fla.modules.norm.l2norm import l2norm
+
+    from trl_refine.kernels.delta_rule_boundary import chunk_delta_rule_with_boundary_states
+
+    check_whole_documents(past_key_values, kwargs)
+    bsz, q_len, _ = hidden_states.shape
+    x = packed_input(hidden_states, layout)
+    q, k, v, beta, conv_inputs = delta_net_inputs(attn, x, layout, conv_inputs=True)
+    if attn.qk_norm == "l2":
+        q, k = l2norm(q), l2norm(k)
+    rows = _row_index(layout, q_len)
+
+    def unpack(t: torch.Tensor) -> torch.Tensor:  # [1, Σ, H, *] -> [B, L, H, *], zeros after each document
+        out = t.new_zeros(bsz * q_len, *t.shape[2:]).index_copy(0, rows, t[0])
+        return out.view(bsz, q_len, *t.shape[2:])
+
+    q, k, v, beta = (unpack(t) for t in (q, k, v, beta))
+    o, boundary_states, final_state = chunk_delta_rule_with_boundary_states(q, k, v, beta, attn.head_k_dim**-0.5)
+    store[attn.layer_idx] = {
+        "recurrent": (boundary_states, final_state, k, v, beta),
+        "conv_inputs": conv_inputs,
+        "conv_width": attn.q_conv1d.kernel_size[0] if attn.use_short_conv else None,
+    }
+    o = o.reshape(bsz * q_len, *o.shape[2:]).index_select(0, rows)[None]
+    return layer_output(attn, o, x, layout, bsz, q_len), None, past_key_values
+
+
+class DeferredBoundaryStates:
+    """What a forward under `record_boundary_deferred_states` kept per layer; `at` gives the states after positions
+    chosen after it (differentiable through the kept tensors, which are part of the forward's graph)."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.attention_mask = attention_mask
+        self.layers: dict[int, dict[str, Any]] = {}
+
+    def at(self, positions: torch.LongTensor) -> list[dict[str, Any]]:
+        """Per layer, fla's cache layout with a chunk dim after the batch dim: the states after ``positions``
+        [B, n] (padded coordinates, the last prefix token)."""
+        from trl_refine.kernels.delta_rule_boundary import states_after
+
+        layout = PackedLayout(**PackedLayout.parts(self.attention_mask, positions)[0])  # checks the positions
+        out = []
+        for i in sorted(self.layers):
+            kept = self.layers[i]
+            inputs = kept["conv_inputs"]
+            out.append(
+                {
+                    "recurrent_state": states_after(*kept["recurrent"], layout.counts, check_counts=False),
+                    "attn_state": None,
+                    "conv_state": None
+                    if inputs is None
+                    else tuple(layout.conv_windows(x, kept["conv_width"]) for x in inputs),
+                    "ffn_state": None,
+                }
+            )
+        return out
+
+
+@contextmanager
+def record_boundary_deferred_states(model: torch.nn.Module, attention_mask: torch.Tensor):
+    """While active, a forward of ``model`` (fla DeltaNet, whole left-padded documents, no cache) also fills the
+    yielded `DeferredBoundaryStates` with what gives every layer's states after positions chosen later."""
+    ok, why = fla_boundary_support(model)
+    if not ok:
+        raise ValueError(f"the boundary-state provider cannot run {type(unwrap(model)).__name__}: {why}")
+    last = (attention_mask.size(1) - 1) * torch.ones_like(attention_mask[:, :1], dtype=torch.long)
+    layout = PackedLayout(**PackedLayout.parts(attention_mask, last)[0])  # the packing only: no positions yet
+    deferred = DeferredBoundaryStates(attention_mask)
+    with patch_layers(
+        model,
+        lambda attn, *args, **kwargs: _forward_keeping_boundary_states(attn, layout, deferred.layers, *args, **kwargs),
+    ):
+        yield deferred
 
 
 @contextmanager

@@ -163,16 +163,17 @@ def packed_input(hidden_states: torch.Tensor, layout: PackedLayout) -> torch.Ten
     return hidden_states.reshape(-1, hidden_states.size(-1)).index_select(0, layout.real_flat)[None]
 
 
-def delta_net_inputs(attn, x: torch.Tensor, layout: PackedLayout):
+def delta_net_inputs(attn, x: torch.Tensor, layout: PackedLayout, conv_inputs: bool = False):
     """fla ``DeltaNet.forward``'s (fla/layers/delta_net.py, 0.6.0) inputs of the delta rule over the packed documents
     ``x`` [1, Σ, D]: q, k [1, Σ, H, K] (before the l2 norm, which fla applies in the kernel), v [1, Σ, H, V], beta
-    [1, Σ, H], and the conv caches at the layout's positions (None without short convs)."""
+    [1, Σ, H], and the conv caches at the layout's positions (None without short convs); ``conv_inputs``: instead
+    of those caches, the convs' inputs (q, k, v projections [1, Σ, D]), for positions chosen later."""
     from einops import rearrange
     from fla.layers.delta_net import elu_p1, sum_norm
 
     conv_states = None
     if attn.use_short_conv:
-        q, k, v, conv_states = _short_convs(attn, x, layout)
+        q, k, v, conv_states = _short_convs(attn, x, layout, conv_inputs)
     else:
         q, k = attn.q_proj(x), attn.k_proj(x)
         if attn.qk_activation == "silu":
@@ -238,12 +239,15 @@ def _forward_with_readout(
     return layer_output(attn, o[:, layout.real_in_spliced], x, layout, bsz, q_len), None, past_key_values
 
 
-def _short_convs(attn, x: torch.Tensor, layout: PackedLayout):
+def _short_convs(attn, x: torch.Tensor, layout: PackedLayout, conv_inputs: bool = False):
     """q, k, v through the layer's short convolutions over the packed documents, and the conv caches at the
-    positions (the pre-conv inputs)."""
+    positions (the pre-conv inputs; with ``conv_inputs`` those inputs themselves)."""
     xq, xk, xv = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     width = attn.q_conv1d.kernel_size[0]
-    conv_states = tuple(layout.conv_windows(p, width) for p in (xq, xk, xv))
+    if conv_inputs:
+        conv_states = (xq, xk, xv)
+    else:
+        conv_states = tuple(layout.conv_windows(p, width) for p in (xq, xk, xv))
     cu = layout.cu_seqlens
     q, _ = attn.q_conv1d(x=xq, cache=None, output_final_state=False, cu_seqlens=cu)
     k, _ = attn.k_conv1d(x=xk, cache=None, output_final_state=False, cu_seqlens=cu)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from trl_refine.modeling_utils import cache_kwargs, output_cache, score_tokens
+from trl_refine.modeling_utils import cache_kwargs, lm_head_logps, output_cache, score_tokens
 from trl_refine.rollout.base import DocumentBatch, RolloutEngine, RolloutOutput, RolloutPlan, ScanOutput, TrainForward
 from trl_refine.rollout.sampling import draw_noise, sample_from_logits
 
@@ -32,6 +32,22 @@ def teacher_forced_scan(model, docs: DocumentBatch) -> ScanOutput:
         model, docs.input_ids, docs.attention_mask, docs.label_mask(), want_hidden=True
     )
     return ScanOutput(entropy=entropy.float(), hidden_states=hidden, logps=logps)
+
+
+def scan_from_hidden(model, docs: DocumentBatch, hidden: torch.Tensor) -> ScanOutput:
+    """`teacher_forced_scan`'s outputs from the [B, L, H] last hidden states of a forward that already ran (the
+    one-pass engine's fused scan): the LM head over the labelled positions in chunks (`lm_head_logps`, never the full
+    [tokens, vocab] logits), no gradients, ``hidden`` detached."""
+    hidden = hidden.detach()
+    with torch.no_grad():
+        b, p = docs.label_mask().nonzero(as_tuple=True)
+        logps, entropy = lm_head_logps(model, hidden[b, p], docs.input_ids[b, p + 1], want_entropy=True)
+    shape = docs.input_ids.shape
+    return ScanOutput(
+        entropy=entropy.new_zeros(shape).index_put((b, p), entropy).float(),
+        hidden_states=hidden,
+        logps=logps.new_zeros(shape).index_put((b, p), logps),
+    )
 
 
 def _chunks(total: int, size: int | None):

@@ -18,23 +18,69 @@ fixed by (B, L, n): nothing depends on where the positions fall. Two providers o
   ``states="boundary"``: our delta-rule kernel that returns every chunk-boundary state (and takes their gradients),
   the states at the positions read from those (`trl_refine.rollout.fla_boundary`; no readout tokens).
 
+The *fused scan* (``nsp_fuse_scan``, with the sampling pass reused for the loss) also folds the step's scan into that
+forward: `OnePassEngine.fused_scan` runs the one forward with gradients over the documents before the positions
+exist, keeping what gives the states at any positions afterwards (the reference DeltaNet's
+``forward(deferred_states=True)``: per layer the chunk-boundary states, the chunks' WY factors and the conv inputs;
+fla DeltaNet with ``states="boundary"``: `record_boundary_deferred_states`, every chunk-boundary state from our
+kernel), and the scan's entropies, log-probs and hidden states come from its last hidden states (detached, the LM
+head in chunks). The positions are selected from those entropies, and `OnePassEngine.generate_fused` reads the
+states at them from the kept tensors, differentiably, as the sampling pass of the loss. So a step makes one document
+forward instead of two (the no-grad scan and the document pass), with the same math.
+
 Exactness against the snapshot and generic engines is tested on CPU in fp32 (`tests/test_onepass_engine.py`, the
 reference DeltaNet and LaCT; fla's kernels under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from trl_refine.modeling_utils import capture_last_hidden_state, unwrap
-from trl_refine.rollout.base import DocumentBatch, RolloutPlan
-from trl_refine.rollout.fla_boundary import record_boundary_position_states
+from trl_refine.rollout.base import DocumentBatch, RolloutOutput, RolloutPlan, ScanOutput
+from trl_refine.rollout.fla_boundary import (
+    fla_boundary_support,
+    record_boundary_deferred_states,
+    record_boundary_position_states,
+)
 from trl_refine.rollout.fla_readout import fla_readout_support, record_position_states
-from trl_refine.rollout.snapshot import SnapshotEngine
+from trl_refine.rollout.fsdp_head import hold_lm_head
+from trl_refine.rollout.generic import scan_from_hidden
+from trl_refine.rollout.snapshot import SnapshotEngine, _param_versions, check_reuse_allowed
 from trl_refine.rollout.state import State, map_tensors
 
 #: how the states at the positions come out of fla's DeltaNet / GatedDeltaNet (``OnePassEngine(states=...)``)
 FLA_STATE_PROVIDERS = {"readout": record_position_states, "boundary": record_boundary_position_states}
+
+
+def per_chunk(states: list[dict], num_chunks: int) -> list[State]:
+    """Per layer, tensors [B, n, ...] → one state of B rows per chunk."""
+    return [map_tensors(states, lambda t, j=j: t[:, j]) for j in range(num_chunks)]
+
+
+@dataclass
+class PendingPass:
+    """The fused scan's forward (with gradients), waiting for its positions: ``states.at(positions)`` gives every
+    layer's states after them from the kept tensors, ``doc_hidden`` [B, L, H] is in the graph. It serves one
+    `OnePassEngine.generate_fused`, for the model that ran it, with its parameters unchanged."""
+
+    states: Any  # an object with ``at(positions [B, n]) -> per layer, fla's cache dict of [B, n, ...] tensors``
+    doc_hidden: torch.Tensor
+    model: torch.nn.Module
+    param_versions: int
+    used: bool = False
+
+    def document_pass(self, model, docs: DocumentBatch, plan: RolloutPlan) -> tuple[list[State], torch.Tensor]:
+        if self.used or model is not self.model or _param_versions(model) != self.param_versions:
+            raise ValueError(
+                "this fused scan cannot serve the sampling pass: it was already used, or ran on another model or "
+                "before the weights changed (run a new fused_scan)"
+            )
+        self.used = True
+        return per_chunk(self.states.at(plan.positions), plan.num_chunks), self.doc_hidden
 
 
 class OnePassEngine(SnapshotEngine):
@@ -107,6 +153,53 @@ class OnePassEngine(SnapshotEngine):
             ):
                 model(**kwargs)
             states = [layers[i] for i in sorted(layers)]
-        # per layer, tensors [B, n, ...] -> one state of B rows per chunk
-        snapshots = [map_tensors(states, lambda t, j=j: t[:, j]) for j in range(plan.num_chunks)]
-        return snapshots, hidden["hidden"]
+        return per_chunk(states, plan.num_chunks), hidden["hidden"]
+
+    # ------------------------------------------------------------------------------------------------------------------
+    def fused_scan_problem(self, model) -> str:
+        base = unwrap(model)
+        if getattr(base, "supports_deferred_states", False):
+            return ""
+        if getattr(base, "supports_state_positions", False):
+            return (
+                f"{type(base).__name__} gives its states only at positions known before its forward "
+                "(it does not declare supports_deferred_states)"
+            )
+        if self.states != "boundary":
+            return (
+                "for fla models only the boundary-state provider (OnePassEngine(states='boundary')) keeps the "
+                "chunk-boundary states that the states at positions chosen later are read from"
+            )
+        ok, why = fla_boundary_support(model)
+        return "" if ok else why
+
+    def fused_scan(self, model, docs: DocumentBatch, train_model) -> tuple[ScanOutput, PendingPass]:
+        problem = self.fused_scan_problem(train_model)
+        if problem:
+            raise ValueError(
+                f"the one-pass engine has no fused scan for this model: {problem}. Set nsp_fuse_scan=False"
+            )
+        check_reuse_allowed(train_model)
+        self._adapter(train_model)
+        kwargs = dict(input_ids=docs.input_ids, attention_mask=docs.attention_mask, use_cache=False, logits_to_keep=1)
+        with torch.enable_grad():
+            if getattr(unwrap(train_model), "supports_deferred_states", False):
+                with capture_last_hidden_state(train_model) as hidden:
+                    states = train_model(**kwargs, deferred_states=True).deferred_states
+            else:
+                with (
+                    record_boundary_deferred_states(train_model, docs.attention_mask) as states,
+                    capture_last_hidden_state(train_model) as hidden,
+                ):
+                    train_model(**kwargs)
+        doc_hidden = hidden["hidden"]
+        pending = PendingPass(states, doc_hidden, train_model, _param_versions(train_model))
+        return scan_from_hidden(model, docs, doc_hidden), pending
+
+    def generate_fused(
+        self, model, docs: DocumentBatch, plan: RolloutPlan, pending: PendingPass, generator=None, need_hidden=True
+    ) -> RolloutOutput:
+        with hold_lm_head(model):
+            return self._generate(
+                model, docs, plan, generator, pending.model, need_hidden, document_pass=pending.document_pass
+            )

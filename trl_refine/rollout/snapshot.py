@@ -60,6 +60,16 @@ def _param_versions(model: torch.nn.Module) -> int:
     return sum(p._version for p in model.parameters())
 
 
+def check_reuse_allowed(train_model: torch.nn.Module | None) -> None:
+    """Reusing the sampling pass for the loss keeps the LM head's weight in the graph from sampling to the backward,
+    which FSDP2 does not allow."""
+    if train_model is not None and fsdp2_owner_of_lm_head(train_model) is not None:
+        raise ValueError(
+            "reusing the sampling pass for the loss is not supported under FSDP2 (the LM-head group would have to "
+            "stay gathered from sampling to the backward); set nsp_reuse_sampling_pass=False"
+        )
+
+
 class SnapshotEngine(RolloutEngine):
     """Segmented single pass + batched branch decoding from recurrent-state snapshots."""
 
@@ -242,15 +252,22 @@ class SnapshotEngine(RolloutEngine):
     def generate(
         self, model, docs: DocumentBatch, plan: RolloutPlan, generator=None, train_model=None, need_hidden=True
     ) -> RolloutOutput:
-        if train_model is not None and fsdp2_owner_of_lm_head(train_model) is not None:
-            raise ValueError(
-                "reusing the sampling pass for the loss is not supported under FSDP2 (the LM-head group would have to "
-                "stay gathered from sampling to the backward); set nsp_reuse_sampling_pass=False"
-            )
+        check_reuse_allowed(train_model)
         with hold_lm_head(model):
             return self._generate(model, docs, plan, generator, train_model, need_hidden)
 
-    def _generate(self, model, docs: DocumentBatch, plan: RolloutPlan, generator, train_model, need_hidden: bool):
+    def _generate(
+        self,
+        model,
+        docs: DocumentBatch,
+        plan: RolloutPlan,
+        generator,
+        train_model,
+        need_hidden: bool,
+        document_pass=None,
+    ):
+        """``document_pass``: what gives the pass with gradients through ``train_model`` instead of
+        `document_pass` (the one-pass engine's fused scan, whose forward already ran)."""
         sampling_pass = None
         if train_model is None:
             with torch.no_grad():
@@ -259,7 +276,7 @@ class SnapshotEngine(RolloutEngine):
             # the loss forward's document pass, run now: same segments and weights (no optimizer step comes between
             # sampling and the loss when a generation batch serves one micro-step), so forward_train reuses it
             with torch.enable_grad():
-                snapshots, doc_hidden = self.document_pass(train_model, docs, plan)
+                snapshots, doc_hidden = (document_pass or self.document_pass)(train_model, docs, plan)
             sampling_pass = SamplingPass(snapshots, doc_hidden, train_model, _param_versions(train_model))
         with torch.no_grad():
             # a copy (index_select without grad): decoding updates the conv cache in place

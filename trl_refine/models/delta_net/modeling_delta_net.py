@@ -137,11 +137,15 @@ def delta_rule_chunkwise(
     use_qk_l2norm: bool = False,
     chunk_size: int = CHUNK_SIZE,
     state_counts: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    keep_boundaries: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, Any]:
     """Chunkwise (WY / UT-transform) delta rule; same contract as :func:`delta_rule_recurrent`, exact in fp32.
 
     ``state_counts`` [B, n] (0..T): also return the states after the first ``state_counts[b, j]`` tokens of row
     b, [B, n, H, K, V] fp32, from the same pass (see `_states_after`); differentiable like the final state.
+    ``keep_boundaries``: instead, return as third output what `_states_after` needs to give those states for counts
+    chosen after the pass, ``(boundaries, k, w, u_tilde)`` (the chunk-boundary states and the chunks' WY factors,
+    part of the graph).
 
     Within a chunk starting from state ``S0`` the pseudo-values ``U = beta * (V - S_{t-1}^T k_t)`` solve
     ``(I + tril(diag(beta) K K^T, -1)) U = diag(beta) (V - K S0)``, so ``U = Ũ - W S0`` with ``Ũ, W`` from one
@@ -181,6 +185,8 @@ def delta_rule_chunkwise(
         S = S + k[:, :, n].transpose(-1, -2) @ u
         boundaries.append(S)
     o = torch.stack(outputs, dim=2).reshape(B, H, n_chunks * C, V)[:, :, :T].transpose(1, 2)
+    if keep_boundaries:
+        return o.to(out_dtype), S, (torch.stack(boundaries, dim=2), k, w, u_tilde)
     if state_counts is None:
         return o.to(out_dtype), S
     return o.to(out_dtype), S, _states_after(torch.stack(boundaries, dim=2), k, w, u_tilde, state_counts)
@@ -219,11 +225,22 @@ def delta_rule(
     scale: float | None = None,
     use_qk_l2norm: bool = False,
     state_counts: torch.Tensor | None = None,
+    keep_boundaries: bool = False,
 ):
     """Delta rule: the recurrence for short inputs (decoding), the chunkwise form otherwise (always with
-    ``state_counts``, which then adds a third output, see :func:`delta_rule_chunkwise`)."""
-    if state_counts is not None:
-        return delta_rule_chunkwise(q, k, v, beta, initial_state, scale, use_qk_l2norm, state_counts=state_counts)
+    ``state_counts`` or ``keep_boundaries``, which then add a third output, see :func:`delta_rule_chunkwise`)."""
+    if state_counts is not None or keep_boundaries:
+        return delta_rule_chunkwise(
+            q,
+            k,
+            v,
+            beta,
+            initial_state,
+            scale,
+            use_qk_l2norm,
+            state_counts=state_counts,
+            keep_boundaries=keep_boundaries,
+        )
     if q.shape[1] <= RECURRENT_MAX_LEN:
         return delta_rule_recurrent(q, k, v, beta, initial_state, scale, use_qk_l2norm)
     return delta_rule_chunkwise(q, k, v, beta, initial_state, scale, use_qk_l2norm)
@@ -310,6 +327,41 @@ class PositionStates:
         return [self.layers[i] for i in sorted(self.layers)]
 
 
+class DeferredStates:
+    """What a forward keeps so that every layer's cache state after positions chosen *after* it can be computed
+    from it (``forward(deferred_states=True)`` → ``deferred_states``; the one-pass engine's fused scan, where the
+    positions depend on that forward's entropies).
+
+    Per layer: the chunk-boundary recurrent states and the chunks' WY factors (`delta_rule_chunkwise`'s
+    ``keep_boundaries``) and the short convolutions' inputs (the cache followed by the projected tokens). All are
+    part of the forward's graph, so the states that `at` returns are differentiable into the prefix, and they are
+    the very tensors and formulas of ``forward(state_positions=...)``: the same values."""
+
+    def __init__(self, packing: _Packing | None):
+        if packing is not None and packing.src_mask is None:
+            raise ValueError("deferred_states cannot be combined with cu_seqlens (pass one document per row)")
+        self.packing = packing
+        self.layers: dict[int, dict[str, Any]] = {}
+
+    def at(self, positions: torch.LongTensor) -> list[dict[str, Any]]:
+        """Per layer, fla's cache layout with a chunk dim after the batch dim, as ``position_states``: the states
+        after ``positions`` [B, n] (input coordinates, the last token to include)."""
+        counts = PositionStates.for_positions(positions, self.packing).counts
+        out = []
+        for i in sorted(self.layers):
+            kept = self.layers[i]
+            convs = kept["conv_inputs"]
+            out.append(
+                {
+                    "recurrent_state": _states_after(*kept["boundaries"], counts),
+                    "attn_state": None,
+                    "conv_state": None if convs is None else tuple(conv_states_at(x, counts, w) for x, w in convs),
+                    "ffn_state": None,
+                }
+            )
+        return out
+
+
 # ============================================================================ modules
 class RMSNorm(nn.Module):
     """fla's ``RMSNorm`` (``fla.modules.RMSNorm``): computed in fp32, returned in the input dtype.
@@ -385,6 +437,7 @@ class ShortConvolution(nn.Conv1d):
         cache: torch.Tensor | None = None,
         n_valid: torch.Tensor | None = None,
         state_counts: torch.Tensor | None = None,
+        return_inputs: bool = False,
     ):
         N, L, D = x.shape
         W = self.kernel_size[0]
@@ -408,13 +461,20 @@ class ShortConvolution(nn.Conv1d):
         else:
             idx = n_valid[:, None] + torch.arange(W, device=x.device)[None, :]
             new_cache = full.gather(-1, idx[:, None, :].expand(N, D, W))
+        if return_inputs:  # for `conv_states_at` with counts chosen later
+            return y, new_cache, full
         if state_counts is None:
             return y, new_cache
-        # the caches after state_counts[:, j] tokens: the last W inputs up to there, [N, n, D, W]
-        n = state_counts.size(1)
-        idx = state_counts[..., None] + torch.arange(W, device=x.device)
-        states = full[:, None].expand(N, n, D, W + L).gather(-1, idx[:, :, None, :].expand(N, n, D, W))
-        return y, new_cache, states
+        return y, new_cache, conv_states_at(full, state_counts, W)
+
+
+def conv_states_at(full: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
+    """The conv caches after ``counts[:, j]`` tokens, [N, n, D, W]: the last ``width`` columns up to there of
+    ``full`` [N, D, W + L] (the cache, then the layer's inputs; column W + t is token t)."""
+    N, D, total = full.shape
+    n = counts.size(1)
+    idx = counts[..., None] + torch.arange(width, device=full.device)
+    return full[:, None].expand(N, n, D, total).gather(-1, idx[:, :, None, :].expand(N, n, D, width))
 
 
 def _elu_p1(x: torch.Tensor) -> torch.Tensor:
@@ -465,10 +525,11 @@ class RefDeltaNetAttention(nn.Module):
         hidden_states: torch.Tensor,
         past_key_values: Any = None,
         packing: _Packing | None = None,
-        position_states: PositionStates | None = None,
+        position_states: PositionStates | DeferredStates | None = None,
     ) -> torch.Tensor:
         q_len = hidden_states.shape[1]
-        counts = position_states.counts if position_states is not None else None
+        deferred = position_states if isinstance(position_states, DeferredStates) else None
+        counts = position_states.counts if position_states is not None and deferred is None else None
         state = _layer_state(past_key_values, self.layer_idx)
         recurrent_state = state.get("recurrent_state") if state is not None else None
         conv_states = state.get("conv_state") if state is not None else None
@@ -481,7 +542,12 @@ class RefDeltaNetAttention(nn.Module):
         new_conv_states = None
         if self.use_short_conv:
             conv_q, conv_k, conv_v = conv_states if conv_states is not None else (None, None, None)
-            if counts is None:
+            if deferred is not None:
+                q, conv_q, full_q = self.q_conv1d(q, conv_q, n_valid, return_inputs=True)
+                k, conv_k, full_k = self.k_conv1d(k, conv_k, n_valid, return_inputs=True)
+                v, conv_v, full_v = self.v_conv1d(v, conv_v, n_valid, return_inputs=True)
+                conv_inputs = tuple((f, self.conv_size) for f in (full_q, full_k, full_v))
+            elif counts is None:
                 q, conv_q = self.q_conv1d(q, conv_q, n_valid)
                 k, conv_k = self.k_conv1d(k, conv_k, n_valid)
                 v, conv_v = self.v_conv1d(v, conv_v, n_valid)
@@ -515,7 +581,15 @@ class RefDeltaNetAttention(nn.Module):
         if packing is not None:
             beta = beta * packing.valid[..., None].to(beta.dtype)  # padding never touches the state
 
-        if counts is None:
+        if deferred is not None:
+            o, recurrent_state, boundaries = delta_rule(
+                q, k, v, beta, recurrent_state, use_qk_l2norm=(self.qk_norm == "l2"), keep_boundaries=True
+            )
+            deferred.layers[self.layer_idx] = {
+                "boundaries": boundaries,
+                "conv_inputs": conv_inputs if self.use_short_conv else None,
+            }
+        elif counts is None:
             o, recurrent_state = delta_rule(
                 q, k, v, beta, initial_state=recurrent_state, use_qk_l2norm=(self.qk_norm == "l2")
             )
@@ -588,7 +662,7 @@ class RefDeltaNetBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         past_key_values: Any = None,
         packing: _Packing | None = None,
-        position_states: PositionStates | None = None,
+        position_states: PositionStates | DeferredStates | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         residual = hidden_states
@@ -612,12 +686,16 @@ class RefDeltaNetBlock(GradientCheckpointingLayer):
 class RefDeltaNetModelOutput(BaseModelOutputWithPast):
     #: per layer, the cache state after each of ``state_positions`` (see `PositionStates`), or None
     position_states: list[dict[str, Any]] | None = None
+    #: with ``deferred_states=True``: what gives those states for positions chosen after the forward (`DeferredStates`)
+    deferred_states: DeferredStates | None = None
 
 
 @dataclass
 class RefDeltaNetCausalLMOutput(CausalLMOutputWithPast):
     #: per layer, the cache state after each of ``state_positions`` (see `PositionStates`), or None
     position_states: list[dict[str, Any]] | None = None
+    #: with ``deferred_states=True``: what gives those states for positions chosen after the forward (`DeferredStates`)
+    deferred_states: DeferredStates | None = None
 
 
 class RefDeltaNetPreTrainedModel(PreTrainedModel):
@@ -672,6 +750,7 @@ class RefDeltaNetModel(RefDeltaNetPreTrainedModel):
         return_dict: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
         state_positions: torch.LongTensor | None = None,
+        deferred_states: bool = False,
         **kwargs: Any,
     ) -> tuple | BaseModelOutputWithPast:
         output_hidden_states = (
@@ -702,7 +781,11 @@ class RefDeltaNetModel(RefDeltaNetPreTrainedModel):
             )
 
         packing = _Packing.build(attention_mask, cu_seqlens, batch_size, q_len)
+        if deferred_states and state_positions is not None:
+            raise ValueError("pass state_positions (positions known before the forward) or deferred_states, not both")
         position_states = None if state_positions is None else PositionStates.for_positions(state_positions, packing)
+        if deferred_states:
+            position_states = DeferredStates(packing)
 
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
@@ -722,7 +805,8 @@ class RefDeltaNetModel(RefDeltaNetPreTrainedModel):
             past_key_values=past_key_values,
             hidden_states=all_hidden_states,
             attentions=None,
-            position_states=None if position_states is None else position_states.as_states(),
+            position_states=None if state_positions is None else position_states.as_states(),
+            deferred_states=position_states if deferred_states else None,
         )
 
 
@@ -733,6 +817,9 @@ class RefDeltaNetForCausalLM(RefDeltaNetPreTrainedModel, GenerationMixin):
     #: ``forward(state_positions=...)`` returns every layer's cache state after those positions, from the same pass
     #: (``position_states``; the one-pass engine, trl_refine.rollout.onepass)
     supports_state_positions = True
+    #: ``forward(deferred_states=True)`` keeps what gives those states for positions chosen after the forward
+    #: (``deferred_states.at(positions)``; the one-pass engine's fused scan)
+    supports_deferred_states = True
 
     def __init__(self, config: RefDeltaNetConfig):
         super().__init__(config)
@@ -780,6 +867,7 @@ class RefDeltaNetForCausalLM(RefDeltaNetPreTrainedModel, GenerationMixin):
         shift_labels: torch.LongTensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         state_positions: torch.LongTensor | None = None,
+        deferred_states: bool = False,
         **kwargs: Any,
     ) -> tuple | CausalLMOutputWithPast:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -793,6 +881,7 @@ class RefDeltaNetForCausalLM(RefDeltaNetPreTrainedModel, GenerationMixin):
             return_dict=True,
             cu_seqlens=cu_seqlens,
             state_positions=state_positions,
+            deferred_states=deferred_states,
         )
         hidden_states = outputs.last_hidden_state
         has_labels = labels is not None or shift_labels is not None
@@ -833,10 +922,12 @@ class RefDeltaNetForCausalLM(RefDeltaNetPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=None,
             position_states=outputs.position_states,
+            deferred_states=outputs.deferred_states,
         )
 
 
 __all__ = [
+    "DeferredStates",
     "PositionStates",
     "RefDeltaNetAttention",
     "RefDeltaNetBlock",
