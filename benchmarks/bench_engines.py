@@ -11,7 +11,8 @@ Variants: ``ntp`` (the NTP loss alone: the floor), ``official`` (the release's p
 ``snapshot_ckpt_reuse`` (our engines, docs/engines.md), ``onepass`` / ``onepass_reuse`` (the one-pass engine, for
 models that compute states at given positions in one forward; fla models through readout tokens),
 ``onepass_boundary`` / ``onepass_boundary_reuse`` (the one-pass engine with ``states="boundary"``: fla DeltaNet's
-states from the boundary-state kernel, no readout tokens).
+states from the boundary-state kernel, no readout tokens), ``onepass_fused`` / ``onepass_boundary_fused`` (the
+``_reuse`` variants with the fused scan, ``nsp_fuse_scan``: the scan's entropies from the loss's document pass).
 
     python benchmarks/bench_engines.py --out results.json                 # on a GPU, with fla installed
     python benchmarks/bench_engines.py --layers 2 --hidden 256 --lengths 1024 --quick   # smoke test
@@ -116,16 +117,22 @@ def ntp_step(model, opt, docs, n, g, k):
     opt.zero_grad(set_to_none=True)
 
 
-def refine_step(engine, mark=None, reuse: bool = False):
+def refine_step(engine, mark=None, reuse: bool = False, fuse: bool = False):
     """One ReFINE step through ``engine`` (scan, selection, sampling + cosine reward, loss forward, backward, AdamW).
     ``mark(phase)``, if given, is called at the end of each phase (`profile_snapshot.py` times them). ``reuse``: the
-    sampling segments run with gradients and serve the loss (the trainer's ``nsp_reuse_sampling_pass``)."""
+    sampling segments run with gradients and serve the loss (the trainer's ``nsp_reuse_sampling_pass``); ``fuse``
+    (with ``reuse``): the scan comes from that pass (``nsp_fuse_scan``, `OnePassEngine.fused_scan`)."""
     mark = mark or (lambda _phase: None)
 
     def step(model, opt, docs, n, g, k):
+        pending = None
+        if fuse:
+            scan, pending = engine.fused_scan(model, docs, model)
+            mark("fused scan (document pass with grad + head)")
         with torch.no_grad():
-            scan = engine.scan(model, docs)
-            mark("scan")
+            if pending is None:
+                scan = engine.scan(model, docs)
+                mark("scan")
             pos = select_positions(
                 scan.entropy,
                 docs.attention_mask,
@@ -137,7 +144,10 @@ def refine_step(engine, mark=None, reuse: bool = False):
             plan = RolloutPlan(pos, g, k)
             mark("select")
             gen = torch.Generator(device=DEVICE).manual_seed(1)
-            out = engine.generate(model, docs, plan, gen, train_model=model if reuse else None)
+            if pending is None:
+                out = engine.generate(model, docs, plan, gen, train_model=model if reuse else None)
+            else:
+                out = engine.generate_fused(model, docs, plan, pending, gen)
             truth = plan.ground_truth_hidden(scan)
             reward = torch.nn.functional.cosine_similarity(out.hidden_states.float(), truth.float(), dim=-1).mean(-1)
             adv = (reward.view(-1, n * g) - reward.view(-1, n * g).mean(-1, keepdim=True)).flatten()
@@ -248,6 +258,8 @@ REFINE_VARIANTS = (
     "onepass_reuse",
     "onepass_boundary",
     "onepass_boundary_reuse",
+    "onepass_fused",
+    "onepass_boundary_fused",
 )
 
 
@@ -264,10 +276,12 @@ def make_steps(args) -> tuple[dict, dict[str, PhaseTimer]]:
         "onepass_reuse": (OnePassEngine(), True),
         "onepass_boundary": (OnePassEngine(states="boundary"), False),
         "onepass_boundary_reuse": (OnePassEngine(states="boundary"), True),
+        "onepass_fused": (OnePassEngine(), True),
+        "onepass_boundary_fused": (OnePassEngine(states="boundary"), True),
     }
     steps = {"ntp": ntp_step, "official": official_step(mark=timers["official"])}
     for name, (engine, reuse) in engines.items():
-        steps[name] = refine_step(engine, timers[name], reuse=reuse)
+        steps[name] = refine_step(engine, timers[name], reuse=reuse, fuse=name.endswith("_fused"))
     return steps, timers
 
 

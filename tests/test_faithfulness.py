@@ -231,14 +231,15 @@ def test_trainer_and_test_time_take_the_same_step(tmp_path, byte_tokenizer, monk
     captured = {}
 
     def recording(name, engine):
-        original = engine.generate
+        for method in ("generate", "generate_fused"):  # the latter: the one-pass engine's fused scan (the trainer)
+            original = getattr(engine, method)
 
-        def generate(model, docs, plan, *a, **kw):
-            out = original(model, docs, plan, *a, **kw)
-            captured[name] = (plan.positions.clone(), out.completion_ids.clone(), out.old_logps.clone())
-            return out
+            def generate(model, docs, plan, *a, _original=original, **kw):
+                out = _original(model, docs, plan, *a, **kw)
+                captured[name] = (plan.positions.clone(), out.completion_ids.clone(), out.old_logps.clone())
+                return out
 
-        engine.generate = generate
+            setattr(engine, method, generate)
         return engine
 
     recording("trainer", tr.engine)

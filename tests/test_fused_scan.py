@@ -209,3 +209,22 @@ def test_trainer_with_the_fused_scan_logs_what_it_logs_without(tmp_path, byte_to
         ]
     assert logs[True] == pytest.approx(logs[False], rel=1e-5, abs=1e-7)
     assert rel(weights[True], weights[False]) < 1e-5
+
+
+def test_fla_delta_net_fused_step_equals_the_reference_snapshot_step():
+    """fla's DeltaNet (one layer, no short convs) through a full step with the fused scan (the one-pass engine with
+    ``states="boundary"``: the boundary-state kernel keeps every chunk-boundary state, run by the Triton interpreter
+    on CPU, fp32) against the snapshot engine's step on the reference DeltaNet with the same weights: one document
+    forward, the same positions and rollout ids; scan, log-probs, hidden states, rewards, loss and parameter
+    gradients within 1e-5 relative."""
+    from test_onepass_engine import _interpret
+
+    res = _interpret("fla_fused_scan.py")
+    assert res.pop("keeping_layer_calls") == 1  # the deferred boundary forward ran (1 layer x 1 document pass)
+    assert res.pop("fused_document_forwards") == 1 and res.pop("snapshot_document_forwards") == 1  # + n+1 segments
+    assert "grad_rel" in res and "scan_entropy_rel" in res
+    for key, value in res.items():
+        if key.endswith(("_equal", "_used")):
+            assert value is True, key
+        elif key.endswith("_rel"):
+            assert value < 1e-5, (key, value)

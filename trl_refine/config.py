@@ -204,7 +204,7 @@ class RefineFields:
         },
     )
     nsp_fuse_scan: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "One-pass engine, with the sampling pass reused (nsp_reuse_sampling_pass): compute the scan's "
             "entropies from the loss's document forward, which keeps what gives the states at positions chosen "
