@@ -95,6 +95,7 @@ NOT_COMPARED_SETTINGS = {
     "nsp_reward": "compared as `rewards` (the reward functions in use)",
     "nsp_engine": "compared as `engine` (the engine it resolves to)",
     "nsp_reuse_sampling_pass": "same rollouts, losses and gradients either way",
+    "nsp_fuse_scan": "same positions, rollouts, losses and gradients either way (the scan's entropies to rounding)",
     "nsp_generic_rows_per_call": "memory only",
     "nsp_segment_checkpointing": "memory only",
     "fla_gated_kernel": "the same math by another kernel (kernel numerics only)",
