@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One background job on one H200 (issues 18, 13): the GPU tests of our kernels (the gated kernel swap inside fla's
-# GatedDeltaNet, the gated boundary kernel, the DeltaNet boundary kernel with the fused states_at op), the boundary
-# kernel's profile, the engines at 8K (NTP vs one-pass with the readout vs with the fused boundary op, fp32 master
-# weights + bf16 autocast), and the pretraining step of ~100M models (benchmarks/train_step_probe.py). Timings run
-# one at a time. Each step under its own limit. From a staged copy (docs/benchmarks.md: .whl, autotune caches):
+# One background job on one H200 (issues 18, 13): first, alone (timings), the engines at 8K (NTP vs one-pass with the
+# readout tokens vs with the fused boundary op, and the boundary op with the fused scan, nsp_fuse_scan: one document
+# forward per step; fp32 master weights + bf16 autocast); then the GPU tests of our kernels (the DeltaNet boundary
+# kernel with the fused states_at op, the gated kernel swap inside fla's GatedDeltaNet, the gated boundary kernel:
+# their fp32 cases check the one-stage launch of 2026-12-03), the boundary kernel's profile and the pretraining step
+# of ~100M models (benchmarks/train_step_probe.py). Each step under its own limit; cold Triton compiles of new shapes
+# cost 1-4 min each (2026-12-03: most of the device time). From a staged copy (docs/benchmarks.md: .whl, autotune):
 #   setsid bash benchmarks/kernel_session.sh /tmp/k > /dev/null 2>&1 < /dev/null & bash benchmarks/gpu_poll.sh /tmp/k 520
+# Poll later calls from the relocated copy (/tmp/stage_k/benchmarks/gpu_poll.sh): a call without carry removes the stage.
 set -u
 if [ -z "${RELOCATED:-}" ]; then
   rm -rf /tmp/stage_k && cp -r "$PWD" /tmp/stage_k && cd /tmp/stage_k || exit 1
@@ -19,12 +22,12 @@ step() { local name=$1 limit=$2; shift 2; local t0=$(date +%s); echo "=== $name 
   timeout -k 10 -s INT "$limit" "$@" > "$R/$name.log" 2>&1; echo "=== $name rc=$? $(( $(date +%s) - t0 ))s" >> "$R/progress.log"; }
 gpu_test() { local name=$1 limit=$2 file=$3; step "$name" "$limit" env TRL_REFINE_GPU_RESULTS="$R/$name.json" \
   python3 -m pytest -q -p no:cacheprovider "$file" -m gpu -rA --durations=0; }
-gpu_test gated_patch "${PATCH_LIMIT:-240}" tests/gpu/test_gpu_fla_gated_patch.py
-step probe "${PROBE_LIMIT:-240}" python3 benchmarks/train_step_probe.py --out "$R/train_step_probe.json"
-step bench "${BENCH_LIMIT:-360}" python3 benchmarks/bench_engines.py --lengths 8192 --rollouts ${ROLLOUTS:-1 8} \
-  --docs ${DOCS:-4 1} --precisions amp --variants ntp onepass_reuse onepass_boundary_reuse \
+step bench "${BENCH_LIMIT:-420}" python3 benchmarks/bench_engines.py --lengths 8192 --rollouts ${ROLLOUTS:-1 8} \
+  --docs ${DOCS:-4 1} --precisions amp --variants ntp onepass_reuse onepass_boundary_reuse onepass_boundary_fused \
   --skip-generic-above 65536 --out "$R/bench_fla_8k_boundary.json"
-step profile "${PROFILE_LIMIT:-150}" python3 benchmarks/profile_boundary_kernel.py --out "$R/profile_boundary.json"
 gpu_test boundary_kernel "${KERNEL_LIMIT:-300}" tests/gpu/test_gpu_boundary_kernel.py
+gpu_test gated_patch "${PATCH_LIMIT:-300}" tests/gpu/test_gpu_fla_gated_patch.py
 gpu_test gated_kernel "${GATED_LIMIT:-240}" tests/gpu/test_gpu_gated_boundary_kernel.py
+step profile "${PROFILE_LIMIT:-150}" python3 benchmarks/profile_boundary_kernel.py --out "$R/profile_boundary.json"
+step probe "${PROBE_LIMIT:-400}" python3 benchmarks/train_step_probe.py --out "$R/train_step_probe.json"
 echo "=== done $(date +%T)" >> "$R/progress.log"
