@@ -274,6 +274,11 @@ def test_trainer_reusing_the_sampling_pass_trains_the_same(tmp_path, byte_tokeni
         reused, logged_reused, calls_reused = _train_recording(tmp_path / "reuse", byte_tokenizer, nsp_engine=engine)
     assert reused.engine.name == engine and reused.reused_sampling_pass is True
     assert "sampling pass also serves the loss" in caplog.text
+    # the one-time line says where the scan comes from (the reference DeltaNet declares deferred states)
+    if engine == "onepass":
+        assert "scan: from the loss's document forward (nsp_fuse_scan" in caplog.text
+    else:
+        assert "scan: a no-grad pass of its own (the snapshot engine has no fused scan)" in caplog.text
     two, logged_two, calls_two = _train_recording(
         tmp_path / "two", byte_tokenizer, nsp_engine=engine, nsp_reuse_sampling_pass=False
     )

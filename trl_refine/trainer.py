@@ -282,12 +282,24 @@ class NSPGRPOTrainer(GRPOTrainer):
         why = sampling_pass_reuse_problem(args, self.engine, self.model_wrapped, single_use=single_use)
         if why is None:
             logger.info(
-                "the %s engine's sampling pass also serves the loss (nsp_reuse_sampling_pass)", self.engine.name
+                "the %s engine's sampling pass also serves the loss (nsp_reuse_sampling_pass); scan: %s",
+                self.engine.name,
+                self._scan_mode(),
             )
         else:
             logger.info("nsp_reuse_sampling_pass does not apply: %s; the loss runs its own pass", why)
         self.reused_sampling_pass = why is None
         return why is None
+
+    def _scan_mode(self) -> str:
+        """How the entropy scan runs when the sampling pass is reused, for the one-time log line: fused into the
+        loss's document forward (`nsp_fuse_scan`, `sample_rollouts`) or a pass of its own, and why."""
+        if not self.args.nsp_fuse_scan:
+            return "a no-grad pass of its own (nsp_fuse_scan=False)"
+        problem = self.engine.fused_scan_problem(self.model_wrapped)
+        if problem:
+            return f"a no-grad pass of its own ({problem})"
+        return "from the loss's document forward (nsp_fuse_scan: one document forward per step)"
 
     def _rollout_seed(self, mode: str) -> int:
         """A function of (seed, optimizer step, micro-step, rank, mode) only, so a resumed run samples what an
