@@ -178,6 +178,8 @@ def test_the_fused_scan_serves_once_and_says_where_it_does_not_apply():
     from test_snapshot_engine import tiny_lact
 
     lact = tiny_lact()
+    assert engine.fused_scan_problem(lact) == ""  # LaCT keeps its deferred states too (tests/test_lact_fused_scan.py)
+    lact.supports_deferred_states = False  # a model with states at positions known before its forward only
     assert "supports_deferred_states" in engine.fused_scan_problem(lact)
     with pytest.raises(ValueError, match="nsp_fuse_scan=False"):
         engine.fused_scan(lact, docs, lact)

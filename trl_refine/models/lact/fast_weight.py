@@ -21,6 +21,7 @@ import torch.nn.functional as F
 __all__ = [
     "BASE_LR_INV",
     "FastWeightSpec",
+    "KeptFastWeights",
     "fw_apply",
     "fw_grads",
     "newton_schulz5",
@@ -300,6 +301,25 @@ def make_schedule(
 _ACC = ("g0", "g1", "g2")
 
 
+@dataclass
+class KeptFastWeights:
+    """What one chunked pass from the fresh state keeps so that the fast-weight state after any token counts can be
+    computed from it, during the forward or after it (`states_at_counts`): the weights each chunk's outputs used and
+    the branch's inputs in the compact layout. All are tensors of the pass's graph, so the states are differentiable
+    into it."""
+
+    chunk_weights: list[dict[str, torch.Tensor]]
+    k: torch.Tensor
+    v: torch.Tensor
+    lr: torch.Tensor
+    mom: torch.Tensor | None
+    spec: FastWeightSpec
+
+    def at(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state after each row's first ``counts [B, P]`` tokens (keys without the ``fw_`` prefix, [B, P, ...])."""
+        return states_at_counts(self.chunk_weights, self.k, self.v, self.lr, self.mom, counts, self.spec)
+
+
 def _gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x: [B, n, T, ...]``, ``index: [B, L]`` -> ``x[b, :, index[b, l]]`` of shape ``[B, n, L, ...]``."""
     idx = index[:, None, :].expand(x.shape[0], x.shape[1], index.shape[1])
@@ -318,30 +338,30 @@ def run_fast_weights(
     spec: FastWeightSpec,
     schedule: ChunkSchedule | RecurrentSchedule,
     need_state: bool,
-    state_counts: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    keep_states: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, KeptFastWeights | None]:
     """Run the fast-weight branch over one segment.
 
     ``q, k, v: [B, n, T, d]`` in the compact layout (row b's valid tokens are columns ``0..n_b-1``);
     ``lr: [B, n, T, 3]`` float32; ``mom: [B, n, T]`` or None. ``state`` holds ``w{j}``, ``w{j}_raw`` (pre-norm),
     ``m{j}`` (momentum), the float32 chunk accumulators ``g{j}`` and ``msum`` (momentum). Returns the outputs
-    ``[B, n, T, d]`` (pad columns are arbitrary), the new state (when ``need_state``) and, when ``state_counts
-    [B, P]`` is given, the state after each row's first ``state_counts[b, i]`` tokens (`states_at_counts`; a call
-    from the fresh state on a `ChunkSchedule` only), else None.
+    ``[B, n, T, d]`` (pad columns are arbitrary), the new state (when ``need_state``) and, with ``keep_states``,
+    what gives the state after any token counts (`KeptFastWeights`; a call from the fresh state on a `ChunkSchedule`
+    only), else None.
     """
     delta_dtype = torch.float32 if spec.fp32_states else v.dtype
     weights = {key: val for key, val in state.items() if key not in _ACC and key != "msum"}
     acc = tuple(state[key] for key in _ACC)
     msum = state.get("msum")
     if schedule.mode == "recurrent":
-        if state_counts is not None:
+        if keep_states:
             raise ValueError("states at given token counts need the chunked schedule (make_schedule(force_chunks))")
         out, new_state = _run_recurrent(
             q, k, v, lr, mom, weights, acc, msum, target_norms, spec, schedule, need_state, delta_dtype
         )
         return out, new_state, None
     return _run_chunked(
-        q, k, v, lr, mom, weights, acc, msum, target_norms, spec, schedule, need_state, delta_dtype, state_counts
+        q, k, v, lr, mom, weights, acc, msum, target_norms, spec, schedule, need_state, delta_dtype, keep_states
     )
 
 
@@ -379,18 +399,18 @@ def _run_recurrent(q, k, v, lr, mom, weights, acc, msum, target_norms, spec, sch
 
 
 def _run_chunked(
-    q, k, v, lr, mom, weights, acc, msum, target_norms, spec, sched, need_state, delta_dtype, state_counts=None
+    q, k, v, lr, mom, weights, acc, msum, target_norms, spec, sched, need_state, delta_dtype, keep_states=False
 ):
     B, n, T, d = q.shape
-    if state_counts is not None and (sched.any_pending or sched.gather or sched.s_min):
+    if keep_states and (sched.any_pending or sched.gather or sched.s_min):
         raise ValueError("states at given token counts are computed from the fresh state only (no past state)")
     if sched.any_pending:
         weights = apply_update(weights, acc, msum, target_norms, spec, delta_dtype, sched.pending_rows)
         acc, msum = _reset_rows(acc, msum, sched.pending_rows)
     La = sched.layout_len
     if La == 0:  # no valid token in any row: nothing changes
-        at = None if state_counts is None else states_at_counts([weights], k, v, lr, mom, state_counts, spec)
-        return torch.zeros_like(q), (_pack(weights, acc, msum) if need_state else None), at
+        kept = KeptFastWeights([weights], k, v, lr, mom, spec) if keep_states else None
+        return torch.zeros_like(q), (_pack(weights, acc, msum) if need_state else None), kept
     if sched.gather:
         Q, K, V, LR = (_gather_seq(x, sched.to_layout) for x in (q, k, v, lr))
         M = _gather_seq(mom, sched.to_layout) if mom is not None else None
@@ -428,8 +448,8 @@ def _run_chunked(
         out = _gather_seq(out, sched.to_compact)
     elif La < T:
         out = torch.cat([out, out.new_zeros(B, n, T - La, d)], dim=2)
-    at = None if state_counts is None else states_at_counts(chunk_weights, k, v, lr, mom, state_counts, spec)
-    return out, (_pack(weights, final_acc, final_msum) if need_state else None), at
+    kept = KeptFastWeights(chunk_weights, k, v, lr, mom, spec) if keep_states else None
+    return out, (_pack(weights, final_acc, final_msum) if need_state else None), kept
 
 
 def states_at_counts(

@@ -29,7 +29,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
 from .configuration_lact import LaCTConfig
-from .fast_weight import BASE_LR_INV, FastWeightSpec, make_schedule, run_fast_weights
+from .fast_weight import BASE_LR_INV, FastWeightSpec, KeptFastWeights, make_schedule, run_fast_weights
 from .state import LaCTCache, shared_window_layout
 
 logger = logging.get_logger(__name__)
@@ -37,6 +37,7 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "LaCTBlock",
     "LaCTCausalLMOutput",
+    "LaCTDeferredStates",
     "LaCTForCausalLM",
     "LaCTModel",
     "LaCTModelOutput",
@@ -141,6 +142,7 @@ class _ForwardPlan:
         group: int = 1,
         branch_len: int = 0,
         state_counts: torch.Tensor | None = None,
+        deferred: LaCTDeferredStates | None = None,
     ):
         self.batch_size, self.seq_len = batch_size, seq_len
         self.n_valid_t, self.pos0_t = n_valid_t, pos0_t
@@ -152,7 +154,11 @@ class _ForwardPlan:
         #: layers write them to ``position_states[layer_idx]``
         self.state_counts = state_counts
         self.position_states: dict[int, dict[str, torch.Tensor]] = {}
-        force_chunks = state_counts is not None  # the states at the counts come from the chunked path
+        #: with ``deferred_states=True``: where the layers keep what gives their states at counts chosen later
+        self.deferred = deferred
+        #: the layers keep what gives their states at token counts (`_KeptLayer`), for now or for later
+        self.keep_states = state_counts is not None or deferred is not None
+        force_chunks = self.keep_states  # the states at the counts come from the chunked path
         self.schedule = make_schedule(n_valid, pos0, seq_len, config.lact_chunk_size, device, force_chunks)
         self.head_dim = config.head_dim
         self.theta = float(config.rope_theta)
@@ -399,7 +405,7 @@ class LaCTAttention(nn.Module):
             fw_state = self._fresh_fw_state(ws, B, delta_dtype)
         else:
             fw_state = {key[3:]: val for key, val in state.items() if key.startswith("fw_")}
-        u, new_fw, fw_at = run_fast_weights(
+        u, new_fw, kept_fw = run_fast_weights(
             fq.transpose(1, 2),
             fk.transpose(1, 2),
             fv.transpose(1, 2),
@@ -410,10 +416,14 @@ class LaCTAttention(nn.Module):
             self.spec,
             plan.schedule,
             need_state,
-            plan.state_counts,
+            plan.keep_states,
         )
-        if fw_at is not None:
-            plan.position_states[self.layer_idx] = self._states_at_counts(plan.state_counts, ka, va, fw_at)
+        if kept_fw is not None:
+            kept = _KeptLayer(ka, va, kept_fw, self.window_size)
+            if plan.deferred is not None:
+                plan.deferred.layers[self.layer_idx] = kept
+            else:
+                plan.position_states[self.layer_idx] = kept.at(plan.state_counts)
         y = self.ttt_norm(u.transpose(1, 2))  # [B, T, n, d]
         if cfg.learnable_ttt_scale:
             y = y * F.silu(self.ttt_scale_proj(x))[..., None]
@@ -439,12 +449,22 @@ class LaCTAttention(nn.Module):
         new_state.update({f"fw_{key}": val for key, val in new_fw.items()})
         return out, new_state
 
-    def _states_at_counts(
-        self, counts: torch.Tensor, ka: torch.Tensor, va: torch.Tensor, fw_at: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """The layer's state after each row's first ``counts [B, P]`` valid tokens of a call from the fresh state
-        (``ka, va [B, H, T, hd]`` post-RoPE, compact layout), keys and shapes of the state with a position dim
-        after the batch: the window holds the ``W-1`` keys/values before ``counts`` (zeros before the start)."""
+
+@dataclass
+class _KeptLayer:
+    """What one layer's pass from the fresh state keeps for its states at token counts: the post-RoPE attention keys
+    and values ``ka, va [B, H, T, hd]`` (compact layout) and the fast-weight branch's `KeptFastWeights`."""
+
+    ka: torch.Tensor
+    va: torch.Tensor
+    fast_weights: KeptFastWeights
+    window_size: int
+
+    def at(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The layer's state after each row's first ``counts [B, P]`` valid tokens, keys and shapes of the state
+        with a position dim after the batch: the window holds the ``W-1`` keys/values before ``counts`` (zeros
+        before the start), gathered here per position."""
+        ka, va = self.ka, self.va
         B, H, _, hd = ka.shape
         slots = max(self.window_size - 1, 0)
         index = (counts[..., None] + torch.arange(slots, device=ka.device)).view(B, -1)  # [B, P * slots]
@@ -453,8 +473,29 @@ class LaCTAttention(nn.Module):
             padded = torch.cat([x.new_zeros(B, H, slots, hd), x], dim=2)
             window = padded.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], hd))
             state[key] = window.view(B, H, counts.shape[1], slots, hd).transpose(1, 2)  # [B, P, H, W-1, hd]
-        state.update({f"fw_{key}": val for key, val in fw_at.items()})
+        state.update({f"fw_{key}": val for key, val in self.fast_weights.at(counts).items()})
         return state
+
+
+class LaCTDeferredStates:
+    """What a forward keeps so that every layer's state after positions chosen *after* it can be computed from it
+    (``forward(deferred_states=True)`` → ``deferred_states``; the one-pass engine's fused scan, where the positions
+    depend on that forward's entropies).
+
+    Per layer (`_KeptLayer`): the post-RoPE attention keys and values, the fast-weight inputs (k, v, learning rates,
+    momentum gates) and the weights each large chunk's outputs used. All are part of the forward's graph, and `at`
+    applies the very formulas of ``forward(state_positions=...)`` to them (the window gathered per position, the
+    chunk's weights and its masked update sums): the same values, differentiable into the prefix."""
+
+    def __init__(self, mask: torch.Tensor | None, batch_size: int, seq_len: int):
+        self.mask, self.batch_size, self.seq_len = mask, batch_size, seq_len
+        self.layers: dict[int, _KeptLayer] = {}
+
+    def at(self, positions: torch.LongTensor) -> list[dict[str, torch.Tensor]]:
+        """Per layer, as ``position_states``: the states after ``positions [B, P]`` (input columns, the last token
+        to include)."""
+        counts = _state_counts(positions, self.mask, None, self.batch_size, self.seq_len)
+        return [self.layers[i].at(counts) for i in sorted(self.layers)]
 
 
 class LaCTBlock(nn.Module):
@@ -771,12 +812,17 @@ class LaCTModelOutput(BaseModelOutputWithPast):
     #: with ``state_positions [B, P]``: per layer, the state after each position, the keys of `.state` with a position
     #: dim after the batch (``pos [B, P]``, ``attn_k [B, P, H, W-1, hd]``, ``fw_w0 [B, P, n, d_h, d]``, ...); else None
     position_states: list[dict[str, torch.Tensor]] | None = None
+    #: with ``deferred_states=True``: what gives those states for positions chosen after the forward
+    #: (`LaCTDeferredStates`, ``.at(positions)``)
+    deferred_states: LaCTDeferredStates | None = None
 
 
 @dataclass
 class LaCTCausalLMOutput(CausalLMOutputWithPast):
     #: see `LaCTModelOutput.position_states`
     position_states: list[dict[str, torch.Tensor]] | None = None
+    #: see `LaCTModelOutput.deferred_states`
+    deferred_states: LaCTDeferredStates | None = None
 
 
 def _coerce_states(past_key_values) -> tuple[LaCTCache | None, list | None]:
@@ -822,6 +868,7 @@ class LaCTModel(LaCTPreTrainedModel):
         return_dict: bool | None = None,
         position_ids: torch.LongTensor | None = None,
         state_positions: torch.LongTensor | None = None,
+        deferred_states: bool = False,
         **kwargs,
     ) -> LaCTModelOutput | tuple:
         """Run the model over one segment.
@@ -836,6 +883,8 @@ class LaCTModel(LaCTPreTrainedModel):
         * ``state_positions [B, P]`` (input columns, the last token to include; a call without a past state): also
           return every layer's state after each of those positions (``position_states``, see `LaCTModelOutput`),
           as autograd outputs of this pass.
+        * ``deferred_states=True`` (a call without a past state): keep what gives those states for positions chosen
+          after the forward (``deferred_states.at(positions)``, see `LaCTDeferredStates`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
@@ -893,9 +942,15 @@ class LaCTModel(LaCTPreTrainedModel):
             def restore(x: torch.Tensor) -> torch.Tensor:
                 return x
 
-        state_counts = None
+        state_counts = deferred = None
+        if deferred_states and state_positions is not None:
+            raise ValueError("pass state_positions (positions known before the forward) or deferred_states, not both")
         if state_positions is not None:
             state_counts = _state_counts(state_positions, mask, states, B, T)
+        if deferred_states:
+            if states is not None:
+                raise ValueError("deferred_states needs a call from the start of the documents (no past_key_values)")
+            deferred = LaCTDeferredStates(mask, B, T)
         group, branch_len = shared_window_layout(states) if states is not None else (1, 0)
         if (group > 1 or branch_len) and compact:
             raise ValueError(
@@ -904,7 +959,7 @@ class LaCTModel(LaCTPreTrainedModel):
             )
         plan = _ForwardPlan(
             self.config, B, T, n_valid_t, pos0_t, n_valid, pos0, states is not None, device, group, branch_len,
-            state_counts,
+            state_counts, deferred,
         )  # fmt: skip
         all_hidden = [] if output_hidden_states else None
         new_states = []
@@ -942,6 +997,7 @@ class LaCTModel(LaCTPreTrainedModel):
             past_key_values=cache_out,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             position_states=position_states,
+            deferred_states=deferred,
         )
 
 
@@ -995,6 +1051,9 @@ class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
     #: ``forward(state_positions=...)`` returns every layer's state after those positions, from the same pass
     #: (``position_states``; the one-pass engine, trl_refine.rollout.onepass)
     supports_state_positions = True
+    #: ``forward(deferred_states=True)`` keeps what gives those states for positions chosen after the forward
+    #: (``deferred_states.at(positions)``; the one-pass engine's fused scan)
+    supports_deferred_states = True
 
     def __init__(self, config: LaCTConfig):
         super().__init__(config)
@@ -1036,6 +1095,7 @@ class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         state_positions: torch.LongTensor | None = None,
+        deferred_states: bool = False,
         **kwargs,
     ) -> LaCTCausalLMOutput | tuple:
         """See :meth:`LaCTModel.forward`. ``labels`` are the unshifted targets (usually ``input_ids``); the loss
@@ -1052,6 +1112,7 @@ class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             return_dict=True,
             state_positions=state_positions,
+            deferred_states=deferred_states,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -1075,4 +1136,5 @@ class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             position_states=outputs.position_states,
+            deferred_states=outputs.deferred_states,
         )
