@@ -20,9 +20,10 @@ fixed by (B, L, n): nothing depends on where the positions fall. Two providers o
 
 The *fused scan* (``nsp_fuse_scan``, with the sampling pass reused for the loss) also folds the step's scan into that
 forward: `OnePassEngine.fused_scan` runs the one forward with gradients over the documents before the positions
-exist, keeping what gives the states at any positions afterwards (the reference DeltaNet's
-``forward(deferred_states=True)``: per layer the chunk-boundary states, the chunks' WY factors and the conv inputs;
-fla DeltaNet with ``states="boundary"``: `record_boundary_deferred_states`, every chunk-boundary state from our
+exist, keeping what gives the states at any positions afterwards (models that declare ``supports_deferred_states``,
+``forward(deferred_states=True)``: the reference DeltaNet keeps per layer the chunk-boundary states, the chunks' WY
+factors and the conv inputs; LaCT the post-RoPE attention keys/values, the fast-weight inputs and each large chunk's
+weights; fla DeltaNet with ``states="boundary"``: `record_boundary_deferred_states`, every chunk-boundary state from our
 kernel), and the scan's entropies, log-probs and hidden states come from its last hidden states (detached, the LM
 head in chunks). The positions are selected from those entropies, and `OnePassEngine.generate_fused` reads the
 states at them from the kept tensors, differentiably, as the sampling pass of the loss. So a step makes one document
