@@ -230,3 +230,25 @@ def test_fla_delta_net_fused_step_equals_the_reference_snapshot_step():
             assert value is True, key
         elif key.endswith("_rel"):
             assert value < 1e-5, (key, value)
+
+
+def test_fla_gated_delta_net_fused_step_equals_the_snapshot_and_two_forward_steps():
+    """fla's GatedDeltaNet (one layer, HV = 2H, no short convs) through a full step with the fused scan (the one-pass
+    engine with ``states="boundary"``: the gated boundary kernel keeps every chunk-boundary state, the Triton
+    interpreter on CPU, fp32) against the snapshot engine's step on a copy of the model whose chunk op is fla's
+    pure-PyTorch gated recurrence (fla's gated chunk kernels do not run in the interpreter), and against the
+    one-pass engine's two-forward step (its own no-grad scan, then the document pass): one document forward instead
+    of two, the same positions and rollout ids; scan, log-probs, hidden states, rewards, loss and parameter
+    gradients within 1e-5 relative."""
+    from test_onepass_engine import _interpret
+
+    res = _interpret("fla_fused_scan.py", "--gated")
+    assert res.pop("keeping_layer_calls") == 1  # the deferred boundary forward ran once (1 layer, the fused step)
+    assert res.pop("fused_document_forwards") == 1 and res.pop("twopass_document_forwards") == 2
+    assert res.pop("snapshot_document_forwards") == 1  # its scan, then n+1 segments
+    assert "grad_rel" in res and "twopass_grad_rel" in res and "twopass_scan_entropy_rel" in res
+    for key, value in res.items():
+        if key.endswith(("_equal", "_used")):
+            assert value is True, key
+        elif key.endswith("_rel"):
+            assert value < 1e-5, (key, value)

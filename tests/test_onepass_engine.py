@@ -422,7 +422,7 @@ def test_fla_delta_net_readout_equals_the_reference_snapshot_engine():
     assert "noconv_grad_rel" in res and "conv_conv_state_rel" in res
 
 
-def test_the_states_option_names_its_providers_and_the_boundary_provider_refuses_gated_models():
+def test_the_states_option_names_its_providers_and_the_boundary_provider_serves_fla_models_only():
     pytest.importorskip("fla")
     from conftest import tiny_fla_config
     from fla.models import GatedDeltaNetForCausalLM
@@ -432,13 +432,15 @@ def test_the_states_option_names_its_providers_and_the_boundary_provider_refuses
     with pytest.raises(ValueError, match="use one of readout, boundary"):
         OnePassEngine(states="chunks")
     gated = GatedDeltaNetForCausalLM(tiny_fla_config("gated_deltanet", num_hidden_layers=1))
-    ok, why = fla_boundary_support(gated)
-    assert not ok and "states='readout'" in why
+    assert fla_boundary_support(gated) == (True, "")  # the gated boundary kernel serves it
+    assert OnePassEngine(states="boundary").fused_scan_problem(gated) == ""
+    assert "boundary-state provider" in OnePassEngine(states="readout").fused_scan_problem(gated)
+    ok, why = fla_boundary_support(tiny_delta_net())  # not fla's: it computes its own states
+    assert not ok and "not one of fla's" in why
     mask = torch.ones(1, 8, dtype=torch.long)
-    refused = pytest.raises(ValueError, match="boundary-state provider cannot run GatedDeltaNetForCausalLM")
-    with refused, record_boundary_position_states(gated, mask, torch.tensor([[3]])):
+    refused = pytest.raises(ValueError, match="boundary-state provider cannot run RefDeltaNetForCausalLM")
+    with refused, record_boundary_position_states(tiny_delta_net(), mask, torch.tensor([[3]])):
         pass
-    assert not fla_boundary_support(tiny_delta_net())[0]  # not fla's: it computes its own states
 
 
 def _check_boundary(res: dict, others: tuple[str, ...]) -> None:
@@ -459,6 +461,34 @@ def test_fla_delta_net_boundary_states_equal_the_reference_snapshot_engine():
     res = _interpret("fla_onepass_boundary.py")
     assert res.pop("boundary_layer_calls") == 1  # 1 layer x 1 document pass (the reused one): the provider ran
     assert "noconv_vs_snapshot_grad_rel" in res
+    _check_boundary(res, ("snapshot",))
+
+
+def test_fla_gated_delta_net_boundary_states_equal_the_snapshot_engine():
+    """fla's GatedDeltaNet (one layer, grouped value heads HV = 2H, no short convolutions) through the one-pass
+    engine with ``states="boundary"`` (our gated boundary kernel, V-first states, run by the Triton interpreter on
+    CPU, fp32, the reused sampling pass) against the snapshot engine on a copy of the model whose chunk op is fla's
+    pure-PyTorch gated recurrence (fla's gated chunk kernels do not run in the interpreter): states at positions on
+    and next to a chunk boundary, rollout ids, old log-probs, hidden states, document and rollout log-probs and
+    parameter gradients within 1e-5 relative."""
+    res = _interpret("fla_onepass_boundary.py", "--gated")
+    assert res.pop("boundary_layer_calls") == 1  # 1 layer x 1 document pass (the reused one): the provider ran
+    assert "noconv_vs_snapshot_grad_rel" in res and "noconv_vs_snapshot_recurrent_state_rel" in res
+    _check_boundary(res, ("snapshot",))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("TRL_REFINE_INTERPRET_ALL") != "1",
+    reason="recorded run (docs/engines.md): the fast gated boundary test covers the provider; set "
+    "TRL_REFINE_INTERPRET_ALL=1 to rerun it",
+)
+def test_fla_gated_delta_net_boundary_states_with_short_convs_equal_the_snapshot_engine():
+    """As the gated test above with two layers, also with short convolutions (forward only: fla's conv backward from
+    a cache does not run in the interpreter): conv states and recurrent states of both layers."""
+    res = _interpret("fla_onepass_boundary.py", "--gated", "--full")
+    assert res.pop("boundary_layer_calls") == 4  # 2 layers x 1 document pass, with and without short convs
+    assert "conv_vs_snapshot_conv_state_rel" in res and "noconv_vs_snapshot_grad_rel" in res
     _check_boundary(res, ("snapshot",))
 
 

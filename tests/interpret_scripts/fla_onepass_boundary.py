@@ -5,8 +5,15 @@ convolutions (forward only) and against the readout provider on the same fla mod
 readout's fused_recurrent kernel over the spliced tokens make that run minutes long under the interpreter). Left-padded
 documents of 2 chunks, positions on and next to the chunk boundary, the reused sampling pass (its snapshots are the
 compared states). Run by tests/test_onepass_engine.py in a subprocess; prints one JSON line of relative
-differences (and timings)."""
+differences (and timings).
 
+``--gated``: the same on fla GatedDeltaNet (our gated boundary kernel, ``chunk_gated_delta_rule_states_at`` /
+`gated_states_after`; V-first states, grouped value heads, HV = 2H), against the snapshot engine on a copy of the same
+fla model whose chunk op is fla's pure-PyTorch gated recurrence (``_naive_ops.chunk_gated_delta_rule``: fla's own
+gated chunk kernels do not run in the interpreter); ``--gated --full`` adds two layers with short convolutions
+(forward only), not the readout provider (its gated chunk op is fla's kernel)."""
+
+import copy
 import json
 import os
 import sys
@@ -34,6 +41,25 @@ def _counted(*args, **kwargs):
 fla_boundary._forward_with_boundary_states = _counted
 
 
+def gated_models(use_short_conv: bool):
+    """fla GatedDeltaNet (fp32, chunk mode) and a copy of it (the oracle) whose layer's chunk op is fla's naive
+    recurrence."""
+    from _naive_ops import patch as naive_patch
+    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+    naive_patch("gated_deltanet")  # the fla layer's own chunk calls (the snapshot segments, the branch calls)
+    torch.manual_seed(0)
+    cfg = GatedDeltaNetConfig(
+        hidden_size=32, num_hidden_layers=LAYERS, num_heads=2, num_v_heads=4, head_dim=16, vocab_size=64,
+        attn_mode="chunk", fuse_cross_entropy=False, fuse_norm=False, fuse_swiglu=False, use_short_conv=use_short_conv,
+    )  # fmt: skip
+    fla_model = GatedDeltaNetForCausalLM(cfg).float()
+    ref = copy.deepcopy(fla_model)
+    for m in (fla_model, ref):
+        ensure_fused_lm_head(m)
+    return fla_model, ref
+
+
 def models(use_short_conv: bool):
     """fla DeltaNet (fp32; fused_recurrent for the decode and branch calls) and the reference DeltaNet with the same
     weights (the oracle)."""
@@ -55,6 +81,7 @@ def models(use_short_conv: bool):
 
 
 FULL = "--full" in sys.argv
+GATED = "--gated" in sys.argv
 LAYERS = 2 if FULL else 1  # one layer keeps the default run at seconds; the full run checks the per-layer store
 g = torch.Generator().manual_seed(1)
 ids = torch.randint(3, 64, (2, 100), generator=g)
@@ -68,11 +95,11 @@ res = {}
 # fla's conv backward with an initial state (the branch call) does not run in the interpreter: with short convs the
 # comparison is forward-only, without them it includes the parameter gradients
 for use_short_conv in (True, False) if FULL else (False,):
-    fla_model, ref = models(use_short_conv)
+    fla_model, ref = (gated_models if GATED else models)(use_short_conv)
     tag = "conv" if use_short_conv else "noconv"
     outs = {}
     runs = [("snapshot", SnapshotEngine(), ref), ("boundary", OnePassEngine(states="boundary"), fla_model)]
-    if FULL:
+    if FULL and not GATED:
         runs.append(("readout", OnePassEngine(states="readout"), fla_model))
     for name, engine, model in runs:
         t0 = time.time()

@@ -28,7 +28,13 @@ import torch.nn.functional as F
 
 from trl_refine.kernels.gated_delta_rule_boundary import CHUNK, chunk_gated_delta_rule_with_boundary_states
 
-__all__ = ["chunk_gated_delta_rule", "gated_layer_count", "use_trl_refine_gated_kernel"]
+__all__ = [
+    "chunk_gated_delta_rule",
+    "gated_kernel_inputs",
+    "gated_layer_count",
+    "gated_layer_kernel_inputs",
+    "use_trl_refine_gated_kernel",
+]
 
 # fla 0.6.0 names this module relies on (tests/test_fla_gated_patch.py checks them; if an fla upgrade moves them, fix
 # this block): the GatedDeltaNet layer class, the module whose global ``chunk_gated_delta_rule`` (imported there from
@@ -68,6 +74,46 @@ def _pad(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     """[1, T, ...] -> [N, Tmax, ...], zero past each sequence's end."""
     x = x[0][index]
     return torch.where(valid.view(*valid.shape, *([1] * (x.dim() - 2))), x, x.new_zeros(()))
+
+
+def gated_kernel_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    use_gate_in_kernel: bool = False,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What fla's gated chunk op does to its inputs inside its kernel (the flags as fla names them), in PyTorch with
+    autograd: ``(q, k, v, g, beta)`` as `chunk_gated_delta_rule_with_boundary_states` takes them, q and k repeated
+    per value head (``[B, T, HV, K]``), g the natural-log decay. Shared with the boundary-state provider
+    (`trl_refine.rollout.fla_boundary`), which calls our gated kernel directly."""
+    if use_qk_l2norm_in_kernel:
+        q, k = _l2norm(q), _l2norm(k)
+    if use_beta_sigmoid_in_kernel:
+        beta = (beta.float().sigmoid() * (2.0 if allow_neg_eigval else 1.0)).to(beta.dtype)
+    if use_gate_in_kernel:
+        gate = g.float() + (dt_bias.float() if dt_bias is not None else 0.0)
+        g = -A_log.float().exp() * F.softplus(gate)  # fla's gate; its kernel's softplus is linear past 20, as F's
+    group = v.shape[2] // q.shape[2]
+    if group > 1:  # grouped value heads: value head i reads q/k head i // group
+        q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
+    return q, k, v, g, beta
+
+
+def gated_layer_kernel_inputs(attn, q, k, v, gate_logits, beta_logits):
+    """`gated_kernel_inputs` with the flags and gate parameters fla's GatedDeltaNet layer passes to its chunk op
+    (fla/layers/gated_deltanet.py, 0.6.0)."""
+    return gated_kernel_inputs(
+        q, k, v, gate_logits, beta_logits, use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+        allow_neg_eigval=attn.allow_neg_eigval, use_gate_in_kernel=True, A_log=attn.A_log, dt_bias=attn.dt_bias,
+    )  # fmt: skip
 
 
 def chunk_gated_delta_rule(
@@ -121,16 +167,11 @@ def chunk_gated_delta_rule(
     if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
         raise ValueError("`allow_neg_eigval=True` requires `use_beta_sigmoid_in_kernel=True`.")
 
-    if use_qk_l2norm_in_kernel:
-        q, k = _l2norm(q), _l2norm(k)
-    if use_beta_sigmoid_in_kernel:
-        beta = (beta.float().sigmoid() * (2.0 if allow_neg_eigval else 1.0)).to(beta.dtype)
-    if use_gate_in_kernel:
-        gate = g.float() + (dt_bias.float() if dt_bias is not None else 0.0)
-        g = -A_log.float().exp() * F.softplus(gate)  # fla's gate; its kernel's softplus is linear past 20, as F's
-    group = v.shape[2] // q.shape[2]
-    if group > 1:  # grouped value heads: value head i reads q/k head i // group
-        q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
+    q, k, v, g, beta = gated_kernel_inputs(
+        q, k, v, g, beta, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
+        use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
+    )  # fmt: skip
     scale = k.shape[-1] ** -0.5 if scale is None else scale
 
     if cu_seqlens is None:

@@ -268,13 +268,28 @@ def layer_output(attn, o: torch.Tensor, x: torch.Tensor, layout: PackedLayout, b
     return o.new_zeros(bsz * q_len, o.size(-1)).index_copy(0, layout.real_flat, o[0]).view(bsz, q_len, -1)
 
 
+def gated_delta_net_qkv(attn, x: torch.Tensor, layout: PackedLayout, conv_inputs: bool = False):
+    """fla ``GatedDeltaNet.forward``'s (fla/layers/gated_deltanet.py, 0.6.0) q, k [1, Σ, H, K] and v [1, Σ, HV, V]
+    over the packed documents ``x`` (before the in-kernel l2 norm), and the conv caches at the layout's positions
+    (None without short convs; ``conv_inputs``: the convs' inputs instead, as `delta_net_inputs`)."""
+    from einops import rearrange
+
+    conv_states = None
+    if attn.use_short_conv:
+        q, k, v, conv_states = _short_convs(attn, x, layout, conv_inputs)
+    else:
+        q, k, v = (F.silu(proj(x)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = (rearrange(t, "... (h d) -> ... h d", d=attn.head_k_dim) for t in (q, k))
+    v = rearrange(v, "... (h d) -> ... h d", d=attn.head_v_dim)
+    return q, k, v, conv_states
+
+
 def _gated_forward_with_readout(
     attn, layout: ReadoutLayout, store: dict, hidden_states, attention_mask=None, past_key_values=None, **kwargs
 ):
     """fla's ``GatedDeltaNet.forward`` (fla/layers/gated_deltanet.py, 0.6.0) for a cache-free call over left-padded
     documents, plus the readout: the readout tokens get a gate logit and a beta logit of -1e4 (no decay, no write;
     the kernel applies softplus and sigmoid) and ``k = 0``; the state is V-first, so output i is column i."""
-    from einops import rearrange
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
     check_whole_documents(past_key_values, kwargs)
@@ -286,13 +301,7 @@ def _gated_forward_with_readout(
     else:
         mode = attn.mode
     x = packed_input(hidden_states, layout)
-    conv_states = None
-    if attn.use_short_conv:
-        q, k, v, conv_states = _short_convs(attn, x, layout)
-    else:
-        q, k, v = (F.silu(proj(x)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    q, k = (rearrange(t, "... (h d) -> ... h d", d=attn.head_k_dim) for t in (q, k))
-    v = rearrange(v, "... (h d) -> ... h d", d=attn.head_v_dim)
+    q, k, v, conv_states = gated_delta_net_qkv(attn, x, layout)
 
     num_heads, dk = q.shape[-2], attn.head_k_dim
     eye = torch.eye(dk, device=q.device)[:, None, :].expand(dk, num_heads, dk) * READOUT_SCALE
