@@ -210,7 +210,8 @@ class RefineFields:
             "entropies from the loss's document forward, which keeps what gives the states at positions chosen "
             "after it, instead of a no-grad forward of its own (one document forward per step instead of two; same "
             "positions, rollouts, losses and gradients). Models with supports_deferred_states (the reference "
-            "DeltaNet, LaCT) and fla DeltaNet with the boundary provider; elsewhere the step scans as before."
+            "DeltaNet, LaCT) and fla DeltaNet / GatedDeltaNet with the boundary provider; elsewhere the step scans as "
+            "before."
         },
     )
     nsp_generic_rows_per_call: int | None = field(

@@ -14,17 +14,17 @@ fixed by (B, L, n): nothing depends on where the positions fall. Two providers o
   PyTorch: chunk-boundary state + masked WY step) and LaCT (`trl_refine.models.lact`, pure PyTorch: the fast weights
   of the position's large chunk + its masked update sums, and the attention window gathered per position);
 * fla's ``DeltaNetForCausalLM`` and ``GatedDeltaNetForCausalLM``, with fla's own kernels: readout tokens spliced in
-  after each position (`trl_refine.rollout.fla_readout`, ``states="readout"``, the default); or, for DeltaNet,
-  ``states="boundary"``: our delta-rule kernel that returns every chunk-boundary state (and takes their gradients),
-  the states at the positions read from those (`trl_refine.rollout.fla_boundary`; no readout tokens).
+  after each position (`trl_refine.rollout.fla_readout`, ``states="readout"``, the default); or
+  ``states="boundary"``: our (gated) delta-rule kernel that returns the states at the positions from the chunk
+  boundary states (and takes their gradients; `trl_refine.rollout.fla_boundary`; no readout tokens).
 
 The *fused scan* (``nsp_fuse_scan``, with the sampling pass reused for the loss) also folds the step's scan into that
 forward: `OnePassEngine.fused_scan` runs the one forward with gradients over the documents before the positions
 exist, keeping what gives the states at any positions afterwards (models that declare ``supports_deferred_states``,
 ``forward(deferred_states=True)``: the reference DeltaNet keeps per layer the chunk-boundary states, the chunks' WY
 factors and the conv inputs; LaCT the post-RoPE attention keys/values, the fast-weight inputs and each large chunk's
-weights; fla DeltaNet with ``states="boundary"``: `record_boundary_deferred_states`, every chunk-boundary state from our
-kernel), and the scan's entropies, log-probs and hidden states come from its last hidden states (detached, the LM
+weights; fla DeltaNet / GatedDeltaNet with ``states="boundary"``: `record_boundary_deferred_states`, every
+chunk-boundary state from our kernel), and the scan's entropies, log-probs and hidden states come from its last hidden states (detached, the LM
 head in chunks). The positions are selected from those entropies, and `OnePassEngine.generate_fused` reads the
 states at them from the kept tensors, differentiably, as the sampling pass of the loss. So a step makes one document
 forward instead of two (the no-grad scan and the document pass), with the same math.
@@ -88,7 +88,7 @@ class OnePassEngine(SnapshotEngine):
     """Snapshot engine whose document pass is a single forward returning the states at the positions.
 
     ``states``: the provider for fla models, ``"readout"`` (readout tokens in fla's kernels, DeltaNet and
-    GatedDeltaNet) or ``"boundary"`` (the boundary-state kernel, DeltaNet only); models that declare
+    GatedDeltaNet) or ``"boundary"`` (the boundary-state kernels, DeltaNet and GatedDeltaNet); models that declare
     ``supports_state_positions`` compute their own."""
 
     name = "onepass"
