@@ -65,9 +65,15 @@ def build_model(args, dtype: torch.dtype | None = None):
         )
         ensure_fused_lm_head(model)
         return model
+    extra = {}
     if args.model == "reference":
         from trl_refine.models.delta_net import RefDeltaNetConfig as DeltaNetConfig
         from trl_refine.models.delta_net import RefDeltaNetForCausalLM as DeltaNetForCausalLM
+    elif args.model == "gated":  # DeltaNet's shapes (heads of hidden/heads, K = V), with the gates
+        from fla.models import GatedDeltaNetConfig as DeltaNetConfig
+        from fla.models import GatedDeltaNetForCausalLM as DeltaNetForCausalLM
+
+        extra = dict(head_dim=args.hidden // args.heads, expand_v=1)
     else:
         from fla.models import DeltaNetConfig, DeltaNetForCausalLM
 
@@ -77,6 +83,8 @@ def build_model(args, dtype: torch.dtype | None = None):
         num_heads=args.heads,
         vocab_size=args.vocab,
         fuse_cross_entropy=False,
+        **extra,
+        **({"use_short_conv": False} if args.no_short_conv else {}),
     )
     torch.manual_seed(0)
     model = DeltaNetForCausalLM(cfg).to(DEVICE, dtype).train()
@@ -390,10 +398,18 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument(
         "--model",
-        choices=["fla", "reference", "lact"],
+        choices=["fla", "gated", "reference", "lact"],
         default="fla",
-        help="fla DeltaNet (GPU), our reference DeltaNet (CPU), or LaCT with the published 760M config (of the size "
-        "options only --layers applies)",
+        help="fla DeltaNet (GPU); fla GatedDeltaNet with DeltaNet's shapes, every variant (NTP included) through "
+        "trl_refine's gated kernel (fla_gated_kernel='trl_refine': fla 0.6.0 refuses its gated backward on Hopper with "
+        "triton < 3.7.1); our reference DeltaNet (CPU); or LaCT with the published 760M config (of the size options "
+        "only --layers applies)",
+    )
+    p.add_argument(
+        "--no-short-conv",
+        action="store_true",
+        help="DeltaNet / GatedDeltaNet without short convolutions (a CPU smoke under the Triton interpreter, which cannot "
+        "run fla's conv backward from a cache); timings keep the default, with them",
     )
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
@@ -412,13 +428,19 @@ def main():
         model = build_model(args, torch.float32 if precision == "amp" else DTYPE)
         params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
-        for length in args.lengths:
-            for g in args.rollouts:
-                for b in args.docs:
-                    row = run_row(args, steps, timers, model, opt, precision, length, g, b, n, k)
-                    results.append(row)
-                    print(json.dumps(row), flush=True)
-                    write_results(args, results, params)
+        swap = contextlib.nullcontext()
+        if args.model == "gated":
+            from trl_refine.kernels.fla_gated_patch import use_trl_refine_gated_kernel
+
+            swap = use_trl_refine_gated_kernel(model)
+        with swap:
+            for length in args.lengths:
+                for g in args.rollouts:
+                    for b in args.docs:
+                        row = run_row(args, steps, timers, model, opt, precision, length, g, b, n, k)
+                        results.append(row)
+                        print(json.dumps(row), flush=True)
+                        write_results(args, results, params)
         del model, opt
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

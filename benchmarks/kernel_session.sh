@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One background job on one H200 (issues 18, 13): first, alone (timings), the engines at 8K (NTP vs one-pass with the
 # readout tokens vs with the fused boundary op, and the boundary op with the fused scan, nsp_fuse_scan: one document
-# forward per step; fp32 master weights + bf16 autocast); then the GPU tests of our kernels (the DeltaNet boundary
+# forward per step; fp32 master weights + bf16 autocast), for fla DeltaNet and then fla GatedDeltaNet (--model gated,
+# every variant through our gated kernel); then the GPU tests of our kernels (the DeltaNet boundary
 # kernel with the fused states_at op, the gated kernel swap inside fla's GatedDeltaNet, the gated boundary kernel:
 # their fp32 cases check the one-stage launch of 2026-12-03), the boundary kernel's profile and the pretraining step
 # of ~100M models (benchmarks/train_step_probe.py). Each step under its own limit; cold Triton compiles of new shapes
@@ -25,6 +26,9 @@ gpu_test() { local name=$1 limit=$2 file=$3; step "$name" "$limit" env TRL_REFIN
 step bench "${BENCH_LIMIT:-420}" python3 benchmarks/bench_engines.py --lengths 8192 --rollouts ${ROLLOUTS:-1 8} \
   --docs ${DOCS:-4 1} --precisions amp --variants ntp onepass_reuse onepass_boundary_reuse onepass_boundary_fused \
   --skip-generic-above 65536 --out "$R/bench_fla_8k_boundary.json"
+step bench_gated "${BENCH_GATED_LIMIT:-360}" python3 benchmarks/bench_engines.py --model gated --lengths 8192 \
+  --rollouts 8 --docs 4 1 --precisions amp --variants ntp onepass_reuse onepass_boundary_reuse onepass_boundary_fused \
+  --skip-generic-above 65536 --out "$R/bench_gated_8k_boundary.json"
 gpu_test boundary_kernel "${KERNEL_LIMIT:-300}" tests/gpu/test_gpu_boundary_kernel.py
 gpu_test gated_patch "${PATCH_LIMIT:-300}" tests/gpu/test_gpu_fla_gated_patch.py
 gpu_test gated_kernel "${GATED_LIMIT:-240}" tests/gpu/test_gpu_gated_boundary_kernel.py
