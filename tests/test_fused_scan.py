@@ -109,16 +109,12 @@ def _full_step(engine, model, docs, tokenizer, fuse: bool, *, n=4, g=2, k=5, see
     )
 
 
-@pytest.mark.parametrize("lengths", [(200, 97, 170), (150, 90)])
-def test_fused_step_equals_the_onepass_and_snapshot_steps(byte_tokenizer, lengths):
-    model = _model()
-    docs = batch(lengths, vocab=model.config.vocab_size, seed=3)
-    fused = _full_step(OnePassEngine(), model, docs, byte_tokenizer, fuse=True)
-    assert fused["document_forwards"] == 1  # the point: the scan and the document pass are one forward
-    assert fused["step"].rollout.sampling_pass.used  # the loss reused the fused forward's states
-    for engine, forwards in ((OnePassEngine(), 2), (SnapshotEngine(), 1)):  # snapshot: the scan, then n+1 segments
-        # the snapshot engine has no fused scan: with nsp_fuse_scan the step scans as before
-        other = _full_step(engine, model, docs, byte_tokenizer, fuse=engine.name == "snapshot")
+def assert_fused_step_equals_the_onepass_and_snapshot_steps(fused: dict, model, docs, tokenizer, label: str) -> None:
+    """The fused step (`_full_step` with ``fuse=True``) against the one-pass step with its own scan (2 document
+    forwards) and the snapshot engine's step (which has no fused scan: with nsp_fuse_scan it scans as before; 1
+    counted forward, the scan, then n+1 segments): the same positions and rollout ids, every tensor within 1e-5."""
+    for engine, forwards in ((OnePassEngine(), 2), (SnapshotEngine(), 1)):
+        other = _full_step(engine, model, docs, tokenizer, fuse=engine.name == "snapshot")
         assert other["document_forwards"] == forwards
         a, b = fused["step"], other["step"]
         assert torch.equal(a.positions, b.positions)
@@ -135,10 +131,20 @@ def test_fused_step_equals_the_onepass_and_snapshot_steps(byte_tokenizer, length
             "loss": rel(fused["loss"], other["loss"]),
             "grad": rel(fused["grad"], other["grad"]),
         }
-        print(f"fused vs {engine.name} {lengths}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+        print(f"{label} fused vs {engine.name}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
         for key, err in errors.items():
             assert err < 1e-5, (engine.name, key, err)
         assert not a.scan.hidden_states.requires_grad and not a.scan.entropy.requires_grad
+
+
+@pytest.mark.parametrize("lengths", [(200, 97, 170), (150, 90)])
+def test_fused_step_equals_the_onepass_and_snapshot_steps(byte_tokenizer, lengths):
+    model = _model()
+    docs = batch(lengths, vocab=model.config.vocab_size, seed=3)
+    fused = _full_step(OnePassEngine(), model, docs, byte_tokenizer, fuse=True)
+    assert fused["document_forwards"] == 1  # the point: the scan and the document pass are one forward
+    assert fused["step"].rollout.sampling_pass.used  # the loss reused the fused forward's states
+    assert_fused_step_equals_the_onepass_and_snapshot_steps(fused, model, docs, byte_tokenizer, f"{lengths}")
 
 
 def test_an_optimizer_step_after_the_fused_step_moves_the_weights_as_the_two_forward_step(byte_tokenizer):

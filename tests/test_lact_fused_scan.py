@@ -7,10 +7,10 @@ step with a scan of its own and the snapshot engine's step (left-padded document
 import pytest
 import torch
 from _engine_harness import batch, rel
-from test_fused_scan import _full_step
+from test_fused_scan import _full_step, assert_fused_step_equals_the_onepass_and_snapshot_steps
 from test_onepass_engine import strong_lact
 
-from trl_refine.rollout import OnePassEngine, RolloutPlan, SnapshotEngine
+from trl_refine.rollout import OnePassEngine, RolloutPlan
 
 CHUNK = 16  # strong_lact's lact_chunk_size (and window)
 
@@ -73,28 +73,7 @@ def test_lact_fused_step_equals_the_onepass_and_snapshot_steps(byte_tokenizer, l
     # the positions cover what the states must get right: several large chunks, and chunks still partial
     counts = docs.attention_mask.cumsum(-1).gather(1, fused["step"].positions)
     assert (counts % CHUNK != 0).any() and ((counts - 1) // CHUNK).unique().numel() > 1
-    for engine, forwards in ((OnePassEngine(), 2), (SnapshotEngine(), 1)):  # snapshot: the scan, then n+1 segments
-        other = _full_step(engine, model, docs, byte_tokenizer, fuse=engine.name == "snapshot")
-        assert other["document_forwards"] == forwards
-        a, b = fused["step"], other["step"]
-        assert torch.equal(a.positions, b.positions)
-        assert torch.equal(a.rollout.completion_ids, b.rollout.completion_ids)
-        errors = {
-            "scan_entropy": rel(a.scan.entropy, b.scan.entropy),
-            "scan_logps": rel(a.scan.logps, b.scan.logps),
-            "scan_hidden": rel(a.scan.hidden_states, b.scan.hidden_states),
-            "old_logps": rel(a.rollout.old_logps, b.rollout.old_logps),
-            "rollout_hidden": rel(a.rollout.hidden_states, b.rollout.hidden_states),
-            "rewards": rel(fused["rewards"], other["rewards"]),
-            "doc_logps": rel(fused["fwd"].doc_logps, other["fwd"].doc_logps),
-            "rollout_logps": rel(fused["fwd"].rollout_logps, other["fwd"].rollout_logps),
-            "loss": rel(fused["loss"], other["loss"]),
-            "grad": rel(fused["grad"], other["grad"]),
-        }
-        print(f"LaCT fused vs {engine.name} {lengths}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
-        for key, err in errors.items():
-            assert err < 1e-5, (engine.name, key, err)
-        assert not a.scan.hidden_states.requires_grad and not a.scan.entropy.requires_grad
+    assert_fused_step_equals_the_onepass_and_snapshot_steps(fused, model, docs, byte_tokenizer, f"LaCT {lengths}")
 
 
 def test_lact_fused_step_gradient_reaches_the_prefix_through_the_states(byte_tokenizer):
